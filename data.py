@@ -1,0 +1,126 @@
+"""Data: ImageNet-style folders (or the authors' `path label` lists), the ADM centre crop, a built-in
+procedural dataset for demos and tests, and the distributed loader."""
+import logging
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+log = logging.getLogger("rectok")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def center_crop(img, size):
+    """ADM centre crop (SPEC 1): halve with BOX while the short side >= 2 * size, BICUBIC-resize the short
+    side to size, crop the centre. Returns a uint8 array (size, size, 3)."""
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
+    arr = np.asarray(img)
+    y, x = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[y:y + size, x:x + size]
+
+
+def to_tensor(arr):
+    """uint8 (H, W, 3) -> float (3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 127.5 - 1
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Class sub-folders (labels by sorted folder name), or a list file of `relative/path label` lines.
+    Items are (x, label): x float (3, size, size) in [-1, 1], randomly h-flipped when `flip`.
+    A corrupt or truncated file is skipped (the next image is returned) with a counted warning."""
+
+    def __init__(self, root, size=256, flip=False, list_file=None):
+        if not os.path.isdir(root):
+            raise SystemExit(f"--data: no such folder: {root}")
+        self.root, self.size, self.flip, self.skipped = root, size, flip, 0
+        if list_file:
+            with open(list_file) as f:
+                rows = [line.split() for line in f if line.strip()]
+            self.samples = [(os.path.join(root, r[0]), int(r[1]) if len(r) > 1 else -1) for r in rows]
+        else:
+            classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+            self.samples = [(os.path.join(dp, f), label) for label, c in enumerate(classes)
+                            for dp, _, files in sorted(os.walk(os.path.join(root, c)))
+                            for f in sorted(files) if f.lower().endswith(IMAGE_EXTS)]
+        if not self.samples:
+            raise SystemExit(f"--data: no images found in {root} (expected class sub-folders of images)")
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        for j in range(i, i + 100):
+            path, label = self.samples[j % len(self)]
+            try:
+                with Image.open(path) as img:
+                    arr = center_crop(img.convert("RGB"), self.size)
+                break
+            except (OSError, ValueError) as e:
+                self.skipped += 1
+                log.warning(f"skipping unreadable image {path} ({e}); {self.skipped} skipped so far in this worker")
+        else:
+            raise SystemExit(f"--data: 100 unreadable images in a row from {self.samples[i][0]}")
+        x = to_tensor(arr)
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, label
+
+
+class Shapes(torch.utils.data.Dataset):
+    """Built-in procedural dataset: 10 classes (5 shapes x 2 colour families) on striped, textured
+    backgrounds, any resolution, generated deterministically from the index. No download."""
+
+    KINDS = ("disk", "square", "triangle", "ring", "cross")
+
+    def __init__(self, n=512, size=64, flip=False, seed=0):
+        self.n, self.size, self.flip, self.seed = n, size, flip, seed
+
+    def __len__(self):
+        return self.n
+
+    def render(self, i):
+        rng = np.random.default_rng(self.seed * 1_000_003 + i)
+        label = i % 10
+        kind, warm = self.KINDS[label % 5], label >= 5
+        s = self.size
+        yy, xx = np.mgrid[0:s, 0:s] / s
+        angle, freq = rng.uniform(0, np.pi), rng.uniform(3, 9)
+        stripes = 0.5 + 0.5 * np.sin(2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle)))
+        bg = rng.uniform(0.2, 0.6, 3) * (0.7 + 0.3 * stripes[..., None]) + 0.05 * rng.standard_normal((s, s, 3))
+        cx, cy, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.15, 0.28)
+        dx, dy = xx - cx, yy - cy
+        if kind == "disk":
+            mask = dx ** 2 + dy ** 2 < r ** 2
+        elif kind == "square":
+            mask = (abs(dx) < r * 0.8) & (abs(dy) < r * 0.8)
+        elif kind == "triangle":
+            mask = (dy < r * 0.7) & (dy > 2 * abs(dx) - r)
+        elif kind == "ring":
+            mask = (dx ** 2 + dy ** 2 < r ** 2) & (dx ** 2 + dy ** 2 > (0.55 * r) ** 2)
+        else:
+            mask = ((abs(dx) < r * 0.3) | (abs(dy) < r * 0.3)) & (abs(dx) < r) & (abs(dy) < r)
+        hue = rng.uniform(0.7, 1.0), rng.uniform(0.0, 0.5), rng.uniform(0.0, 0.2)
+        color = np.array(hue if warm else hue[::-1])
+        img = np.where(mask[..., None], color, bg)
+        return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), label
+
+    def __getitem__(self, i):
+        arr, label = self.render(i)
+        x = to_tensor(arr)
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, label
+
+
+def make_loader(dataset, batch_size, train, workers=4, world=1, rank=0, seed=0):
+    """DistributedSampler (call loader.sampler.set_epoch(epoch) each epoch) + a DataLoader that keeps
+    its workers alive between epochs and pins memory for asynchronous host-to-device copies."""
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=train,
+                                                  seed=seed, drop_last=train)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                       pin_memory=torch.cuda.is_available(), drop_last=train,
+                                       persistent_workers=workers > 0, prefetch_factor=4 if workers else None)

@@ -1,0 +1,479 @@
+"""RecTok models: the tokenizer (ViT encoder, pixel decoder, semantic decoder), its frozen teachers, and DiT^DH.
+
+Names follow the paper: x (image in [-1, 1]), z (latent), t (flow time), eps (Gaussian noise),
+z_t = (1 - t) z + t eps (the forward flow, Eq. 1). Parameter names follow the authors' release so
+that RecTok.pth / RecTok_decft.pth / ditdh*.pth load with strict key checking.
+"""
+import logging
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger("rectok")
+
+# width, depth, heads of the tokenizer's transformers (SPEC 2)
+SIZES = {"tiny": (192, 3, 4), "small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformer parts shared by the tokenizer and DiT^DH
+
+def apply_rope(x, rope):
+    """Rotate adjacent channel pairs (2i, 2i+1) of x (B, heads, N, D); rope is (B or 1, N, 2D) = [cos | sin].
+    Each channel has its own angle, so a pair whose members carry different angles (the tokenizer's
+    quirk, see tokenizer_rope) is not a true rotation; with equal angles (DiT^DH) it is."""
+    cos, sin = rope.unsqueeze(1).chunk(2, dim=-1)
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return x * cos + torch.stack((-x2, x1), dim=-1).flatten(-2) * sin
+
+
+def tokenizer_rope(head_dim, grid):
+    """The tokenizer's 2-D RoPE table (grid*grid, 2*head_dim), matched to the released weights (SPEC 2):
+    frequencies geometric from 7 down to 7e-4, CONCATENATED twice (not interleaved) over the row half
+    of the channels and again over the column half; coordinates are linspace(0, 1, grid)."""
+    assert head_dim % 4 == 0, f"head dim {head_dim} must be a multiple of 4 for 2-D RoPE"
+    f = 7.0 * (7.0 / 7e-4) ** torch.linspace(0, -1, head_dim // 4)
+    f = 2 * math.pi * torch.cat([f, f])                                 # (D/2,)
+    coord = torch.linspace(0, 1, grid)
+    rows, cols = coord.repeat_interleave(grid), coord.repeat(grid)     # row-major token order
+    angle = torch.cat([rows[:, None] * f, cols[:, None] * f], dim=1)    # (N, D)
+    return torch.cat([angle.cos(), angle.sin()], dim=1)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, width, hidden):
+        super().__init__()
+        self.w12 = nn.Linear(width, 2 * hidden)  # one fused input projection
+        self.w3 = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
+class Attention(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x, rope):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        # the fp32 RoPE table would promote q, k out of bf16; cast back so SDPA takes the flash path
+        q, k = apply_rope(q, rope).type_as(v), apply_rope(k, rope).type_as(v)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Block(nn.Module):
+    """Pre-norm block: RMSNorm -> attention with RoPE -> residual; RMSNorm -> SwiGLU -> residual."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(width, eps=1e-6), nn.RMSNorm(width, eps=1e-6)
+        self.attn = Attention(width, heads)
+        self.mlp = SwiGLU(width, int(2 / 3 * 4 * width))
+
+    def forward(self, x, rope):
+        x = x + self.attn(self.norm1(x), rope)
+        return x + self.mlp(self.norm2(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer (SPEC 2)
+
+class ViT(nn.Module):
+    """Trunk shared by the encoder and both decoders: + learned position embedding, RMSNorm, blocks, RMSNorm."""
+
+    def __init__(self, size, grid):
+        super().__init__()
+        width, depth, heads = SIZES[size]
+        self.width = width
+        self.positional_embedding = nn.Parameter(width ** -0.5 * torch.randn(1, grid * grid, width))
+        self.ln_pre = nn.RMSNorm(width, eps=1e-6)
+        self.transformer = nn.ModuleList(Block(width, heads) for _ in range(depth))
+        self.ln_post = nn.RMSNorm(width, eps=1e-6)
+        self.register_buffer("rope_tensor", tokenizer_rope(width // heads, grid)[None], persistent=False)
+
+    def trunk(self, h, rope):
+        h = self.ln_pre(h)
+        for block in self.transformer:
+            h = block(h, rope)
+        return self.ln_post(h)
+
+    def unmask(self, h, ids_keep, mask_token):
+        """Put the kept tokens back at their grid positions and a learned mask token everywhere else (RAD),
+        then add the position embedding. Scattering onto the mask token keeps it in the graph even when
+        nothing is masked, so DDP needs no find_unused_parameters."""
+        if ids_keep is not None:
+            full = mask_token.to(h.dtype).expand(h.shape[0], self.positional_embedding.shape[1], -1)
+            h = full.scatter(1, ids_keep[..., None].expand(-1, -1, h.shape[-1]), h)
+        return h + self.positional_embedding
+
+
+class Encoder(ViT):
+    """Patchify -> + position -> keep a random subset of tokens (RAD) -> trunk -> (mean, logvar) per token."""
+
+    def __init__(self, size, grid, patch_size, dim):
+        super().__init__(size, grid)
+        self.patch_embed = nn.Conv2d(3, self.width, patch_size, stride=patch_size)
+        self.latent_head = nn.Linear(self.width, 2 * dim)
+
+    def forward(self, x, ids_keep=None):
+        h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.positional_embedding
+        rope = self.rope_tensor
+        if ids_keep is not None:  # the encoder sees only the kept tokens, each with its own RoPE row
+            h = h.gather(1, ids_keep[..., None].expand(-1, -1, h.shape[-1]))
+            rope = rope.expand(len(x), -1, -1).gather(1, ids_keep[..., None].expand(-1, -1, rope.shape[-1]))
+        return self.latent_head(self.trunk(h, rope))
+
+
+class PixelDecoder(ViT):
+    """Latent tokens -> width, mask tokens at dropped positions, trunk, 1x1 conv to 16x16x3 per token,
+    depth-to-space (channel order p1, p2, c), 3x3 conv. Output in [-1, 1] scale, unclamped."""
+
+    def __init__(self, size, grid, patch_size, dim):
+        super().__init__(size, grid)
+        self.patch_size = patch_size
+        self.decoder_embed = nn.Linear(dim, self.width)
+        self.mask_token = nn.Parameter(self.width ** -0.5 * torch.randn(1, 1, self.width))
+        self.to_pixels = nn.Conv2d(self.width, patch_size * patch_size * 3, 1)
+        self.conv_out = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, z, ids_keep=None):
+        h = self.trunk(self.unmask(self.decoder_embed(z), ids_keep, self.mask_token), self.rope_tensor)
+        B, N, _ = h.shape
+        g, p = math.isqrt(N), self.patch_size
+        h = self.to_pixels(h.transpose(1, 2).unflatten(2, (g, g)))  # (B, p*p*3, g, g)
+        h = h.view(B, p, p, 3, g, g).permute(0, 3, 4, 1, 5, 2).reshape(B, 3, g * p, g * p)
+        return self.conv_out(h)
+
+
+class SemanticDecoder(ViT):
+    """Predicts the teacher's patch features at every position (masked and visible) from z_t (FSD)."""
+
+    def __init__(self, size, grid, dim, teacher_dim):
+        super().__init__(size, grid)
+        self.token_embedding = nn.Linear(dim, self.width)
+        self.mask_embedding = nn.Parameter(torch.zeros(1, 1, self.width))
+        self.out = nn.Linear(self.width, teacher_dim)
+
+    def forward(self, z, ids_keep=None):
+        return self.out(self.trunk(self.unmask(self.token_embedding(z), ids_keep, self.mask_embedding),
+                                   self.rope_tensor))
+
+
+class MLPSemanticDecoder(nn.Module):
+    """Ablation (Tab. 7): a per-token MLP, which cannot see masked positions; it predicts only where
+    tokens are kept, so the semantic loss is taken over the kept tokens for this variant."""
+
+    def __init__(self, dim, teacher_dim):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, teacher_dim))
+
+    def forward(self, z, ids_keep=None):
+        return self.mlp(z)
+
+
+def init_weights(module):
+    # the authors' init for encoder and pixel decoder (the semantic decoder keeps PyTorch defaults)
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        nn.init.zeros_(module.bias)
+
+
+class Tokenizer(nn.Module):
+    def __init__(self, img_size=256, patch_size=16, dim=128, enc_size="base", dec_size="base",
+                 sem_size="tiny", sem_type="transformer", teacher_dim=1024, mask_ratio=0.4,
+                 mask_ratio_min=-0.1, gamma=1.0, noise_schedule="shift", sem_noisy=True):
+        super().__init__()
+        for name, size in (("enc_size", enc_size), ("dec_size", dec_size), ("sem_size", sem_size)):
+            if size not in SIZES:
+                raise ValueError(f"unknown {name} {size!r}; choose from {sorted(SIZES)}")
+        if noise_schedule not in ("shift", "uniform", "lognorm"):
+            raise ValueError(f"unknown noise_schedule {noise_schedule!r}; choose shift, uniform or lognorm")
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        self.grid = img_size // patch_size
+        self.dim, self.mask_ratio, self.mask_ratio_min = dim, mask_ratio, mask_ratio_min
+        self.gamma, self.noise_schedule, self.sem_noisy = gamma, noise_schedule, sem_noisy
+        # t-shift of the `shift` schedule: s = sqrt(N_tokens * dim / 4096) (released code; the paper prints 1/s)
+        self.shift = math.sqrt(self.grid ** 2 * dim / 4096)
+        self.encoder = Encoder(enc_size, self.grid, patch_size, dim)
+        self.decoder = PixelDecoder(dec_size, self.grid, patch_size, dim)
+        self.apply(init_weights)
+        self.sem_decoder = None
+        if teacher_dim and sem_type == "transformer":
+            self.sem_decoder = SemanticDecoder(sem_size, self.grid, dim, teacher_dim)
+        elif teacher_dim and sem_type == "mlp":
+            self.sem_decoder = MLPSemanticDecoder(dim, teacher_dim)
+        elif teacher_dim:
+            raise ValueError(f"unknown sem_type {sem_type!r}; choose transformer or mlp")
+        log.info(f"tokenizer: encoder+pixel decoder {n_params(self.encoder) + n_params(self.decoder):,} params, "
+                 f"semantic decoder {n_params(self.sem_decoder) if self.sem_decoder else 0:,} params, dim {dim}")
+
+    def random_keep(self, B, device):
+        """RAD masking: one ratio per batch, max(0, U(mask_ratio_min, mask_ratio)); keep ceil(N (1 - ratio))
+        random tokens per sample (argsort of uniform noise). Returns ids_keep (B, N_keep) or None."""
+        if self.mask_ratio <= 0:
+            return None
+        ratio = max(0.0, torch.empty(()).uniform_(self.mask_ratio_min, self.mask_ratio).item())
+        N = self.grid ** 2
+        n_keep = math.ceil(N * (1 - ratio))
+        return torch.rand(B, N, device=device).argsort(dim=1)[:, :n_keep]
+
+    def sample_t(self, B, device):
+        """Flow time per sample (SPEC 2): shift (default), uniform or lognorm."""
+        if self.noise_schedule == "lognorm":
+            return torch.sigmoid(torch.randn(B, 1, 1, device=device))
+        u = torch.rand(B, 1, 1, device=device)
+        return u if self.noise_schedule == "uniform" else self.shift * u / (1 + (self.shift - 1) * u)
+
+    def posterior(self, x, ids_keep=None):
+        """(mean, logvar) tokens (B, N, dim) in fp32, logvar clamped to [-30, 20]."""
+        mean, logvar = self.encoder(x, ids_keep).float().chunk(2, dim=-1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def encode(self, x, sample=False):
+        """x (B, 3, H, W) in [-1, 1] -> z (B, dim, H/16, W/16): posterior mean, or a sample. Never masks or noises."""
+        mean, logvar = self.posterior(x)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean) if sample else mean
+        return z.transpose(1, 2).unflatten(2, (self.grid, self.grid))
+
+    def decode(self, z):
+        """z (B, dim, h, w) -> x_hat (B, 3, H, W), the raw pixel-decoder output in [-1, 1] scale, unclamped."""
+        return self.decoder(z.flatten(2).transpose(1, 2))
+
+    def forward(self, x):
+        """Training forward (Sec. 3): mask (RAD) -> encode -> posterior sample z -> z_t along the forward
+        flow (FSD) -> both decoders read z_t. Returns x_hat, the KL (summed over tokens and channels,
+        averaged over the batch), the predicted teacher features (or None) and ids_keep (or None)."""
+        ids_keep = self.random_keep(len(x), x.device)
+        mean, logvar = self.posterior(x, ids_keep)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        z_t = z
+        if self.gamma > 0:
+            t = self.sample_t(len(x), x.device)
+            z_t = (1 - t) * z + t * self.gamma * torch.randn_like(z)
+        x_hat = self.decoder(z_t, ids_keep)
+        kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2)).mean()
+        pred = None
+        if self.sem_decoder is not None:  # --no_fsd aligns the clean latent instead (Tab. 4)
+            pred = self.sem_decoder(z_t if self.sem_noisy else z, ids_keep)
+        return x_hat, kl, pred, ids_keep
+
+
+# ----------------------------------------------------------------------------------------------
+# Frozen teachers (SPEC 2): Meta's DINOv2 ViT-L/14 and DINOv3 ViT-L/16, written with Meta's key
+# names so the release .pth files load with strict key checking.
+
+TEACHER_SIZES = {"tiny": (64, 2, 2), "large": (1024, 24, 16)}  # width, depth, heads; tiny = tests only
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def rotate_half(x):  # DINOv3 RoPE pairs channel i with channel i + D/2
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+class DinoBlock(nn.Module):
+    """Pre-norm ViT block with LayerScale; DINOv3 adds RoPE on patch tokens and a masked k bias."""
+
+    def __init__(self, width, heads, eps, mask_k_bias):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width, eps=eps), nn.LayerNorm(width, eps=eps)
+        self.attn = nn.Module()  # bare holders keep Meta's key names (attn.qkv, ls1.gamma, mlp.fc1, ...)
+        self.attn.qkv, self.attn.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        if mask_k_bias:  # DINOv3: bias_mask (1 for q, 0 for k, 1 for v) is stored in the release file
+            mask = torch.ones(3, width).index_fill_(0, torch.tensor([1]), 0)
+            self.attn.qkv.register_buffer("bias_mask", mask.flatten())
+        self.mlp = nn.Sequential()
+        self.mlp.fc1, self.mlp.act, self.mlp.fc2 = nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
+        self.ls1, self.ls2 = nn.Module(), nn.Module()
+        self.ls1.gamma, self.ls2.gamma = nn.Parameter(torch.ones(width)), nn.Parameter(torch.ones(width))
+
+    def attention(self, x, rope):
+        B, N, C = x.shape
+        qkv = self.attn.qkv
+        bias = qkv.bias * qkv.bias_mask if hasattr(qkv, "bias_mask") else qkv.bias
+        q, k, v = F.linear(x, qkv.weight, bias).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        if rope is not None:  # rotate only the trailing patch tokens; CLS + storage tokens are left as they are
+            sin, cos = rope
+            n = N - sin.shape[0]
+            q, k = [torch.cat([t[:, :, :n], (t[:, :, n:] * cos + rotate_half(t[:, :, n:]) * sin).to(t.dtype)], 2)
+                    for t in (q, k)]
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.attn.proj(x.transpose(1, 2).reshape(B, N, C))
+
+    def forward(self, x, rope):
+        x = x + self.ls1.gamma * self.attention(self.norm1(x), rope)
+        return x + self.ls2.gamma * self.mlp(self.norm2(x))
+
+
+class DinoTeacher(nn.Module):
+    """x in [-1, 1] (B, 3, H, W) -> final-norm patch tokens (B, grid * grid, dim); CLS/storage dropped."""
+
+    def __init__(self, name, size="large", grid=16):
+        super().__init__()
+        if name not in ("dinov2_vitl14", "dinov3_vitl16"):
+            raise ValueError(f"unknown teacher {name!r}; expected dinov2_vitl14 or dinov3_vitl16")
+        if size not in TEACHER_SIZES:
+            raise ValueError(f"unknown teacher size {size!r}; expected one of {sorted(TEACHER_SIZES)}")
+        width, depth, heads = TEACHER_SIZES[size]
+        self.v3, self.dim, self.heads = name == "dinov3_vitl16", width, heads
+        self.patch, self.grid = (16 if self.v3 else 14), grid
+        self.n_storage = 4 if self.v3 else 0
+        eps = 1e-5 if self.v3 else 1e-6  # DINOv3 ViT-L uses norm_layer "layernormbf16" (eps 1e-5)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        self.mask_token = nn.Parameter(torch.zeros(1, width))  # in the release files; unused at inference
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, width, self.patch, self.patch)
+        if self.v3:
+            self.storage_tokens = nn.Parameter(torch.randn(1, self.n_storage, width) * 0.02)
+            self.rope_embed = nn.Module()  # RoPE periods base 100: 100 ** (2k / (D/2)), k < D/4
+            d = width // heads
+            self.rope_embed.register_buffer("periods", 100.0 ** (2 * torch.arange(d // 4) / (d // 2)))
+        else:  # learned absolute positions for 37x37 patches (img_size 518) + CLS
+            self.pos_embed = nn.Parameter(torch.randn(1, 37 * 37 + 1, width) * 0.02)
+        self.blocks = nn.ModuleList(DinoBlock(width, heads, eps, self.v3) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=eps)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode=True):  # frozen teacher: always eval
+        return super().train(False)
+
+    def pos_embed_for(self, gh, gw):
+        """DINOv2 interpolate_pos_encoding: bicubic with the +0.1 scale-factor offset, in float32."""
+        pos = self.pos_embed.float()
+        M = math.isqrt(pos.shape[1] - 1)
+        if gh == gw == M:
+            return pos
+        grid = pos[:, 1:].reshape(1, M, M, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, scale_factor=((gh + 0.1) / M, (gw + 0.1) / M), mode="bicubic", antialias=False)
+        return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)], 1)
+
+    def rope(self, gh, gw):
+        """DINOv3 RoPE sin/cos (gh*gw, head_dim): patch-centre coords in [-1, 1] per axis ("separate")."""
+        dev = self.rope_embed.periods.device
+        ch, cw = (torch.arange(0.5, gh, device=dev) / gh, torch.arange(0.5, gw, device=dev) / gw)
+        coords = 2 * torch.stack(torch.meshgrid(ch, cw, indexing="ij"), -1).flatten(0, 1) - 1  # (HW, 2)
+        angles = (2 * math.pi * coords[:, :, None] / self.rope_embed.periods.float()).flatten(1).tile(2)
+        return angles.sin(), angles.cos()
+
+    @torch.no_grad()
+    def forward(self, x):
+        x = ((x + 1) / 2 - self.mean) / self.std
+        side = self.grid * self.patch  # DINOv2 (patch 14) sees 224 px for a 16x16 grid; DINOv3 at 256 is untouched
+        if x.shape[-1] != side or x.shape[-2] != side:
+            x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+        x = self.patch_embed.proj(x)
+        B, _, gh, gw = x.shape
+        x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x.flatten(2).transpose(1, 2)], 1)
+        rope = None
+        if self.v3:
+            x = torch.cat([x[:, :1], self.storage_tokens.expand(B, -1, -1).to(x.dtype), x[:, 1:]], 1)
+            rope = self.rope(gh, gw)
+        else:
+            x = x + self.pos_embed_for(gh, gw).to(x.dtype)
+        for blk in self.blocks:
+            x = blk(x, rope)
+        return self.norm(x[:, 1 + self.n_storage:])  # LayerNorm is per token: norm after slicing is the same
+
+
+def load_teacher(name, path=None, size="large", grid=16):
+    """Frozen, eval-mode teacher whose patch grid matches the tokenizer's `grid`. path=None gives random
+    weights (tests and demos only, logged loudly); otherwise Meta's release .pth, keys checked strictly."""
+    model = DinoTeacher(name, size, grid)
+    if path is None:
+        log.warning(f"!!! teacher {name} ({size}) has RANDOM weights: its features are meaningless (tests/demos only) !!!")
+    else:
+        load_state(model, read_checkpoint(path), path)
+    return model.requires_grad_(False).eval()
+
+# names in the authors' release that differ from ours; their checkpoints may also carry the teacher
+_RELEASE_RENAMES = {"encoder.patch_embed.0.": "encoder.patch_embed.", "decoder.ffn.1.": "decoder.to_pixels."}
+
+
+def _release_to_ours(sd):
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("sem_foundation_models."):
+            continue
+        for old, new in _RELEASE_RENAMES.items():
+            k = k.replace(old, new)
+        if k.startswith("sem_decoders."):  # sem_decoders.<teacher>.* -> sem_decoder.*
+            k = "sem_decoder." + k.split(".", 2)[2]
+        out[k] = v
+    return out
+
+
+def _size_of(sd, prefix):
+    width = sd[prefix + "positional_embedding"].shape[-1]
+    depth = len({k.split(".")[2] for k in sd if k.startswith(prefix + "transformer.")})
+    for name, (w, d, _) in SIZES.items():
+        if (w, d) == (width, depth):
+            return name
+    raise ValueError(f"no tokenizer size has width {width} and depth {depth} ({prefix})")
+
+
+def load_state(model, sd, path):
+    """load_state_dict(strict) with a one-line error naming the offending keys and the file."""
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: not a state dict")
+    ours = model.state_dict()
+    missing, unexpected = sorted(ours.keys() - sd.keys()), sorted(sd.keys() - ours.keys())
+    shape = sorted(k for k in ours.keys() & sd.keys() if ours[k].shape != sd[k].shape)
+    if missing or unexpected or shape:
+        raise ValueError(f"{path}: does not match the model: missing keys {' '.join(missing[:5]) or '-'}; "
+                         f"unexpected keys {' '.join(unexpected[:5]) or '-'}; wrong shapes {' '.join(shape[:5]) or '-'}")
+    model.load_state_dict(sd)
+
+
+def read_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"checkpoint not found: {path}")
+    except Exception as e:
+        raise SystemExit(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}")
+
+
+def load_tokenizer(path, ema=True, **overrides):
+    """A Tokenizer from our checkpoints or the authors' release (dict with `model` and `model_ema`).
+    Sizes, dim and the semantic decoder are inferred from the tensors; training hyper-parameters come
+    from our checkpoint's args when present, and `overrides` (e.g. gamma=0) win over both."""
+    ckpt = read_checkpoint(path)
+    key = "model_ema" if ema and "model_ema" in ckpt else "model"
+    if key not in ckpt:
+        raise SystemExit(f"{path}: not a tokenizer checkpoint (no 'model' entry)")
+    sd = _release_to_ours(ckpt[key])
+    if "encoder.latent_head.weight" not in sd:
+        raise SystemExit(f"{path}: not a tokenizer checkpoint (no encoder.latent_head.weight)")
+    patch = sd["encoder.patch_embed.weight"].shape[-1]
+    kw = dict(img_size=math.isqrt(sd["encoder.positional_embedding"].shape[1]) * patch, patch_size=patch,
+              dim=sd["encoder.latent_head.weight"].shape[0] // 2, enc_size=_size_of(sd, "encoder."),
+              dec_size=_size_of(sd, "decoder."), teacher_dim=0)
+    if "sem_decoder.out.weight" in sd:
+        kw.update(sem_type="transformer", sem_size=_size_of(sd, "sem_decoder."),
+                  teacher_dim=sd["sem_decoder.out.weight"].shape[0])
+    elif "sem_decoder.mlp.2.weight" in sd:
+        kw.update(sem_type="mlp", teacher_dim=sd["sem_decoder.mlp.2.weight"].shape[0])
+    args = ckpt.get("args", {})
+    for name in ("mask_ratio", "mask_ratio_min", "gamma", "noise_schedule", "sem_noisy"):
+        if name in args:
+            kw[name] = args[name]
+    kw.update(overrides)
+    model = Tokenizer(**kw)
+    load_state(model, sd, path)
+    log.info(f"loaded tokenizer {path} ({key}): dim {kw['dim']}, {kw['enc_size']}/{kw['dec_size']}, {kw['img_size']}px")
+    return model

@@ -1,0 +1,478 @@
+"""Stage 1: train the RecTok tokenizer with FSD + RAD (SPEC section 3).
+
+  torchrun --nproc_per_node=8 train_tokenizer.py --dim 128 --data /data/imagenet/train --out_dir out/rectok
+  python train_tokenizer.py --demo                # a few minutes on a laptop CPU, built-in data
+
+The helpers at the top (distributed setup, EMA, schedule, checkpoints, logging, images) are shared by
+finetune_decoder.py and train_dit.py, which import them from here.
+"""
+import argparse
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+import models
+
+log = logging.getLogger("rectok")
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared helpers
+
+def parse_args(parser, demo_defaults):
+    """--demo swaps in small defaults; any flag given explicitly still wins."""
+    if "--demo" in sys.argv[1:]:
+        parser.set_defaults(**demo_defaults)
+    return parser.parse_args()
+
+
+def setup(args, stage):
+    """torchrun -> DDP (NCCL on GPU, gloo on CPU); a plain `python` run is one process. Seeds each rank."""
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if getattr(args, "data", None) and not os.path.isdir(args.data):
+        raise SystemExit(f"--data: no such folder: {args.data}")
+    os.makedirs(args.out_dir, exist_ok=True)
+    handlers = [logging.StreamHandler()] + ([logging.FileHandler(os.path.join(args.out_dir, f"{stage}.log"))]
+                                            if rank == 0 else [])
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=handlers,
+                        format=f"%(asctime)s [{stage}] %(message)s", datefmt="%H:%M:%S", force=True)
+    warnings.filterwarnings("ignore", message=".*(pretrained|weights).*deprecated")
+    torch.manual_seed(args.seed + rank)
+    log.info(f"{world} process(es) on {device.type}; args: {json.dumps(vars(args))}")
+    return rank, world, device
+
+
+def grad_accum_steps(args, world):
+    if args.global_batch % (args.batch_size * world):
+        raise SystemExit(f"--global_batch {args.global_batch} is not a multiple of --batch_size x GPUs "
+                         f"= {args.batch_size} x {world}")
+    return args.global_batch // (args.batch_size * world)
+
+
+def make_dataset(args, train=True):
+    """--demo data (built-in shapes) or an ImageNet-style folder / file list."""
+    if args.data is None:
+        if not args.demo:
+            raise SystemExit("--data is required (an ImageNet-style train folder), or use --demo")
+        return data.Shapes(args.demo_images if train else 64, args.img_size, seed=0 if train else 1)
+    if train:
+        return data.ImageFolder(args.data, args.img_size, list_file=args.data_list)
+    return data.ImageFolder(args.val_data or args.data, args.img_size)
+
+
+def random_flip(x):
+    """Horizontal flip of half the batch, drawn on the training process so a resumed run replays it."""
+    flip = torch.rand(len(x), device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def param_groups(model, weight_decay):
+    """AdamW groups: no decay on biases, norms, embeddings, tokens (the authors' name rule) or any 1-D tensor."""
+    skip = ("ln", "bias", "embedding", "norm", "gamma", "embed", "token")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    no_decay = [p for n, p in named if p.ndim < 2 or any(s in n for s in skip)]
+    decay = [p for n, p in named if not (p.ndim < 2 or any(s in n for s in skip))]
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def adamw(params, lr, device, weight_decay=0.0):
+    groups = param_groups(params, weight_decay) if isinstance(params, nn.Module) else params
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def cosine_lr(epoch_frac, base_lr, warmup_epochs, epochs, min_lr=0.0):
+    """Linear warm-up then half-cycle cosine, evaluated per step at the fractional epoch."""
+    if epoch_frac < warmup_epochs:
+        return base_lr * epoch_frac / warmup_epochs
+    progress = (epoch_frac - warmup_epochs) / max(epochs - warmup_epochs, 1e-8)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class EMA:
+    """EMA copy of a model. Trainable parameters are averaged with one fused lerp; frozen ones stay as the
+    model's (the authors' EMA copies them every step, which is the same for weights that never change)."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model):
+        pairs = [(e, p) for e, p in zip(self.model.parameters(), model.parameters()) if p.requires_grad]
+        torch._foreach_lerp_([e for e, _ in pairs], [p.detach() for _, p in pairs], 1 - self.decay)
+
+
+def rng_state(device):
+    """This rank's RNG states, gathered from every rank (each rank draws its own masks and noise)."""
+    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    if not dist.is_initialized():
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def set_rng_state(states, rank, device):
+    if len(states) != (dist.get_world_size() if dist.is_initialized() else 1):
+        log.warning("resuming with a different number of processes: RNG streams restart from the seed")
+        return
+    torch.set_rng_state(states[rank]["cpu"])
+    if device.type == "cuda" and states[rank]["cuda"] is not None:
+        torch.cuda.set_rng_state(states[rank]["cuda"], device)
+
+
+def check_ranks_agree(model):
+    """Cheap DDP sanity check at every checkpoint: all ranks must hold the same weights."""
+    if not dist.is_initialized():
+        return
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().cpu()
+    sums = [None] * dist.get_world_size()
+    dist.all_gather_object(sums, checksum.item())
+    if len(set(sums)) != 1:
+        raise RuntimeError(f"DDP ranks diverged: parameter checksums {sums}")
+    log.info(f"weights identical on {len(sums)} ranks (checksum {sums[0]:.6f})")
+
+
+def save_checkpoint(path, state):
+    """Atomic: write a temporary file, then rename, so a crash never leaves a half-written checkpoint."""
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    log.info(f"saved {path}")
+
+
+class Metrics:
+    """One log line per log step and one JSON object per log step in <out_dir>/metrics.jsonl."""
+
+    def __init__(self, out_dir, stage, rank):
+        self.path, self.stage, self.rank = os.path.join(out_dir, "metrics.jsonl"), stage, rank
+
+    def write(self, **record):
+        if self.rank != 0:
+            return
+        record = {"stage": self.stage, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}}
+        log.info("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+                           if k != "stage"))
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def to_uint8(x):
+    """[-1, 1] float (B, 3, H, W) -> uint8 (B, H, W, 3), clamped."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(path, rows):
+    """Save rows of [-1, 1] image batches as one PNG (one batch per row)."""
+    Image.fromarray(np.concatenate([np.concatenate(list(to_uint8(r)), axis=1) for r in rows], axis=0)).save(path)
+    log.info(f"wrote {path}")
+
+
+def psnr(x, x_hat):
+    """Per-image PSNR on [0, 1] images, averaged over the batch."""
+    mse = (((x.float() + 1) / 2 - ((x_hat.float() + 1) / 2).clamp(0, 1)) ** 2).mean(dim=(1, 2, 3))
+    return (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item()
+
+
+def download_error(what, e):
+    return SystemExit(f"could not load pretrained {what} ({str(e).splitlines()[0]}); offline, place the file in "
+                      f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}, or pass --random_frozen_nets for a demo")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer losses (SPEC 3)
+
+class Perceptual(nn.Module):
+    """LPIPS-VGG; with convnext_weight > 0 the released code's mix (w_l LPIPS + w_c ConvNeXt-S logit MSE at
+    224) / (w_l + w_c), w_l = 1. Inputs in [-1, 1]."""
+
+    def __init__(self, convnext_weight, random_weights):
+        super().__init__()
+        import lpips
+        import torchvision
+        try:
+            self.lpips = lpips.LPIPS(net="vgg", pnet_rand=random_weights, verbose=False)
+            self.convnext = torchvision.models.convnext_small(weights=None if random_weights else "DEFAULT") \
+                if convnext_weight > 0 else None
+        except Exception as e:
+            raise download_error("VGG-16 (vgg16-397923af.pth) / ConvNeXt-S (convnext_small-0c510722.pth)", e)
+        self.convnext_weight = convnext_weight
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        self.eval().requires_grad_(False)
+        if random_weights:
+            log.warning("!!! LPIPS / ConvNeXt backbones have RANDOM weights (--random_frozen_nets): demo/test only !!!")
+
+    def train(self, mode=True):  # frozen networks stay in eval mode (LPIPS has dropout)
+        return super().train(False)
+
+    def forward(self, x, x_hat):
+        loss = self.lpips(x_hat, x).mean()
+        if self.convnext is None:
+            return loss
+
+        def logits(img):
+            img = F.interpolate((img + 1) / 2, size=224, mode="bilinear", antialias=True)
+            return self.convnext((img - self.mean) / self.std)
+        conv = F.mse_loss(logits(x_hat), logits(x))
+        return (loss + self.convnext_weight * conv) / (1 + self.convnext_weight)
+
+
+def patchgan(ndf=64, n_layers=3):
+    """PatchGAN discriminator (3 layers, ndf 64, BatchNorm), as in taming-transformers."""
+    layers, ch = [nn.Conv2d(3, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)], ndf
+    for n in range(1, n_layers + 1):
+        out = ndf * min(2 ** n, 8)
+        layers += [nn.Conv2d(ch, out, 4, 2 if n < n_layers else 1, 1, bias=False), nn.BatchNorm2d(out),
+                   nn.LeakyReLU(0.2, True)]
+        ch = out
+    return nn.Sequential(*layers, nn.Conv2d(ch, 1, 4, 1, 1))
+
+
+def hinge_d_loss(logits_real, logits_fake):
+    return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+
+
+def semantic_loss(pred, target, ids_keep=None):
+    """1 - cos(pred, target) per token, averaged (SPEC 2). A per-token MLP decoder only sees kept tokens."""
+    if ids_keep is not None and pred.shape[1] != target.shape[1]:
+        target = target.gather(1, ids_keep[..., None].expand(-1, -1, target.shape[-1]))
+    return (1 - F.cosine_similarity(pred.float(), target.float(), dim=-1)).mean()
+
+
+def generator_losses(args, x, x_hat, kl, pred, target, ids_keep, perceptual, disc, use_gan):
+    """Weighted loss terms in fp32 (SPEC 3); images enter the losses in [0, 1] like the released code."""
+    x, x_hat = x.float(), x_hat.float()
+    terms = {"rec": args.rec_weight * F.mse_loss((x_hat + 1) / 2, (x + 1) / 2),
+             "perceptual": args.perceptual_weight * perceptual(x, x_hat)}
+    if args.kl_weight > 0:
+        terms["kl"] = args.kl_weight * kl
+    if pred is not None:
+        terms["sem"] = args.sem_weight * semantic_loss(pred, target, ids_keep)
+    if use_gan:
+        disc.requires_grad_(False)  # the generator's GAN term must not train the discriminator
+        terms["gan"] = args.disc_weight * -disc((x_hat + 1) / 2).mean()
+        disc.requires_grad_(True)
+    return terms
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop shared by stage 1 and stage 2
+
+def train(args, stage, model, ema, teacher, rank, world, device, start=None):
+    """Train `model` (a Tokenizer; only its trainable parameters) with the losses of SPEC 3; resumes from
+    <out_dir>/<stage>.pt if it exists. `teacher` is None when there is no semantic loss (stage 2)."""
+    accum = grad_accum_steps(args, world)
+    base_lr = args.blr * args.global_batch / 256
+    perceptual = Perceptual(args.convnext_weight, args.random_frozen_nets).to(device)
+    disc = patchgan().to(device)
+    opt = adamw(model, base_lr, device, args.weight_decay)
+    opt_d = adamw(disc, base_lr, device, args.weight_decay)
+    loader = data.make_loader(make_dataset(args), args.batch_size, True, args.workers, world, rank, args.seed)
+    held_out = next(iter(data.make_loader(make_dataset(args, train=False), 8, False, 0)))[0].to(device)
+    if len(loader) < accum:
+        raise SystemExit(f"{len(loader.dataset)} images are too few for one global batch of {args.global_batch}")
+    steps_per_epoch = len(loader) // accum
+    ckpt_path = os.path.join(args.out_dir, f"{stage}.pt")
+    epoch, step = 0, 0
+    if os.path.exists(ckpt_path):
+        ckpt = models.read_checkpoint(ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        ema.model.load_state_dict(ckpt["model_ema"])
+        opt.load_state_dict(ckpt["opt"])
+        disc.load_state_dict(ckpt["disc"])
+        opt_d.load_state_dict(ckpt["opt_disc"])
+        epoch, step = ckpt["epoch"], ckpt["step"]
+        set_rng_state(ckpt["rng"], rank, device)
+        log.info(f"resumed from {ckpt_path} at epoch {epoch}, step {step}")
+    log.info(f"{len(loader.dataset)} images, {steps_per_epoch} steps/epoch, global batch {args.global_batch} = "
+             f"{args.batch_size}/GPU x {world} x {accum} accumulation, lr {base_lr:.2e}")
+    ddp_model = nn.parallel.DistributedDataParallel(model, [device] if device.type == "cuda" else None) \
+        if world > 1 else model
+    ddp_disc = nn.parallel.DistributedDataParallel(disc, [device] if device.type == "cuda" else None) \
+        if world > 1 else disc
+    fwd = torch.compile(ddp_model) if args.compile else ddp_model
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    metrics = Metrics(args.out_dir, stage, rank)
+    t0, seen = time.time(), 0
+    while epoch < args.epochs:
+        model.train(), disc.train()
+        loader.sampler.set_epoch(epoch)
+        use_gan = epoch >= args.disc_start_epoch and args.disc_weight > 0
+        batches = iter(loader)
+        for it in range(steps_per_epoch):
+            lr = cosine_lr(epoch + it / steps_per_epoch, base_lr, args.warmup_rate * args.epochs, args.epochs)
+            for group in opt.param_groups + opt_d.param_groups:
+                group["lr"] = lr
+            sums = {}
+            for micro in range(accum):
+                x = random_flip(next(batches)[0].to(device, non_blocking=True))
+                sync = micro == accum - 1 or world == 1
+                with autocast, (contextlib.nullcontext() if sync else ddp_model.no_sync()):
+                    x_hat, kl, pred, ids_keep = fwd(x)
+                    target = None
+                    if teacher is not None:
+                        with torch.inference_mode():
+                            target = teacher(x)
+                        target = target.clone()  # inference tensors cannot enter autograd
+                    terms = generator_losses(args, x, x_hat, kl, pred, target, ids_keep, perceptual, disc, use_gan)
+                    loss = sum(terms.values())
+                    (loss / accum).backward()
+                if use_gan:  # discriminator step on the same reconstructions, [0, 1] inputs
+                    with autocast, (contextlib.nullcontext() if sync else ddp_disc.no_sync()):
+                        real, fake = (x.float() + 1) / 2, (x_hat.detach().float() + 1) / 2
+                        terms["disc"] = hinge_d_loss(ddp_disc(real), ddp_disc(fake))
+                        (terms["disc"] / accum).backward()
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0) + v.detach() / accum
+            grad_norm = nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+            opt.step(), opt.zero_grad(set_to_none=True)
+            if use_gan:
+                nn.utils.clip_grad_norm_(disc.parameters(), args.grad_clip)
+                opt_d.step()
+            opt_d.zero_grad(set_to_none=True)
+            ema.update(model)
+            step += 1
+            seen += args.global_batch // world
+            if step % args.log_every == 0 or it == steps_per_epoch - 1:
+                stats = torch.stack([sums[k] for k in sorted(sums)] + [grad_norm.float()])
+                if world > 1:
+                    dist.all_reduce(stats, op=dist.ReduceOp.AVG)
+                stats = stats.tolist()  # the only host sync of the step, on log steps only
+                record = dict(zip(sorted(sums), stats))
+                gen_loss = sum(v for k, v in record.items() if k != "disc")
+                metrics.write(step=step, epoch=round(epoch + (it + 1) / steps_per_epoch, 4), loss=gen_loss,
+                              **record, lr=lr, grad_norm=stats[-1], img_per_sec=seen / (time.time() - t0))
+                t0, seen = time.time(), 0
+        epoch += 1
+        with torch.no_grad(), autocast:
+            ema.model.eval()
+            recon = ema.model.decode(ema.model.encode(held_out))
+        metrics.write(step=step, epoch=epoch, held_out_psnr_ema=psnr(held_out, recon))
+        check_ranks_agree(model)
+        state = {"model": model.state_dict(), "model_ema": ema.model.state_dict(), "opt": opt.state_dict(),
+                 "disc": disc.state_dict(), "opt_disc": opt_d.state_dict(), "epoch": epoch, "step": step,
+                 "rng": rng_state(device), "args": vars(args)}
+        if rank == 0:
+            save_checkpoint(ckpt_path, state)
+            if epoch % args.vis_every == 0 or epoch == args.epochs:
+                save_grid(os.path.join(args.out_dir, f"{stage}_recon_epoch{epoch:04d}.png"), [held_out, recon])
+    log.info(f"done: {ckpt_path}")
+    return model
+
+
+def common_args(parser):
+    """Flags shared by both tokenizer stages (defaults: stage 1, SPEC 3)."""
+    p = parser.add_argument
+    p("--data", help="ImageNet-style train folder (class sub-folders); omit with --demo")
+    p("--data_list", help="optional `relative/path label` file list, like the authors' train.txt")
+    p("--val_data", help="ImageNet val folder for the held-out PSNR batch (default: a train batch)")
+    p("--out_dir", default="out/demo")
+    p("--demo", action="store_true", help="tiny model on built-in data, CPU-friendly; other flags still override")
+    p("--demo_images", type=int, default=1024, help="size of the built-in dataset for --demo")
+    p("--epochs", type=int, default=200)
+    p("--batch_size", type=int, default=64, help="per process")
+    p("--global_batch", type=int, default=1024, help="reached by gradient accumulation on fewer GPUs")
+    p("--blr", type=float, default=1e-4, help="lr = blr * global_batch / 256")
+    p("--warmup_rate", type=float, default=0.25, help="fraction of epochs of linear warm-up")
+    p("--weight_decay", type=float, default=1e-4)
+    p("--grad_clip", type=float, default=3.0)
+    p("--ema", type=float, default=0.999)
+    p("--rec_weight", type=float, default=1.0)
+    p("--perceptual_weight", type=float, default=1.0)
+    p("--convnext_weight", type=float, default=0.1, help="ConvNeXt-S term of the released code; 0 = LPIPS only")
+    p("--disc_weight", type=float, default=0.5)
+    p("--disc_start_epoch", type=int, default=100)
+    p("--random_frozen_nets", action="store_true", help="random teacher / VGG / ConvNeXt weights (demo, tests)")
+    p("--workers", type=int, default=8)
+    p("--seed", type=int, default=0)
+    p("--log_every", type=int, default=50)
+    p("--vis_every", type=int, default=5)
+    p("--compile", action="store_true")
+
+
+DEMO = dict(epochs=4, batch_size=16, global_batch=16, blr=4e-3, warmup_rate=0.1, disc_start_epoch=2,
+            convnext_weight=0.0, random_frozen_nets=True, workers=0, log_every=10, vis_every=1)
+
+
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth"
+
+
+def teacher_file(name, path):
+    """Meta's release file: --teacher_ckpt, else DINOv2 downloaded once into the torch hub cache."""
+    if path:
+        return path
+    if name == "dinov3_vitl16":
+        raise SystemExit("--teacher_ckpt: DINOv3 weights are gated; request dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth "
+                         "at https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/ and pass its path")
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(DINOV2_URL))
+    if not os.path.exists(path):
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.hub.download_url_to_file(DINOV2_URL, path)
+        except Exception as e:
+            raise download_error(f"DINOv2 ({DINOV2_URL})", e)
+    return path
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common_args(parser)
+    p = parser.add_argument
+    p("--dim", type=int, default=128, help="latent channels per token")
+    p("--img_size", type=int, default=256)
+    p("--patch_size", type=int, default=16)
+    p("--enc_size", default="base", choices=sorted(models.SIZES))
+    p("--dec_size", default="base", choices=sorted(models.SIZES))
+    p("--sem_size", default="tiny", choices=sorted(models.SIZES))
+    p("--sem_type", default="transformer", choices=["transformer", "mlp"])
+    p("--teacher", choices=["dinov2_vitl14", "dinov3_vitl16"], help="default: DINOv2 below dim 64, DINOv3 from 64")
+    p("--teacher_ckpt", help="Meta's release .pth; default: download DINOv2 (DINOv3 is gated: pass its file)")
+    p("--teacher_size", default="large", help="'tiny' gives a small random teacher for tests")
+    p("--mask_ratio", type=float, default=0.4, help="RAD: ratio ~ max(0, U(mask_ratio_min, mask_ratio)); 0 = off")
+    p("--mask_ratio_min", type=float, default=-0.1)
+    p("--gamma", type=float, default=1.0, help="FSD noise scale; 0 = no forward-flow noise")
+    p("--noise_schedule", default="shift", choices=["shift", "uniform", "lognorm"])
+    p("--no_fsd", action="store_true", help="ablation: the semantic decoder reads the clean latent z, not z_t")
+    p("--kl_weight", type=float, default=1e-6)
+    p("--sem_weight", type=float, default=1.0)
+    args = parse_args(parser, dict(DEMO, img_size=64, dim=32, patch_size=8, enc_size="tiny", dec_size="tiny",
+                                   teacher_size="tiny"))
+    rank, world, device = setup(args, "tokenizer")
+    teacher_name = args.teacher or ("dinov2_vitl14" if args.dim < 64 else "dinov3_vitl16")
+    teacher = None
+    if args.sem_weight > 0:
+        path = None if args.random_frozen_nets else teacher_file(teacher_name, args.teacher_ckpt)
+        teacher = models.load_teacher(teacher_name, path, args.teacher_size, args.img_size // args.patch_size)
+        teacher.to(device)
+    model = models.Tokenizer(args.img_size, args.patch_size, args.dim, args.enc_size, args.dec_size, args.sem_size,
+                             args.sem_type, teacher.dim if teacher else 0, args.mask_ratio, args.mask_ratio_min,
+                             args.gamma, args.noise_schedule, sem_noisy=not args.no_fsd).to(device)
+    train(args, "tokenizer", model, EMA(model, args.ema), teacher, rank, world, device)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
