@@ -25,7 +25,7 @@ def center_crop(img, size):
 
 def to_tensor(arr):
     """uint8 (H, W, 3) -> float (3, H, W) in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 127.5 - 1
+    return torch.from_numpy(np.array(arr)).permute(2, 0, 1).float() / 127.5 - 1
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -41,11 +41,13 @@ class ImageFolder(torch.utils.data.Dataset):
             with open(list_file) as f:
                 rows = [line.split() for line in f if line.strip()]
             self.samples = [(os.path.join(root, r[0]), int(r[1]) if len(r) > 1 else -1) for r in rows]
+            self.num_classes = max(label for _, label in self.samples) + 1
         else:
             classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
             self.samples = [(os.path.join(dp, f), label) for label, c in enumerate(classes)
                             for dp, _, files in sorted(os.walk(os.path.join(root, c)))
                             for f in sorted(files) if f.lower().endswith(IMAGE_EXTS)]
+            self.num_classes = len(classes)
         if not self.samples:
             raise SystemExit(f"--data: no images found in {root} (expected class sub-folders of images)")
 
@@ -75,6 +77,7 @@ class Shapes(torch.utils.data.Dataset):
     backgrounds, any resolution, generated deterministically from the index. No download."""
 
     KINDS = ("disk", "square", "triangle", "ring", "cross")
+    num_classes = 10
 
     def __init__(self, n=512, size=64, flip=False, seed=0):
         self.n, self.size, self.flip, self.seed = n, size, flip, seed

@@ -6,6 +6,7 @@ that RecTok.pth / RecTok_decft.pth / ditdh*.pth load with strict key checking.
 """
 import logging
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -271,6 +272,86 @@ class Tokenizer(nn.Module):
         return x_hat, kl, pred, ids_keep
 
 
+
+# names in the authors' release that differ from ours; their checkpoints may also carry the teacher
+_RELEASE_RENAMES = {"encoder.patch_embed.0.": "encoder.patch_embed.", "decoder.ffn.1.": "decoder.to_pixels."}
+
+
+def _release_to_ours(sd):
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("sem_foundation_models."):
+            continue
+        for old, new in _RELEASE_RENAMES.items():
+            k = k.replace(old, new)
+        if k.startswith("sem_decoders."):  # sem_decoders.<teacher>.* -> sem_decoder.*
+            k = "sem_decoder." + k.split(".", 2)[2]
+        out[k] = v
+    return out
+
+
+def _size_of(sd, prefix):
+    width = sd[prefix + "positional_embedding"].shape[-1]
+    depth = len({k.split(".")[2] for k in sd if k.startswith(prefix + "transformer.")})
+    for name, (w, d, _) in SIZES.items():
+        if (w, d) == (width, depth):
+            return name
+    raise ValueError(f"no tokenizer size has width {width} and depth {depth} ({prefix})")
+
+
+def load_state(model, sd, path):
+    """load_state_dict(strict) with a one-line error naming the offending keys and the file."""
+    if not isinstance(sd, dict):
+        raise SystemExit(f"{path}: not a state dict")
+    ours = model.state_dict()
+    missing, unexpected = sorted(ours.keys() - sd.keys()), sorted(sd.keys() - ours.keys())
+    shape = sorted(k for k in ours.keys() & sd.keys() if ours[k].shape != sd[k].shape)
+    if missing or unexpected or shape:
+        raise SystemExit(f"{path}: does not match the model: missing keys {' '.join(missing[:5]) or '-'}; "
+                         f"unexpected keys {' '.join(unexpected[:5]) or '-'}; wrong shapes {' '.join(shape[:5]) or '-'}")
+    model.load_state_dict(sd)
+
+
+def read_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"checkpoint not found: {path}")
+    except Exception as e:
+        raise SystemExit(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}")
+
+
+def load_tokenizer(path, ema=True, **overrides):
+    """A Tokenizer from our checkpoints or the authors' release (dict with `model` and `model_ema`).
+    Sizes, dim and the semantic decoder are inferred from the tensors; training hyper-parameters come
+    from our checkpoint's args when present, and `overrides` (e.g. gamma=0) win over both."""
+    ckpt = read_checkpoint(path)
+    key = "model_ema" if ema and "model_ema" in ckpt else "model"
+    if key not in ckpt:
+        raise SystemExit(f"{path}: not a tokenizer checkpoint (no 'model' entry)")
+    sd = _release_to_ours(ckpt[key])
+    if "encoder.latent_head.weight" not in sd:
+        raise SystemExit(f"{path}: not a tokenizer checkpoint (no encoder.latent_head.weight)")
+    patch = sd["encoder.patch_embed.weight"].shape[-1]
+    kw = dict(img_size=math.isqrt(sd["encoder.positional_embedding"].shape[1]) * patch, patch_size=patch,
+              dim=sd["encoder.latent_head.weight"].shape[0] // 2, enc_size=_size_of(sd, "encoder."),
+              dec_size=_size_of(sd, "decoder."), teacher_dim=0)
+    if "sem_decoder.out.weight" in sd:
+        kw.update(sem_type="transformer", sem_size=_size_of(sd, "sem_decoder."),
+                  teacher_dim=sd["sem_decoder.out.weight"].shape[0])
+    elif "sem_decoder.mlp.2.weight" in sd:
+        kw.update(sem_type="mlp", teacher_dim=sd["sem_decoder.mlp.2.weight"].shape[0])
+    args = ckpt.get("args", {})
+    for name in ("mask_ratio", "mask_ratio_min", "gamma", "noise_schedule", "sem_noisy"):
+        if name in args:
+            kw[name] = args[name]
+    kw.update(overrides)
+    model = Tokenizer(**kw)
+    load_state(model, sd, path)
+    log.info(f"loaded tokenizer {path} ({key}): dim {kw['dim']}, {kw['enc_size']}/{kw['dec_size']}, {kw['img_size']}px")
+    return model
+
+
 # ----------------------------------------------------------------------------------------------
 # Frozen teachers (SPEC 2): Meta's DINOv2 ViT-L/14 and DINOv3 ViT-L/16, written with Meta's key
 # names so the release .pth files load with strict key checking.
@@ -400,80 +481,225 @@ def load_teacher(name, path=None, size="large", grid=16):
         load_state(model, read_checkpoint(path), path)
     return model.requires_grad_(False).eval()
 
-# names in the authors' release that differ from ours; their checkpoints may also carry the teacher
-_RELEASE_RENAMES = {"encoder.patch_embed.0.": "encoder.patch_embed.", "decoder.ffn.1.": "decoder.to_pixels."}
+
+# ----------------------------------------------------------------------------------------------
+# Networks of the tokenizer's losses (SPEC 3): perceptual (LPIPS-VGG, ConvNeXt-S) and PatchGAN
+
+def download_error(what, e):
+    return SystemExit(f"could not load pretrained {what} ({str(e).splitlines()[0]}); offline, place the file in "
+                      f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}, or pass --random_frozen_nets for a demo")
 
 
-def _release_to_ours(sd):
-    out = {}
-    for k, v in sd.items():
-        if k.startswith("sem_foundation_models."):
-            continue
-        for old, new in _RELEASE_RENAMES.items():
-            k = k.replace(old, new)
-        if k.startswith("sem_decoders."):  # sem_decoders.<teacher>.* -> sem_decoder.*
-            k = "sem_decoder." + k.split(".", 2)[2]
-        out[k] = v
-    return out
+class Perceptual(nn.Module):
+    """LPIPS-VGG; with convnext_weight > 0 the released code's mix (w_l LPIPS + w_c ConvNeXt-S logit MSE at
+    224) / (w_l + w_c), w_l = 1. Inputs in [-1, 1]."""
+
+    def __init__(self, convnext_weight, random_weights):
+        super().__init__()
+        import lpips
+        import torchvision
+        try:
+            self.lpips = lpips.LPIPS(net="vgg", pnet_rand=random_weights, verbose=False)
+            self.convnext = torchvision.models.convnext_small(weights=None if random_weights else "DEFAULT") \
+                if convnext_weight > 0 else None
+        except Exception as e:
+            raise download_error("VGG-16 (vgg16-397923af.pth) / ConvNeXt-S (convnext_small-0c510722.pth)", e)
+        self.convnext_weight = convnext_weight
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        self.eval().requires_grad_(False)
+        if random_weights:
+            log.warning("!!! LPIPS / ConvNeXt backbones have RANDOM weights (--random_frozen_nets): demo/test only !!!")
+
+    def train(self, mode=True):  # frozen networks stay in eval mode (LPIPS has dropout)
+        return super().train(False)
+
+    def forward(self, x, x_hat):
+        loss = self.lpips(x_hat, x).mean()
+        if self.convnext is None:
+            return loss
+
+        def logits(img):
+            img = F.interpolate((img + 1) / 2, size=224, mode="bilinear", antialias=True)
+            return self.convnext((img - self.mean) / self.std)
+        conv = F.mse_loss(logits(x_hat), logits(x))
+        return (loss + self.convnext_weight * conv) / (1 + self.convnext_weight)
 
 
-def _size_of(sd, prefix):
-    width = sd[prefix + "positional_embedding"].shape[-1]
-    depth = len({k.split(".")[2] for k in sd if k.startswith(prefix + "transformer.")})
-    for name, (w, d, _) in SIZES.items():
-        if (w, d) == (width, depth):
-            return name
-    raise ValueError(f"no tokenizer size has width {width} and depth {depth} ({prefix})")
+def patchgan(ndf=64, n_layers=3):
+    """PatchGAN discriminator (3 layers, ndf 64, BatchNorm), as in taming-transformers."""
+    layers, ch = [nn.Conv2d(3, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)], ndf
+    for n in range(1, n_layers + 1):
+        out = ndf * min(2 ** n, 8)
+        layers += [nn.Conv2d(ch, out, 4, 2 if n < n_layers else 1, 1, bias=False), nn.BatchNorm2d(out),
+                   nn.LeakyReLU(0.2, True)]
+        ch = out
+    return nn.Sequential(*layers, nn.Conv2d(ch, 1, 4, 1, 1))
 
 
-def load_state(model, sd, path):
-    """load_state_dict(strict) with a one-line error naming the offending keys and the file."""
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path}: not a state dict")
-    ours = model.state_dict()
-    missing, unexpected = sorted(ours.keys() - sd.keys()), sorted(sd.keys() - ours.keys())
-    shape = sorted(k for k in ours.keys() & sd.keys() if ours[k].shape != sd[k].shape)
-    if missing or unexpected or shape:
-        raise ValueError(f"{path}: does not match the model: missing keys {' '.join(missing[:5]) or '-'}; "
-                         f"unexpected keys {' '.join(unexpected[:5]) or '-'}; wrong shapes {' '.join(shape[:5]) or '-'}")
-    model.load_state_dict(sd)
+# ----------------------------------------------------------------------------------------------
+# DiT^DH: a LightningDiT encoder plus a wide, shallow head (SPEC 4). Module and parameter names
+# follow the authors' release so `ditdhxl_epoch_0599.pth` / `ditdhs_epoch_0029.pth` load strictly.
+
+# name: (width, depth, heads, head width, head depth, head heads); "tiny" exists for the tests
+DIT_SIZES = {
+    "tiny": (32, 2, 2, 48, 2, 2),
+    "S": (384, 12, 6, 2048, 2, 16),
+    "B": (768, 12, 12, 2048, 2, 16),
+    "L": (1024, 24, 16, 2048, 2, 16),
+    "XL": (1152, 28, 16, 2048, 2, 16),
+}
 
 
-def read_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise SystemExit(f"checkpoint not found: {path}")
-    except Exception as e:
-        raise SystemExit(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}")
+def sincos_pos_embed(width, grid):
+    """Fixed 2-D sin-cos embedding (grid*grid, width): first half encodes the column, second the row."""
+    omega = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))
+    pos = torch.arange(grid, dtype=torch.float64)
+    col, row = pos.repeat(grid)[:, None] * omega, pos.repeat_interleave(grid)[:, None] * omega  # row-major tokens
+    return torch.cat([col.sin(), col.cos(), row.sin(), row.cos()], 1).float()
 
 
-def load_tokenizer(path, ema=True, **overrides):
-    """A Tokenizer from our checkpoints or the authors' release (dict with `model` and `model_ema`).
-    Sizes, dim and the semantic decoder are inferred from the tensors; training hyper-parameters come
-    from our checkpoint's args when present, and `overrides` (e.g. gamma=0) win over both."""
+def dit_rope(head_dim, grid):
+    """DiT^DH's EVA-style 2-D RoPE table (1, grid*grid, 2*head_dim) = [cos | sin] (SPEC 4): row half then
+    column half of the channels, frequencies 1/10000^(2j/(D/2)) each shared by an adjacent channel pair
+    (so apply_rope is a true rotation), integer positions."""
+    half = head_dim // 2
+    freqs = 1.0 / 10000 ** (torch.arange(0, half, 2)[: half // 2].float() / half)
+    ang = (torch.arange(grid).float()[:, None] * freqs).repeat_interleave(2, -1)  # (grid, half)
+    ang = torch.cat([ang[:, None].expand(grid, grid, half), ang[None, :].expand(grid, grid, half)], -1)
+    return torch.cat([ang.cos(), ang.sin()], -1).reshape(1, grid * grid, 2 * head_dim)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, width, eps=1e-6):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(width))
+
+    def forward(self, x):  # normalise in float32 even under bf16 autocast, as the authors do
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class LightningBlock(nn.Module):
+    """RMSNorm + adaLN-Zero (shift, scale, gate for attention and MLP), RoPE attention, SwiGLU.
+    c is (B, width) for the encoder or (B, L, width) per token for the head."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.norm1, self.norm2 = RMSNorm(width), RMSNorm(width)
+        self.attn = Attention(width, heads)
+        self.mlp = SwiGLU(width, int(2 / 3 * 4 * width))  # equals the authors' int(2/3 * int(4.0 * w)) for all sizes
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def forward(self, x, c, rope):
+        c = c if c.dim() == 3 else c[:, None]
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, -1)
+        x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1, rope)
+        return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, width, out):
+        super().__init__()
+        self.norm_final = RMSNorm(width)
+        self.linear = nn.Linear(width, out)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, -1)
+        return self.linear(self.norm_final(x) * (1 + scale) + shift)
+
+
+class FourierTimeEmbed(nn.Module):
+    """Gaussian Fourier features of t (256 fixed frequencies W ~ N(0,1)) -> MLP."""
+
+    def __init__(self, width, n_freqs=256):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(n_freqs), requires_grad=False)
+        self.mlp = nn.Sequential(nn.Linear(2 * n_freqs, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t):
+        angle = t[:, None] * self.W[None] * 2 * math.pi
+        return self.mlp(torch.cat([angle.sin(), angle.cos()], -1))
+
+
+class DiTDH(nn.Module):
+    """forward(x, t, y) -> v with the release convention: t=0 noise, t=1 data, v = data - noise.
+    x: (B, dim, grid, grid); y == num_classes is the null label."""
+
+    def __init__(self, size="XL", dim=128, grid=16, num_classes=1000, label_drop=0.1):
+        super().__init__()
+        width, self.depth, heads, head_width, head_depth, head_heads = DIT_SIZES[size]
+        self.size, self.dim, self.grid, self.num_classes, self.label_drop = size, dim, grid, num_classes, label_drop
+        self.t_embedder = FourierTimeEmbed(width)
+        self.y_embedder = nn.ModuleDict(dict(embedding_table=nn.Embedding(num_classes + 1, width)))  # last row = null
+        self.s_embedder = nn.ModuleDict(dict(proj=nn.Conv2d(dim, width, 1)))  # patch size 1
+        self.x_embedder = nn.ModuleDict(dict(proj=nn.Conv2d(dim, head_width, 1)))
+        self.pos_embed = nn.Parameter(sincos_pos_embed(width, grid)[None], requires_grad=False)
+        self.s_projector = nn.Linear(width, head_width)
+        self.blocks = nn.ModuleList([LightningBlock(width, heads) for _ in range(self.depth)] +
+                                    [LightningBlock(head_width, head_heads) for _ in range(head_depth)])
+        self.final_layer = FinalLayer(head_width, dim)
+        # recomputed, not stored: the authors' "model" dicts hold them as *_feat_rope.freqs_*, we drop those
+        self.register_buffer("enc_rope", dit_rope(width // heads, grid), persistent=False)
+        self.register_buffer("dec_rope", dit_rope(head_width // head_heads, grid), persistent=False)
+        self.initialize_weights()
+
+    def initialize_weights(self):  # the authors' init; everything else keeps PyTorch's default
+        for emb in (self.s_embedder.proj, self.x_embedder.proj):
+            nn.init.xavier_uniform_(emb.weight.view(emb.weight.shape[0], -1))
+            nn.init.zeros_(emb.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x, t, y):
+        B, _, H, W = x.shape
+        if self.training:  # label dropout: replace by the null class for classifier-free guidance
+            y = torch.where(torch.rand(B, device=y.device) < self.label_drop, self.num_classes, y)
+        t_emb = self.t_embedder(t)
+        c = F.silu(t_emb + self.y_embedder.embedding_table(y))
+        s = self.s_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed
+        for block in self.blocks[: self.depth]:
+            s = block(s, c, self.enc_rope)
+        s = self.s_projector(F.silu(t_emb[:, None] + s))  # per-token condition of the head
+        h = self.x_embedder.proj(x).flatten(2).transpose(1, 2)  # the head sees the same noisy x
+        for block in self.blocks[self.depth:]:
+            h = block(h, s, self.dec_rope)
+        return self.final_layer(h, s).transpose(1, 2).reshape(B, -1, H, W)
+
+
+def flow_loss(dit, x, y):
+    """Rectified-flow velocity MSE (SPEC 4): x_t = t*x + (1-t)*eps, target x - eps, with the released
+    shifted t = 1 - s*u/(1+(s-1)*u), s = sqrt(H*W*dim/4096) (applied only when s > 1, as released)."""
+    s = math.sqrt(x[0].numel() / 4096)
+    u = torch.rand(len(x), device=x.device)
+    t = 1 - s * u / (1 + (s - 1) * u) if s > 1 else u
+    eps = torch.randn_like(x)
+    tb = t.view(-1, 1, 1, 1)
+    return F.mse_loss(dit(tb * x + (1 - tb) * eps, t, y), x - eps)
+
+
+def load_dit(path, ema=True):
+    """DiT^DH from our checkpoints or the authors' release (`model` / `model_ema`); size, dim, grid and the
+    number of classes are read off the tensors. Returns (model in eval mode, the checkpoint's other entries,
+    e.g. latent_stats and args)."""
     ckpt = read_checkpoint(path)
     key = "model_ema" if ema and "model_ema" in ckpt else "model"
-    if key not in ckpt:
-        raise SystemExit(f"{path}: not a tokenizer checkpoint (no 'model' entry)")
-    sd = _release_to_ours(ckpt[key])
-    if "encoder.latent_head.weight" not in sd:
-        raise SystemExit(f"{path}: not a tokenizer checkpoint (no encoder.latent_head.weight)")
-    patch = sd["encoder.patch_embed.weight"].shape[-1]
-    kw = dict(img_size=math.isqrt(sd["encoder.positional_embedding"].shape[1]) * patch, patch_size=patch,
-              dim=sd["encoder.latent_head.weight"].shape[0] // 2, enc_size=_size_of(sd, "encoder."),
-              dec_size=_size_of(sd, "decoder."), teacher_dim=0)
-    if "sem_decoder.out.weight" in sd:
-        kw.update(sem_type="transformer", sem_size=_size_of(sd, "sem_decoder."),
-                  teacher_dim=sd["sem_decoder.out.weight"].shape[0])
-    elif "sem_decoder.mlp.2.weight" in sd:
-        kw.update(sem_type="mlp", teacher_dim=sd["sem_decoder.mlp.2.weight"].shape[0])
-    args = ckpt.get("args", {})
-    for name in ("mask_ratio", "mask_ratio_min", "gamma", "noise_schedule", "sem_noisy"):
-        if name in args:
-            kw[name] = args[name]
-    kw.update(overrides)
-    model = Tokenizer(**kw)
+    if "s_embedder.proj.weight" not in ckpt.get(key, {}):
+        raise SystemExit(f"{path}: not a DiT^DH checkpoint (no {key}.s_embedder.proj.weight)")
+    sd = {k: v for k, v in ckpt[key].items() if "_feat_rope.freqs_" not in k}  # the release stores its RoPE tables
+    width, head_width = sd["s_embedder.proj.weight"].shape[0], sd["x_embedder.proj.weight"].shape[0]
+    widths = [v.shape[0] for k, v in sd.items() if k.startswith("blocks.") and k.endswith(".norm1.weight")]
+    shape = (width, widths.count(width), head_width, len(widths) - widths.count(width))
+    size = next((n for n, c in DIT_SIZES.items() if (c[0], c[1], c[3], c[4]) == shape), None)
+    if size is None:
+        raise SystemExit(f"{path}: a DiT^DH of no known size (width/depth/head width/head depth {shape})")
+    model = DiTDH(size, dim=sd["x_embedder.proj.weight"].shape[1], grid=math.isqrt(sd["pos_embed"].shape[1]),
+                  num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1)
     load_state(model, sd, path)
-    log.info(f"loaded tokenizer {path} ({key}): dim {kw['dim']}, {kw['enc_size']}/{kw['dec_size']}, {kw['img_size']}px")
-    return model
+    log.info(f"loaded DiT^DH-{size} {path} ({key}): dim {model.dim}, {model.num_classes} classes")
+    return model.eval(), {k: v for k, v in ckpt.items() if k not in ("model", "model_ema", "opt")}

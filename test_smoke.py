@@ -1,5 +1,4 @@
 """Smoke tests on tiny shapes, CPU only, no network: `python -m pytest -q test_smoke.py`."""
-import io
 import json
 import math
 import os
@@ -12,7 +11,9 @@ import torch
 from PIL import Image
 
 import data
+import evaluate as ev
 import models
+from sample import euler_sample, time_grid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 torch.set_num_threads(2)
@@ -157,7 +158,7 @@ def test_checkpoint_round_trip_and_release_layout(tmp_path):
         assert torch.equal(theirs.decode(theirs.encode(x)), m.decode(m.encode(x)))
     del release["decoder.conv_out.weight"]
     torch.save({"model": release}, tmp_path / "broken.pth")
-    with pytest.raises(ValueError, match="decoder.conv_out.weight"):
+    with pytest.raises(SystemExit, match="decoder.conv_out.weight"):
         models.load_tokenizer(str(tmp_path / "broken.pth"))
 
 
@@ -183,7 +184,7 @@ def test_teacher_shapes_frozen_and_round_trip(name, tmp_path):
     sd = teacher.state_dict()
     del sd["blocks.1.attn.qkv.weight"]
     torch.save(sd, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match=r"missing keys blocks\.1\.attn\.qkv\.weight"):
+    with pytest.raises(SystemExit, match=r"missing keys blocks\.1\.attn\.qkv\.weight"):
         models.load_teacher(name, str(tmp_path / "bad.pth"), "tiny", grid=4)
 
 
@@ -227,7 +228,7 @@ def test_tokenizer_loss_falls_on_a_fixed_batch():
     torch.manual_seed(0)
     m = tiny_tokenizer(img=32, patch_size=8, teacher_dim=64).train()
     teacher = models.load_teacher("dinov2_vitl14", None, "tiny", grid=4)
-    perceptual, disc = tt.Perceptual(0.0, True), tt.patchgan()
+    perceptual, disc = models.Perceptual(0.0, True), models.patchgan()
     args = type("A", (), dict(rec_weight=1.0, perceptual_weight=1.0, kl_weight=1e-6, sem_weight=1.0, disc_weight=0.5))
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     x = torch.stack([data.Shapes(4, 32)[i][0] for i in range(4)])
@@ -281,7 +282,7 @@ def test_finetune_changes_only_the_pixel_decoder(tmp_path, monkeypatch):
     assert changed and all(k.startswith("decoder.") for k in changed)
     assert "decoder.conv_out.weight" in changed and "decoder.mask_token" not in changed
     ft = models.load_tokenizer(str(tmp_path / "tokenizer_ft.pt"))
-    assert ft.sem_decoder is None and ft.encode(torch.zeros(1, 3, 32, 32)).shape == (1, 32, 4, 4)
+    assert ft.sem_decoder is None and ft.encode(torch.zeros(1, 3, 32, 32)).shape == (1, 32, 8, 8)
 
 
 def test_two_process_ddp_ranks_agree(tmp_path):
@@ -321,3 +322,499 @@ def test_bad_input_is_a_one_line_error(argv, needle):
     r = run("train_tokenizer.py", *argv, timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert needle in r.stderr.strip().splitlines()[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# DiT^DH and the sampler (issue: models.py, train_dit.py, sample.py)
+
+def tiny_dit(dim=4, grid=4, num_classes=10):
+    torch.manual_seed(0)
+    return models.DiTDH("tiny", dim=dim, grid=grid, num_classes=num_classes)
+
+
+def randomise(model):  # the zero-initialised output layers would make most checks vacuous
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def test_shapes_and_zero_init():
+    model = tiny_dit().eval()
+    x, t, y = torch.randn(3, 4, 4, 4), torch.rand(3), torch.tensor([0, 9, 10])  # 10 = null label
+    v = model(x, t, y)
+    assert v.shape == x.shape
+    assert torch.equal(v, torch.zeros_like(v))  # adaLN-Zero + zero final layer
+    assert randomise(model)(x, t, y).abs().max() > 0
+
+
+def test_label_dropout_only_in_training():
+    model = randomise(tiny_dit())
+    x, t, y = torch.randn(64, 4, 4, 4), torch.rand(64), torch.zeros(64, dtype=torch.long)
+    null = model.eval()(x, t, torch.full_like(y, 10))
+    torch.manual_seed(0)
+    dropped = (model.train()(x, t, y) - null).flatten(1).abs().amax(1) < 1e-6
+    assert 0 < dropped.sum() < 20  # p = 0.1 replaces a label by the null row
+    assert not ((model.eval()(x, t, y) - null).flatten(1).abs().amax(1) < 1e-6).any()
+
+
+@pytest.mark.parametrize("size,count", [("S", 193_587_924), ("B", 291_182_292), ("L", 618_466_996), ("XL", 835_316_436)])
+def test_dit_param_counts(size, count):
+    with torch.device("meta"):
+        model = models.DiTDH(size, dim=128)
+    assert sum(p.numel() for p in model.parameters()) == count
+
+
+def test_time_grid():
+    g = time_grid(8, (128, 16, 16))  # s = sqrt(8)
+    assert len(g) == 8 and g[0] == 0 and g[-1] == 1
+    assert torch.allclose(g, 1 - (math.sqrt(8) * torch.linspace(0, 1, 8) / (1 + (math.sqrt(8) - 1) * torch.linspace(0, 1, 8))).flip(0))
+    assert (g.diff()[1:] > g.diff()[:-1]).all()  # small steps near noise
+    assert torch.allclose(time_grid(5, (16, 16, 16)), torch.linspace(0, 1, 5))  # s = 1
+
+
+class PointMass(torch.nn.Module):
+    """Exact velocity for data concentrated at m (per class): v = (m - x) / (1 - t). Euler lands
+    exactly on m at the last step, whatever the grid, because that step has dt = 1 - t."""
+
+    num_classes = 2
+
+    def __init__(self, means):
+        super().__init__()
+        self.means, self.calls = means, 0
+
+    def forward(self, x, t, y):
+        self.calls += 1
+        return (self.means[y] - x) / (1 - t).view(-1, 1, 1, 1)
+
+
+def test_euler_reaches_point_mass_and_guidance():
+    means = torch.stack([torch.full((4, 4, 4), 2.0), torch.full((4, 4, 4), -1.0), torch.zeros(4, 4, 4)])  # row 2 = null
+    noise, labels = torch.randn(2, 4, 4, 4), torch.tensor([0, 1])
+    dit = PointMass(means)
+    x = euler_sample(dit, noise, labels, steps=6)
+    assert dit.calls == 5  # 6 grid points -> 5 Euler updates
+    assert torch.allclose(x, means[labels], atol=1e-5)
+    assert torch.equal(euler_sample(dit, noise, labels, 6, cfg=1.0), x)  # cfg 1 = conditional sample
+    # CFG and AutoGuidance extrapolate the velocities, so they land on m_bad + w (m_good - m_bad)
+    assert torch.allclose(euler_sample(dit, noise, labels, 6, cfg=1.5), 1.5 * means[labels], atol=1e-4)
+    guide = PointMass(means * 0.5)
+    assert torch.allclose(euler_sample(dit, noise, labels, 6, cfg=1.29, guide=guide), 1.145 * means[labels], atol=1e-4)
+
+
+def test_cfg_one_equals_conditional_on_dit():
+    model = randomise(tiny_dit()).eval()
+    noise, labels = torch.randn(2, 4, 4, 4), torch.tensor([1, 2])
+    cond = euler_sample(model, noise, labels, 4)
+    assert torch.equal(euler_sample(model, noise, labels, 4, cfg=1.0), cond)
+    assert not torch.allclose(euler_sample(model, noise, labels, 4, cfg=2.0), cond)
+
+
+def test_flow_loss_falls():
+    model = tiny_dit(dim=4, grid=4).train()
+    torch.manual_seed(0)
+    latents, labels = 2 + 0.1 * torch.randn(8, 4, 4, 4), torch.arange(8) % 10  # learnable mean
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(30):
+        loss = models.flow_loss(model, latents, labels)
+        opt.zero_grad(); loss.backward(); opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
+
+
+def test_load_roundtrip_and_release_layout(tmp_path):
+    model = randomise(tiny_dit(num_classes=10))
+    x, t, y = torch.randn(2, 4, 4, 4), torch.rand(2), torch.tensor([3, 10])
+    ours = tmp_path / "ours.pt"
+    torch.save({"model": model.state_dict(), "model_ema": model.state_dict(), "args": {"size": "tiny"},
+                "latent_stats": (1, 2)}, ours)
+    loaded, extra = models.load_dit(ours)
+    assert (loaded.size, loaded.dim, loaded.grid, loaded.num_classes, loaded.training) == ("tiny", 4, 4, 10, False)
+    assert extra == {"args": {"size": "tiny"}, "latent_stats": (1, 2)}
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert torch.equal(loaded(x, t, y), model.eval()(x, t, y))
+    # the authors' release: "model" also holds RoPE buffers, "model_ema" holds parameters only
+    release = tmp_path / "release.pth"
+    sd = dict(model.state_dict(), **{f"{p}_feat_rope.freqs_{f}": torch.zeros(1) for p in ("enc", "dec") for f in ("cos", "sin")})
+    torch.save({"model": sd, "model_ema": dict(model.named_parameters())}, release)
+    assert torch.equal(models.load_dit(release, ema=False)[0](x, t, y), model(x, t, y))
+    assert torch.equal(models.load_dit(release)[0](x, t, y), model(x, t, y))
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(SystemExit, match="not found"):
+        models.load_dit(tmp_path / "absent.pt")
+    sd = tiny_dit().state_dict()
+    sd["extra.weight"] = torch.zeros(1)
+    torch.save({"model_ema": sd}, tmp_path / "bad.pt")
+    with pytest.raises(SystemExit, match="unexpected keys extra.weight"):
+        models.load_dit(tmp_path / "bad.pt")
+    with pytest.raises(SystemExit, match="not a DiT"):
+        models.load_dit(tmp_path / "bad.pt", ema=False)
+
+
+def tiny_pipeline(tmp_path):
+    """A tiny tokenizer (32 px, 4x4 tokens of dim 4) and a tiny random DiT^DH with latent statistics."""
+    torch.manual_seed(0)
+    tok = models.Tokenizer(img_size=32, patch_size=8, dim=4, enc_size="tiny", dec_size="tiny", teacher_dim=0)
+    torch.save({"model": tok.state_dict(), "model_ema": tok.state_dict()}, tmp_path / "tok.pt")
+    dit = randomise(tiny_dit(dim=4, grid=4, num_classes=10))
+    stats = {"mean": torch.randn(4), "std": torch.rand(4) + 0.5}
+    torch.save({"model": dit.state_dict(), "model_ema": dit.state_dict(), "latent_stats": stats}, tmp_path / "dit.pt")
+    return ["--dit", str(tmp_path / "dit.pt"), "--tokenizer", str(tmp_path / "tok.pt"), "--num_images", "12",
+            "--per_proc_batch", "5", "--steps", "4", "--cfg", "1.5", "--out_dir", str(tmp_path)]
+
+
+def test_sampling_is_rank_independent_and_resumes(tmp_path):
+    argv = tiny_pipeline(tmp_path)
+    r1 = run("sample.py", *argv, "--out", str(tmp_path / "one.npz"))
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    r2 = run("sample.py", *argv, "--out", str(tmp_path / "two.npz"), nproc=2)
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    one, two = (np.load(tmp_path / f)["arr_0"] for f in ("one.npz", "two.npz"))
+    assert one.shape == (12, 32, 32, 3) and one.dtype == np.uint8 and one.std() > 0
+    assert np.array_equal(one, two)
+    # a partly filled output (5 of 12 images done) is finished, not restarted
+    part = np.lib.format.open_memmap(tmp_path / "part.npz.images.npy", "w+", np.uint8, one.shape)
+    done = np.lib.format.open_memmap(tmp_path / "part.npz.done.npy", "w+", np.bool_, (12,))
+    part[:5], done[:5] = one[:5], True
+    part.flush(), done.flush()
+    r3 = run("sample.py", *argv, "--out", str(tmp_path / "part.npz"))
+    assert r3.returncode == 0 and "7 of 12 images left" in r3.stderr
+    assert np.array_equal(np.load(tmp_path / "part.npz")["arr_0"], one)
+
+
+def test_train_dit_stats_cache_and_resume(tmp_path, monkeypatch):
+    import train_dit
+    torch.manual_seed(0)
+    tok = models.Tokenizer(img_size=32, patch_size=8, dim=4, enc_size="tiny", dec_size="tiny", teacher_dim=0)
+    torch.save({"model": tok.state_dict(), "model_ema": tok.state_dict()}, tmp_path / "tokenizer_ft.pt")
+    argv = ["--demo", "--demo_images", "32", "--batch_size", "8", "--global_batch", "16", "--log_every", "1",
+            "--vis_every", "1", "--sample_steps", "3", "--out_dir", str(tmp_path), "--epochs"]
+    main_of(train_dit, argv + ["2"], monkeypatch)
+    ckpt = models.read_checkpoint(str(tmp_path / "dit.pt"))
+    images = torch.stack([data.Shapes(32, 32)[i][0] for i in range(32)])
+    mean = tok.eval().posterior(images)[0].flatten(0, 1)
+    torch.testing.assert_close(ckpt["latent_stats"]["mean"], mean.mean(0), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ckpt["latent_stats"]["std"], mean.std(0, unbiased=False), atol=1e-5, rtol=1e-4)
+    assert ckpt["step"] == 4 and os.path.exists(tmp_path / "dit_samples_epoch0002.png")
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert {"step", "epoch", "loss", "lr", "grad_norm", "img_per_sec"} <= set(records[-1])
+    main_of(train_dit, argv + ["4"], monkeypatch)  # resumes at epoch 2
+    assert models.read_checkpoint(str(tmp_path / "dit.pt"))["step"] == 8
+    # the latent cache holds the posterior of each image and of its mirror image
+    main_of(train_dit, argv + ["1", "--cache_latents", str(tmp_path / "cache"), "--out_dir", str(tmp_path / "c"),
+                               "--tokenizer", str(tmp_path / "tokenizer_ft.pt")], monkeypatch)
+    cache = np.load(tmp_path / "cache" / "moments.npy")
+    assert cache.shape == (32, 2, 16, 8)
+    for flip in (0, 1):
+        x = images.flip(-1) if flip else images
+        expected = torch.cat(tok.posterior(x), -1)
+        torch.testing.assert_close(torch.from_numpy(cache[:, flip]).float(), expected, atol=2e-2, rtol=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation (issue: evaluate.py)
+
+def gaussian_stats(x):
+    return x.mean(0), np.cov(x, rowvar=False)
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+    mu, sigma = gaussian_stats(np.random.default_rng(0).normal(size=(500, 16)))
+    assert abs(ev.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
+
+
+def test_fid_of_diagonal_gaussians_matches_closed_form():
+    rng = np.random.default_rng(0)
+    mu1, mu2, s1, s2 = rng.normal(size=8), rng.normal(size=8), rng.uniform(0.1, 3, 8), rng.uniform(0.1, 3, 8)
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(s1) - np.sqrt(s2)) ** 2).sum()
+    assert ev.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_fid_of_rank_deficient_covariances_is_finite():
+    rng = np.random.default_rng(0)  # 10 samples in 64 dims: both covariances have rank 9
+    fid = ev.frechet_distance(*gaussian_stats(rng.normal(size=(10, 64))), *gaussian_stats(rng.normal(size=(10, 64))))
+    assert np.isfinite(fid) and fid > 0
+
+
+def test_inception_score_bounds():
+    C = 7
+    assert ev.inception_score(torch.zeros(10 * C, C)) == pytest.approx((1.0, 0.0))
+    # one-hot predictions laid out so each of the 10 shuffled splits holds every class once -> IS = C
+    perm = np.random.RandomState(2020).permutation(10 * C)
+    labels = np.empty(10 * C, int)
+    labels[perm] = np.arange(10 * C) % C
+    mean, std = ev.inception_score(100.0 * torch.eye(C)[labels])
+    assert mean == pytest.approx(C, rel=1e-9) and std < 1e-9
+
+
+def test_precision_recall():
+    real = torch.randn(200, 8)
+    assert ev.precision_recall(real, real, batch=64) == (1.0, 1.0)
+    # fakes far from the reals: none inside the real manifold and vice versa
+    assert ev.precision_recall(real, real + 100, batch=64) == (0.0, 0.0)
+
+
+def test_tf1_resize_by_hand():
+    # separable test image x[i, j] = a[i] + b[j]; TF1 samples src = dst * in / out, neighbours clamped
+    a, b = torch.tensor([0.0, 30.0]), torch.tensor([0.0, 10.0, 20.0, 40.0])
+    out = ev.tf1_resize((a[:, None] + b[None, :])[None, None], 3)
+    A = torch.tensor([0.0, 20.0, 30.0])          # 2 -> 3: src 0, 2/3, 4/3 (right neighbour clamped to 1)
+    B = torch.tensor([0.0, 40 / 3, 100 / 3])     # 4 -> 3: src 0, 4/3, 8/3
+    torch.testing.assert_close(out[0, 0], A[:, None] + B[None, :])
+
+
+def test_load_inception_refuses_missing_and_unexpected_keys(tmp_path):
+    state = ev.InceptionV3().state_dict()
+    state.pop("Mixed_6c.branch7x7dbl_3.bn.running_var")
+    torch.save(state, tmp_path / "w.pth")
+    with pytest.raises(ValueError, match="missing key Mixed_6c.branch7x7dbl_3.bn.running_var"):
+        ev.load_inception(str(tmp_path / "w.pth"))
+    state = ev.InceptionV3().state_dict()
+    state["AuxLogits.fc.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "w.pth")
+    with pytest.raises(ValueError, match="unexpected key AuxLogits.fc.weight"):
+        ev.load_inception(str(tmp_path / "w.pth"))
+
+
+def test_random_inception_shapes_and_warning(caplog):
+    model = ev.load_inception("random")
+    assert "RANDOM" in caplog.text
+    pool, logits = model(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8))
+    assert pool.shape == (2, 2048) and logits.shape == (2, 1008) and torch.isfinite(logits).all()
+    assert pool.abs().mean() > 0.01 and (pool[0] - pool[1]).abs().mean() > 1e-3  # He init: O(1), image-dependent
+    with pytest.raises(ValueError, match="uint8"):
+        model(torch.rand(2, 3, 64, 64))
+
+
+def test_rank_shards_cover_all_images_in_order(monkeypatch):
+    imgs = np.arange(7 * 2 * 2 * 3, dtype=np.uint8).reshape(7, 2, 2, 3)
+    blocks = []
+    for rank in range(3):  # 7 images over 3 ranks: 3 + 3 + 1 real, padded to 3 each
+        monkeypatch.setattr(ev, "rank_world", lambda: (rank, 3))
+        blocks.append(torch.cat(list(ev.image_batches(7, lambda i, j: imgs[i:j], batch_size=2))))
+    assert [len(b) for b in blocks] == [3, 3, 3]
+    assert torch.equal(torch.cat(blocks)[:7], torch.from_numpy(imgs).permute(0, 3, 1, 2))
+
+
+class StandInInception(torch.nn.Module):
+    """The real net's interface at a fraction of its cost (it takes ~0.2 s per image on 2 CPU cores); `dim`
+    below 2048 keeps the FID's sqrtm cheap (a minute at 2048 on 2 cores)."""
+
+    def __init__(self, dim=2048):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(16 * 16 * 3, dim, generator=torch.Generator().manual_seed(0)),
+                                    requires_grad=False)
+
+    def forward(self, x):
+        pool = torch.nn.functional.adaptive_avg_pool2d(x.float(), 16).flatten(1) @ self.w / 1000
+        return pool, pool[:, :1008]
+
+
+def test_script_save_stats_and_evaluate(tmp_path, monkeypatch):
+    imgs = np.random.default_rng(0).integers(0, 256, (10, 16, 16, 3), dtype=np.uint8)  # IS needs >= 10 (splits)
+    np.savez(tmp_path / "samples.npz", arr_0=imgs)
+    (tmp_path / "ref").mkdir()
+    for i, im in enumerate(imgs):
+        Image.fromarray(im).save(tmp_path / "ref" / f"{i}.png")
+    monkeypatch.setattr(ev, "load_inception", lambda path: StandInInception())
+    common = ["--inception", "random", "--batch_size", "4"]
+    ev.main(common + ["--samples", str(tmp_path / "ref"), "--save_stats", str(tmp_path / "stats.npz")])
+    stats = np.load(tmp_path / "stats.npz")
+    assert stats["mu"].shape == (2048,) and stats["sigma"].shape == (2048, 2048)
+    # sqrtm of 2048 x 2048 takes a minute on 2 cores; FID itself is tested above, here only what reaches it
+    seen = []
+    monkeypatch.setattr(ev, "frechet_distance", lambda *a: seen.append(a) or 0.0)
+    ev.main(common + ["--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref")])
+    res = json.load(open(tmp_path / "samples_metrics.json"))
+    assert res["n"] == 10 and res["precision"] == res["recall"] == 1.0  # the same images as the reference
+    assert res["is_mean"] >= 1 - 1e-9 and res["is_std"] >= 0
+    out = str(tmp_path / "r.json")
+    ev.main(common + ["--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "stats.npz"), "--out", out])
+    res = json.load(open(out))
+    assert res["precision"] is None and res["recall"] is None  # stats only: no precision / recall
+    # the .npz and the .png folder give the same features; the saved stats are those of the folder
+    for mu1, sigma1, mu2, sigma2 in seen:
+        np.testing.assert_allclose(mu1, stats["mu"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(mu2, stats["mu"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(sigma1, stats["sigma"], rtol=1e-4, atol=1e-8)
+
+
+def tokenizer_file(path, img_size=32):
+    torch.manual_seed(0)
+    sd = models.Tokenizer(img_size=img_size, patch_size=8, dim=8, enc_size="tiny", dec_size="tiny",
+                          teacher_dim=0).state_dict()
+    torch.save({"model": sd, "model_ema": sd}, path)
+    return str(path)
+
+
+def shapes_folder(root, per_class, classes, seed=0, size=32):
+    """An ImageNet-style folder of built-in shapes: `classes` sub-folders of `per_class` PNGs each."""
+    ds = data.Shapes(10 * per_class, size, seed=seed)
+    for i in range(10 * per_class):
+        arr, label = ds.render(i)
+        if label < classes:
+            (root / f"c{label}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(root / f"c{label}" / f"{i}.png")
+    return str(root)
+
+
+def test_reconstruction_mode_with_the_random_inception(tmp_path, monkeypatch):
+    tok, val = tokenizer_file(tmp_path / "tok.pt"), shapes_folder(tmp_path / "val", 2, 2)  # 4 images
+    seen = []  # sqrtm at 2048 dims takes a minute on 2 cores: FID itself is tested above; here what reaches it
+    monkeypatch.setattr(ev, "frechet_distance", lambda *a: seen.append(a) or 1.0)
+    ev.main(["--tokenizer", tok, "--data", val, "--inception", "random", "--batch_size", "3", "--workers", "0",
+             "--out_dir", str(tmp_path), "--grid", str(tmp_path / "grid.png")])
+    res = json.load(open(tmp_path / "recon.json"))
+    assert res["n"] == 4 and np.isfinite(res["psnr"]) and 0 < res["psnr"] < 100 and res["rfid"] == 1.0
+    (mu_fake, sigma_fake, mu_real, _), = seen
+    assert mu_fake.shape == (2048,) and sigma_fake.shape == (2048, 2048) and np.isfinite(sigma_fake).all()
+    assert not np.allclose(mu_fake, mu_real)  # reconstructions of a random tokenizer differ from the images
+    assert Image.open(tmp_path / "grid.png").size == (4 * 128, 2 * 128)  # originals over reconstructions, x4
+
+
+def test_reconstruction_metrics_of_a_perfect_tokenizer(tmp_path):
+    class Identity(torch.nn.Module):
+        encode = decode = staticmethod(lambda x: x)
+    loader = data.make_loader(data.Shapes(12, 16), 5, False, workers=0)
+    res = ev.reconstruction_metrics(Identity(), loader, StandInInception(dim=8), torch.device("cpu"))
+    assert res["n"] == 12 and res["psnr"] == pytest.approx(100) and abs(res["rfid"]) < 1e-6
+    # against another set's statistics the FID is that of the two feature sets
+    feats = StandInInception(dim=8)(torch.randint(0, 256, (20, 3, 16, 16), dtype=torch.uint8))[0]
+    ref = ev.feature_stats(feats)
+    res = ev.reconstruction_metrics(Identity(), loader, StandInInception(dim=8), torch.device("cpu"), ref)
+    real = torch.cat([StandInInception(dim=8)(ev.to_uint8(x))[0] for x, _ in loader])
+    assert res["rfid"] == pytest.approx(ev.fid_from_feats(real, *ref), rel=1e-9) and res["rfid"] > 0
+
+
+def test_psnr_per_image():
+    x, x_hat = torch.rand(3, 3, 8, 8) * 2 - 1, torch.rand(3, 3, 8, 8) * 2.4 - 1.2  # reconstructions beyond [-1, 1]
+    mse = (((x + 1) / 2 - ((x_hat + 1) / 2).clamp(0, 1)) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(ev.psnr_per_image(x, x_hat), 10 * torch.log10(1 / mse))
+    assert ev.psnr_per_image(x, x)[0].item() == pytest.approx(100)
+
+
+def test_train_probe_separates_separable_features():
+    g = torch.Generator().manual_seed(0)
+    centres = 3 * torch.randn(4, 16, generator=g)
+    y = torch.arange(800) % 4
+    x = centres[y] + torch.randn(800, 16, generator=g) + 5  # offset: the BatchNorm has to centre it
+    acc = ev.train_probe(x[:600], y[:600], x[600:], y[600:], 4, epochs=20, lr=1e-2, batch_size=64)
+    assert acc > 0.9
+    assert ev.train_probe(x[:601], y[:601], x[600:], y[600:], 4, epochs=1, batch_size=600) >= 0  # a batch of one
+
+
+def test_linear_probe_mode(tmp_path):
+    tok = tokenizer_file(tmp_path / "tok.pt")
+    train, val = shapes_folder(tmp_path / "train", 4, 3), shapes_folder(tmp_path / "val", 2, 3, seed=1)
+    ev.main(["--linear_probe", "--tokenizer", tok, "--data", train, "--val_data", val, "--probe_images", "10",
+             "--probe_epochs", "3", "--batch_size", "4", "--workers", "0", "--out_dir", str(tmp_path)])
+    res = json.load(open(tmp_path / "linear_probe.json"))
+    assert res["n_train"] == 10 and res["n_val"] == 6
+    assert set(res["top1"]) == {"z_t0.0", "z_t0.5", "encoder_block-2"}
+    assert all(0 <= acc <= 1 for acc in res["top1"].values())
+
+
+def test_probe_features_pool_the_latents_and_the_hooked_block(tmp_path):
+    tokenizer = models.load_tokenizer(tokenizer_file(tmp_path / "tok.pt"))
+    loader = data.make_loader(data.Shapes(5, 32), 2, False, workers=0)
+    feats, labels = ev.probe_features(tokenizer, loader, torch.device("cpu"))
+    x = torch.stack([data.Shapes(5, 32)[i][0] for i in range(5)])
+    z = tokenizer.posterior(x)[0]
+    torch.testing.assert_close(feats["z_t0.0"], z.mean(1), rtol=1e-4, atol=1e-5)
+    assert feats["encoder_block-2"].shape == (5, 192) and labels.tolist() == [0, 1, 2, 3, 4]
+    noise = (feats["z_t0.5"] - 0.5 * feats["z_t0.0"]) / 0.5  # the pooled eps: mean of 16 N(0, 1) per channel
+    assert 0.1 < noise.std().item() < 0.5
+
+
+def test_viz_mode_writes_pca_and_cosine_grids(tmp_path):
+    tok, val = tokenizer_file(tmp_path / "tok.pt"), shapes_folder(tmp_path / "val", 3, 2)  # 6 images
+    ev.main(["--viz", "--tokenizer", tok, "--data", val, "--workers", "0", "--out_dir", str(tmp_path)])
+    for name in ("pca", "cos"):  # rows: images; columns: the image, then t = 0, 0.25, 0.5, 0.75
+        img = Image.open(tmp_path / f"latent_{name}.png")
+        assert img.size == (5 * 128, 6 * 128)  # 32 px images, shown x4
+        tile = np.asarray(img)[:128, 128:256]  # the t = 0 map of the first image: 4 x 4 tokens, 32 px each
+        assert (tile == np.repeat(np.repeat(tile[::32, ::32], 32, 0), 32, 1)).all()
+
+
+def test_demo_mode(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match="train_tokenizer.py --demo"):
+        ev.main(["--demo", "--out_dir", str(tmp_path)])
+    tokenizer_file(tmp_path / "tokenizer.pt", img_size=64)
+    with pytest.raises(SystemExit, match="sample.py --demo"):
+        ev.main(["--demo", "--out_dir", str(tmp_path)])
+    np.savez(tmp_path / "samples.npz", arr_0=np.stack([data.Shapes(20, 64, seed=3).render(i)[0] for i in range(20)]))
+    monkeypatch.setattr(ev, "load_inception", lambda path: StandInInception(dim=16))
+    ev.main(["--demo", "--out_dir", str(tmp_path)])
+    res = json.load(open(tmp_path / "eval.json"))
+    assert "RANDOM" in res["inception"] and res["tokenizer"].endswith("tokenizer.pt")
+    assert res["generation"]["n"] == 20 and res["generation"]["fid"] > 0 and 0 <= res["generation"]["recall"] <= 1
+    assert res["reconstruction"]["n"] == 200 and np.isfinite(res["reconstruction"]["psnr"])
+    assert (tmp_path / "latent_pca.png").exists() and (tmp_path / "latent_cos.png").exists()
+
+
+def test_bad_paths_name_the_flag(tmp_path):
+    tok = tokenizer_file(tmp_path / "tok.pt")
+    for argv, flag in ((["--tokenizer", str(tmp_path / "no.pt"), "--data", str(tmp_path)], "--tokenizer"),
+                       (["--tokenizer", tok, "--data", str(tmp_path / "nowhere")], "--data"),
+                       (["--linear_probe", "--tokenizer", tok, "--data", str(tmp_path), "--val_data", "x/"], "--val_data"),
+                       (["--samples", str(tmp_path / "s.npz"), "--ref", "r.npz"], "--samples")):
+        with pytest.raises(SystemExit, match=flag):
+            ev.main(argv + ["--out_dir", str(tmp_path)])
+
+
+class Dimmer(torch.nn.Module):  # a "tokenizer" whose reconstructions lose a different PSNR on every image
+    encode = decode = staticmethod(lambda x: 0.9 * x)
+
+
+def two_rank_worker(rank, init_file, out):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    loader = data.make_loader(data.Shapes(5, 16), 2, False, workers=0, world=2, rank=rank)  # 3 per rank, 1 padding
+    res = ev.reconstruction_metrics(Dimmer(), loader, StandInInception(dim=8), torch.device("cpu"))
+    labels = ev.gather_rows(torch.cat([y for _, y in loader]), 5, strided=True)
+    gen = ev.generation_metrics(StandInInception(dim=8), [torch.full((10, 3, 16, 16), 50 * rank, dtype=torch.uint8)],
+                                np.zeros(8), np.eye(8))
+    if rank == 0:
+        torch.save((res, labels, gen), out)
+    else:
+        assert res is None and gen is None
+    torch.distributed.destroy_process_group()
+
+
+def test_online_metrics_over_two_ranks_match_one_process(tmp_path):
+    torch.multiprocessing.spawn(two_rank_worker, (str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=2)
+    res, labels, gen = torch.load(tmp_path / "out.pt", weights_only=False)
+    assert labels.tolist() == [0, 1, 2, 3, 4]  # dataset order, the sampler's padding dropped
+    one = ev.reconstruction_metrics(Dimmer(), data.make_loader(data.Shapes(5, 16), 2, False, workers=0),
+                                    StandInInception(dim=8), torch.device("cpu"))
+    assert res["n"] == 5 and res["psnr"] == pytest.approx(one["psnr"], rel=1e-6)
+    assert res["rfid"] == pytest.approx(one["rfid"], rel=1e-6)
+    assert gen["n"] == 20  # 10 images from each rank
+
+
+def test_online_metrics_refuse_an_unsharded_loader(monkeypatch):
+    monkeypatch.setattr(ev, "rank_world", lambda: (0, 2))  # as under torchrun with 2 ranks
+    loader = data.make_loader(data.Shapes(4, 16), 2, False, workers=0)  # world=1: every rank would see all images
+    with pytest.raises(ValueError, match="sharded"):
+        ev.reconstruction_metrics(Dimmer(), loader, StandInInception(dim=8), torch.device("cpu"))
+
+
+def test_online_eval_in_the_training_scripts(tmp_path, monkeypatch):
+    import train_dit
+    import train_tokenizer as tt
+    monkeypatch.setattr(ev, "load_inception", lambda path: StandInInception(dim=8))
+    main_of(tt, TINY_TRAIN + ["--epochs", "1", "--eval_every", "1", "--eval_images", "6", "--out_dir", str(tmp_path)],
+            monkeypatch)
+    rec = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if "eval_psnr" in line]
+    assert len(rec) == 1 and rec[0]["eval_images"] == 6 and math.isfinite(rec[0]["eval_rfid"])
+    torch.manual_seed(0)
+    tok = models.Tokenizer(img_size=32, patch_size=8, dim=4, enc_size="tiny", dec_size="tiny", teacher_dim=0)
+    torch.save({"model": tok.state_dict(), "model_ema": tok.state_dict()}, tmp_path / "tokenizer_ft.pt")
+    main_of(train_dit, ["--demo", "--demo_images", "32", "--batch_size", "8", "--global_batch", "16", "--epochs", "1",
+                        "--eval_every", "1", "--eval_images", "12", "--sample_steps", "3", "--out_dir", str(tmp_path)],
+            monkeypatch)
+    gen = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if "eval_gfid" in line]
+    assert len(gen) == 1 and gen[0]["eval_images"] == 12 and gen[0]["eval_gfid"] > 0 and gen[0]["eval_is"] >= 1

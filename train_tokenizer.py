@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import evaluate
 import models
 
 log = logging.getLogger("rectok")
@@ -98,7 +99,7 @@ def param_groups(model, weight_decay):
 
 def adamw(params, lr, device, weight_decay=0.0):
     groups = param_groups(params, weight_decay) if isinstance(params, nn.Module) else params
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, fused=device.type == "cuda")
 
 
 def cosine_lr(epoch_frac, base_lr, warmup_epochs, epochs, min_lr=0.0):
@@ -154,6 +155,11 @@ def check_ranks_agree(model):
     log.info(f"weights identical on {len(sums)} ranks (checksum {sums[0]:.6f})")
 
 
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def save_checkpoint(path, state):
     """Atomic: write a temporary file, then rename, so a crash never leaves a half-written checkpoint."""
     torch.save(state, path + ".tmp")
@@ -177,77 +183,17 @@ class Metrics:
             f.write(json.dumps(record) + "\n")
 
 
-def to_uint8(x):
-    """[-1, 1] float (B, 3, H, W) -> uint8 (B, H, W, 3), clamped."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
 def save_grid(path, rows):
-    """Save rows of [-1, 1] image batches as one PNG (one batch per row)."""
-    Image.fromarray(np.concatenate([np.concatenate(list(to_uint8(r)), axis=1) for r in rows], axis=0)).save(path)
+    """Save rows of [-1, 1] image batches as one PNG (one batch per row); small images are enlarged."""
+    grid = np.concatenate([np.concatenate(list(evaluate.to_uint8(r).permute(0, 2, 3, 1).cpu().numpy()), axis=1)
+                           for r in rows], axis=0)
+    scale = max(1, 128 // rows[0].shape[-1])
+    Image.fromarray(grid.repeat(scale, 0).repeat(scale, 1)).save(path)
     log.info(f"wrote {path}")
-
-
-def psnr(x, x_hat):
-    """Per-image PSNR on [0, 1] images, averaged over the batch."""
-    mse = (((x.float() + 1) / 2 - ((x_hat.float() + 1) / 2).clamp(0, 1)) ** 2).mean(dim=(1, 2, 3))
-    return (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item()
-
-
-def download_error(what, e):
-    return SystemExit(f"could not load pretrained {what} ({str(e).splitlines()[0]}); offline, place the file in "
-                      f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}, or pass --random_frozen_nets for a demo")
 
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizer losses (SPEC 3)
-
-class Perceptual(nn.Module):
-    """LPIPS-VGG; with convnext_weight > 0 the released code's mix (w_l LPIPS + w_c ConvNeXt-S logit MSE at
-    224) / (w_l + w_c), w_l = 1. Inputs in [-1, 1]."""
-
-    def __init__(self, convnext_weight, random_weights):
-        super().__init__()
-        import lpips
-        import torchvision
-        try:
-            self.lpips = lpips.LPIPS(net="vgg", pnet_rand=random_weights, verbose=False)
-            self.convnext = torchvision.models.convnext_small(weights=None if random_weights else "DEFAULT") \
-                if convnext_weight > 0 else None
-        except Exception as e:
-            raise download_error("VGG-16 (vgg16-397923af.pth) / ConvNeXt-S (convnext_small-0c510722.pth)", e)
-        self.convnext_weight = convnext_weight
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
-        self.eval().requires_grad_(False)
-        if random_weights:
-            log.warning("!!! LPIPS / ConvNeXt backbones have RANDOM weights (--random_frozen_nets): demo/test only !!!")
-
-    def train(self, mode=True):  # frozen networks stay in eval mode (LPIPS has dropout)
-        return super().train(False)
-
-    def forward(self, x, x_hat):
-        loss = self.lpips(x_hat, x).mean()
-        if self.convnext is None:
-            return loss
-
-        def logits(img):
-            img = F.interpolate((img + 1) / 2, size=224, mode="bilinear", antialias=True)
-            return self.convnext((img - self.mean) / self.std)
-        conv = F.mse_loss(logits(x_hat), logits(x))
-        return (loss + self.convnext_weight * conv) / (1 + self.convnext_weight)
-
-
-def patchgan(ndf=64, n_layers=3):
-    """PatchGAN discriminator (3 layers, ndf 64, BatchNorm), as in taming-transformers."""
-    layers, ch = [nn.Conv2d(3, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)], ndf
-    for n in range(1, n_layers + 1):
-        out = ndf * min(2 ** n, 8)
-        layers += [nn.Conv2d(ch, out, 4, 2 if n < n_layers else 1, 1, bias=False), nn.BatchNorm2d(out),
-                   nn.LeakyReLU(0.2, True)]
-        ch = out
-    return nn.Sequential(*layers, nn.Conv2d(ch, 1, 4, 1, 1))
-
 
 def hinge_d_loss(logits_real, logits_fake):
     return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
@@ -277,109 +223,152 @@ def generator_losses(args, x, x_hat, kl, pred, target, ids_keep, perceptual, dis
 
 
 # ----------------------------------------------------------------------------------------------
-# The training loop shared by stage 1 and stage 2
+# The training step and loop shared by stage 1 and stage 2
 
-def train(args, stage, model, ema, teacher, rank, world, device, start=None):
-    """Train `model` (a Tokenizer; only its trainable parameters) with the losses of SPEC 3; resumes from
-    <out_dir>/<stage>.pt if it exists. `teacher` is None when there is no semantic loss (stage 2)."""
+def ddp(module, device, world):
+    return nn.parallel.DistributedDataParallel(module, [device] if device.type == "cuda" else None) \
+        if world > 1 else module
+
+
+def sync_grads_if(last, module):
+    """Gradient accumulation: DDP all-reduces only on the last micro-batch."""
+    is_ddp = isinstance(module, nn.parallel.DistributedDataParallel)
+    return module.no_sync() if is_ddp and not last else contextlib.nullcontext()
+
+
+class TokenizerStep:
+    """One optimiser step of the tokenizer (only its trainable parameters) and of the discriminator, over
+    `accum` micro-batches, with the losses of SPEC 3. Also what bench.py times."""
+
+    def __init__(self, args, model, ema, teacher, device, world):
+        self.args, self.model, self.ema, self.teacher, self.device = args, model, ema, teacher, device
+        self.base_lr = args.blr * args.global_batch / 256
+        self.perceptual = models.Perceptual(args.convnext_weight, args.random_frozen_nets).to(device)
+        self.disc = models.patchgan().to(device)
+        self.opt = adamw(model, self.base_lr, device, args.weight_decay)
+        self.opt_d = adamw(self.disc, self.base_lr, device, args.weight_decay)
+        self.ddp_model, self.ddp_disc = ddp(model, device, world), ddp(self.disc, device, world)
+        self.fwd = torch.compile(self.ddp_model) if args.compile else self.ddp_model
+        self.autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def __call__(self, batches, lr, use_gan):
+        """batches: the micro-batches (x in [-1, 1]) of one global batch. Returns the loss terms averaged
+        over micro-batches and the generator's grad norm, as tensors (no host sync)."""
+        for group in self.opt.param_groups + self.opt_d.param_groups:
+            group["lr"] = lr
+        sums = {}
+        for i, x in enumerate(batches):
+            last = i == len(batches) - 1
+            with self.autocast, sync_grads_if(last, self.ddp_model):
+                x_hat, kl, pred, ids_keep = self.fwd(x)
+                target = None
+                if self.teacher is not None:
+                    with torch.inference_mode():
+                        target = self.teacher(x)
+                    target = target.clone()  # inference tensors cannot enter autograd
+                terms = generator_losses(self.args, x, x_hat, kl, pred, target, ids_keep, self.perceptual,
+                                         self.disc, use_gan)
+                (sum(terms.values()) / len(batches)).backward()
+            if use_gan:  # discriminator step on the same reconstructions, [0, 1] inputs
+                with self.autocast, sync_grads_if(last, self.ddp_disc):
+                    real, fake = (x.float() + 1) / 2, (x_hat.detach().float() + 1) / 2
+                    terms["disc"] = hinge_d_loss(self.ddp_disc(real), self.ddp_disc(fake))
+                    (terms["disc"] / len(batches)).backward()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0) + v.detach() / len(batches)
+        grad_norm = nn.utils.clip_grad_norm_(self.trainable, self.args.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if use_gan:
+            nn.utils.clip_grad_norm_(self.disc.parameters(), self.args.grad_clip)
+            self.opt_d.step()
+        self.opt_d.zero_grad(set_to_none=True)
+        self.ema.update(self.model)
+        return sums, grad_norm
+
+    def state_dict(self):
+        return {"model": self.model.state_dict(), "model_ema": self.ema.model.state_dict(),
+                "opt": self.opt.state_dict(), "disc": self.disc.state_dict(), "opt_disc": self.opt_d.state_dict()}
+
+    def load_state_dict(self, ckpt):
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.model.load_state_dict(ckpt["model_ema"])
+        self.opt.load_state_dict(ckpt["opt"])
+        self.disc.load_state_dict(ckpt["disc"])
+        self.opt_d.load_state_dict(ckpt["opt_disc"])
+
+
+def reduce_for_log(tensors, world):
+    """The only host sync of a step, on log steps only: average over ranks, then .tolist()."""
+    stats = torch.stack([t.float() for t in tensors])
+    if world > 1:
+        dist.all_reduce(stats, op=dist.ReduceOp.AVG)
+    return stats.tolist()
+
+
+def train(args, stage, model, ema, teacher, rank, world, device):
+    """Train a Tokenizer with TokenizerStep; resumes from <out_dir>/<stage>.pt if it exists.
+    `teacher` is None when there is no semantic loss (stage 2)."""
     accum = grad_accum_steps(args, world)
-    base_lr = args.blr * args.global_batch / 256
-    perceptual = Perceptual(args.convnext_weight, args.random_frozen_nets).to(device)
-    disc = patchgan().to(device)
-    opt = adamw(model, base_lr, device, args.weight_decay)
-    opt_d = adamw(disc, base_lr, device, args.weight_decay)
     loader = data.make_loader(make_dataset(args), args.batch_size, True, args.workers, world, rank, args.seed)
-    held_out = next(iter(data.make_loader(make_dataset(args, train=False), 8, False, 0)))[0].to(device)
     if len(loader) < accum:
         raise SystemExit(f"{len(loader.dataset)} images are too few for one global batch of {args.global_batch}")
+    held_out = next(iter(data.make_loader(make_dataset(args, train=False), 8, False, 0)))[0].to(device)
+    train_step = TokenizerStep(args, model, ema, teacher, device, world)
+    if args.eval_every:  # PSNR + rFID of the EMA weights on a fixed, class-spread part of --val_data
+        inception = evaluate.load_inception("random" if args.random_frozen_nets else args.inception).to(device)
+        val = make_dataset(args, train=False)
+        val = torch.utils.data.Subset(val, evaluate.spread(len(val), args.eval_images))
+        eval_loader = data.make_loader(val, args.batch_size, False, args.workers, world, rank)
+        ref = evaluate.reference(inception, args.fid_ref, args.batch_size)[0] if args.fid_ref else None
     steps_per_epoch = len(loader) // accum
     ckpt_path = os.path.join(args.out_dir, f"{stage}.pt")
     epoch, step = 0, 0
     if os.path.exists(ckpt_path):
         ckpt = models.read_checkpoint(ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        ema.model.load_state_dict(ckpt["model_ema"])
-        opt.load_state_dict(ckpt["opt"])
-        disc.load_state_dict(ckpt["disc"])
-        opt_d.load_state_dict(ckpt["opt_disc"])
+        train_step.load_state_dict(ckpt)
         epoch, step = ckpt["epoch"], ckpt["step"]
         set_rng_state(ckpt["rng"], rank, device)
         log.info(f"resumed from {ckpt_path} at epoch {epoch}, step {step}")
     log.info(f"{len(loader.dataset)} images, {steps_per_epoch} steps/epoch, global batch {args.global_batch} = "
-             f"{args.batch_size}/GPU x {world} x {accum} accumulation, lr {base_lr:.2e}")
-    ddp_model = nn.parallel.DistributedDataParallel(model, [device] if device.type == "cuda" else None) \
-        if world > 1 else model
-    ddp_disc = nn.parallel.DistributedDataParallel(disc, [device] if device.type == "cuda" else None) \
-        if world > 1 else disc
-    fwd = torch.compile(ddp_model) if args.compile else ddp_model
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
-    trainable = [p for p in model.parameters() if p.requires_grad]
+             f"{args.batch_size}/GPU x {world} x {accum} accumulation, lr {train_step.base_lr:.2e}")
     metrics = Metrics(args.out_dir, stage, rank)
-    t0, seen = time.time(), 0
+    t0, n, sums = time.time(), 0, {}
     while epoch < args.epochs:
-        model.train(), disc.train()
+        model.train(), train_step.disc.train()
         loader.sampler.set_epoch(epoch)
         use_gan = epoch >= args.disc_start_epoch and args.disc_weight > 0
         batches = iter(loader)
         for it in range(steps_per_epoch):
-            lr = cosine_lr(epoch + it / steps_per_epoch, base_lr, args.warmup_rate * args.epochs, args.epochs)
-            for group in opt.param_groups + opt_d.param_groups:
-                group["lr"] = lr
-            sums = {}
-            for micro in range(accum):
-                x = random_flip(next(batches)[0].to(device, non_blocking=True))
-                sync = micro == accum - 1 or world == 1
-                with autocast, (contextlib.nullcontext() if sync else ddp_model.no_sync()):
-                    x_hat, kl, pred, ids_keep = fwd(x)
-                    target = None
-                    if teacher is not None:
-                        with torch.inference_mode():
-                            target = teacher(x)
-                        target = target.clone()  # inference tensors cannot enter autograd
-                    terms = generator_losses(args, x, x_hat, kl, pred, target, ids_keep, perceptual, disc, use_gan)
-                    loss = sum(terms.values())
-                    (loss / accum).backward()
-                if use_gan:  # discriminator step on the same reconstructions, [0, 1] inputs
-                    with autocast, (contextlib.nullcontext() if sync else ddp_disc.no_sync()):
-                        real, fake = (x.float() + 1) / 2, (x_hat.detach().float() + 1) / 2
-                        terms["disc"] = hinge_d_loss(ddp_disc(real), ddp_disc(fake))
-                        (terms["disc"] / accum).backward()
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0) + v.detach() / accum
-            grad_norm = nn.utils.clip_grad_norm_(trainable, args.grad_clip)
-            opt.step(), opt.zero_grad(set_to_none=True)
-            if use_gan:
-                nn.utils.clip_grad_norm_(disc.parameters(), args.grad_clip)
-                opt_d.step()
-            opt_d.zero_grad(set_to_none=True)
-            ema.update(model)
-            step += 1
-            seen += args.global_batch // world
+            lr = cosine_lr(epoch + it / steps_per_epoch, train_step.base_lr, args.warmup_rate * args.epochs, args.epochs)
+            xs = [random_flip(next(batches)[0].to(device, non_blocking=True)) for _ in range(accum)]
+            terms, grad_norm = train_step(xs, lr, use_gan)
+            for k, v in dict(terms, grad_norm=grad_norm).items():  # averaged over the log interval
+                sums[k] = sums.get(k, 0) + v
+            step, n = step + 1, n + 1
             if step % args.log_every == 0 or it == steps_per_epoch - 1:
-                stats = torch.stack([sums[k] for k in sorted(sums)] + [grad_norm.float()])
-                if world > 1:
-                    dist.all_reduce(stats, op=dist.ReduceOp.AVG)
-                stats = stats.tolist()  # the only host sync of the step, on log steps only
-                record = dict(zip(sorted(sums), stats))
-                gen_loss = sum(v for k, v in record.items() if k != "disc")
-                metrics.write(step=step, epoch=round(epoch + (it + 1) / steps_per_epoch, 4), loss=gen_loss,
-                              **record, lr=lr, grad_norm=stats[-1], img_per_sec=seen / (time.time() - t0))
-                t0, seen = time.time(), 0
+                names = sorted(sums)
+                record = dict(zip(names, reduce_for_log([sums[k] / n for k in names], world)))
+                metrics.write(step=step, epoch=round(epoch + (it + 1) / steps_per_epoch, 4),
+                              loss=sum(v for k, v in record.items() if k not in ("disc", "grad_norm")), **record, lr=lr,
+                              img_per_sec=n * args.global_batch / world / (time.time() - t0))
+                t0, n, sums = time.time(), 0, {}
         epoch += 1
-        with torch.no_grad(), autocast:
-            ema.model.eval()
+        with torch.no_grad(), train_step.autocast:
             recon = ema.model.decode(ema.model.encode(held_out))
-        metrics.write(step=step, epoch=epoch, held_out_psnr_ema=psnr(held_out, recon))
+        metrics.write(step=step, epoch=epoch, held_out_psnr_ema=evaluate.psnr_per_image(held_out, recon).mean().item())
+        if args.eval_every and epoch % args.eval_every == 0:
+            res = evaluate.reconstruction_metrics(ema.model, eval_loader, inception, device, ref)
+            if res:
+                metrics.write(step=step, epoch=epoch, eval_images=res["n"], eval_psnr=res["psnr"], eval_rfid=res["rfid"])
         check_ranks_agree(model)
-        state = {"model": model.state_dict(), "model_ema": ema.model.state_dict(), "opt": opt.state_dict(),
-                 "disc": disc.state_dict(), "opt_disc": opt_d.state_dict(), "epoch": epoch, "step": step,
-                 "rng": rng_state(device), "args": vars(args)}
+        state = dict(train_step.state_dict(), epoch=epoch, step=step, rng=rng_state(device), args=vars(args))
         if rank == 0:
             save_checkpoint(ckpt_path, state)
             if epoch % args.vis_every == 0 or epoch == args.epochs:
                 save_grid(os.path.join(args.out_dir, f"{stage}_recon_epoch{epoch:04d}.png"), [held_out, recon])
     log.info(f"done: {ckpt_path}")
-    return model
 
 
 def common_args(parser):
@@ -390,7 +379,7 @@ def common_args(parser):
     p("--val_data", help="ImageNet val folder for the held-out PSNR batch (default: a train batch)")
     p("--out_dir", default="out/demo")
     p("--demo", action="store_true", help="tiny model on built-in data, CPU-friendly; other flags still override")
-    p("--demo_images", type=int, default=1024, help="size of the built-in dataset for --demo")
+    p("--demo_images", type=int, default=640, help="size of the built-in dataset for --demo")
     p("--epochs", type=int, default=200)
     p("--batch_size", type=int, default=64, help="per process")
     p("--global_batch", type=int, default=1024, help="reached by gradient accumulation on fewer GPUs")
@@ -410,10 +399,14 @@ def common_args(parser):
     p("--log_every", type=int, default=50)
     p("--vis_every", type=int, default=5)
     p("--compile", action="store_true")
+    p("--eval_every", type=int, default=0, help="every N epochs: PSNR + rFID of the EMA model on --val_data")
+    p("--eval_images", type=int, default=10_000)
+    p("--fid_ref", help="rFID reference (evaluate.py --save_stats of val); default: the same real images")
+    p("--inception", help="FID Inception .pth (default: pytorch-fid's release, downloaded once)")
 
 
-DEMO = dict(epochs=4, batch_size=16, global_batch=16, blr=4e-3, warmup_rate=0.1, disc_start_epoch=2,
-            convnext_weight=0.0, random_frozen_nets=True, workers=0, log_every=10, vis_every=1)
+DEMO = dict(epochs=3, batch_size=16, global_batch=16, blr=4e-3, warmup_rate=0.1, ema=0.99, disc_start_epoch=2,
+            disc_weight=0.02, convnext_weight=0.0, random_frozen_nets=True, workers=0, log_every=10, vis_every=1)
 
 
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth"
@@ -432,7 +425,7 @@ def teacher_file(name, path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             torch.hub.download_url_to_file(DINOV2_URL, path)
         except Exception as e:
-            raise download_error(f"DINOv2 ({DINOV2_URL})", e)
+            raise models.download_error(f"DINOv2 ({DINOV2_URL})", e)
     return path
 
 
@@ -457,7 +450,7 @@ def main():
     p("--no_fsd", action="store_true", help="ablation: the semantic decoder reads the clean latent z, not z_t")
     p("--kl_weight", type=float, default=1e-6)
     p("--sem_weight", type=float, default=1.0)
-    args = parse_args(parser, dict(DEMO, img_size=64, dim=32, patch_size=8, enc_size="tiny", dec_size="tiny",
+    args = parse_args(parser, dict(DEMO, img_size=32, dim=32, patch_size=4, enc_size="tiny", dec_size="tiny",
                                    teacher_size="tiny"))
     rank, world, device = setup(args, "tokenizer")
     teacher_name = args.teacher or ("dinov2_vitl14" if args.dim < 64 else "dinov3_vitl16")

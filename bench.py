@@ -1,0 +1,149 @@
+"""Throughput benchmark on synthetic inputs and random weights (no dataset, no downloads).
+
+  python bench.py                       # GPU: real sizes (ViT-B/B + DINOv3-L, DiT^DH-XL); CPU: small sizes
+  python bench.py --compile --only dit  # one part, with torch.compile
+  python bench.py --data /data/imagenet/train --workers 8   # also the JPEG decode + ADM crop rate
+
+Each part: warm-up steps, then `--repeats` timed runs of `--steps` steps (synchronised), median reported as
+images/s per device, with peak memory and, on CUDA, model FLOP utilisation (FLOPs counted by
+torch.utils.flop_counter on one step) against --peak_tflops.
+"""
+import argparse
+import resource
+import statistics
+import time
+from types import SimpleNamespace
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import data
+import evaluate
+import models
+import train_dit
+import train_tokenizer
+from sample import euler_sample
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(name, fn, images_per_call, args, device):
+    """Median images/s over repeats, peak memory, and MFU from the FLOPs of one call."""
+    for _ in range(args.warmup):
+        fn()
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    flops = counter.get_total_flops()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rates = []
+    for _ in range(args.repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            fn()
+        sync(device)
+        rates.append(args.steps * images_per_call / (time.perf_counter() - t0))
+    rate = statistics.median(rates)
+    memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
+    mfu = f"{100 * flops * rate / images_per_call / (args.peak_tflops * 1e12):5.1f}%" if device.type == "cuda" else "-"
+    print(f"| {name:<34} | {rate:9.2f} | {memory:7.2f} | {flops / images_per_call / 1e9:9.1f} | {mfu:>6} |", flush=True)
+
+
+def bench_tokenizer(args, device, autocast):
+    """(a) One full stage-1 step: encoder + pixel and semantic decoders, teacher, LPIPS, PatchGAN, both
+    optimisers, EMA."""
+    opts = SimpleNamespace(blr=1e-4, global_batch=args.batch_size, convnext_weight=args.convnext_weight,
+                           random_frozen_nets=True, weight_decay=1e-4, grad_clip=3.0, compile=args.compile,
+                           rec_weight=1.0, perceptual_weight=1.0, kl_weight=1e-6, sem_weight=1.0, disc_weight=0.5)
+    grid = args.img_size // 16
+    teacher = models.load_teacher("dinov3_vitl16", None, args.teacher_size, grid).to(device)
+    model = models.Tokenizer(args.img_size, 16, 128, args.tok_size, args.tok_size, teacher_dim=teacher.dim).to(device)
+    step = train_tokenizer.TokenizerStep(opts, model, train_tokenizer.EMA(model, 0.999), teacher, device, 1)
+    step.autocast = autocast  # --dtype fp32 compares against full precision
+    x = torch.rand(args.batch_size, 3, args.img_size, args.img_size, device=device) * 2 - 1
+    measure(f"tokenizer step ({args.tok_size}, {args.img_size}px)", lambda: step([x], 1e-4, True),
+            args.batch_size, args, device)
+
+
+def bench_dit(args, device, autocast):
+    """(b) One DiT^DH training step; (c) Euler sampling, plain, CFG and AutoGuidance."""
+    opts = SimpleNamespace(lr=2e-4, ema=0.9995, grad_clip=1.0, compile=args.compile)
+    dit = models.DiTDH(args.dit_size, 128, 16).to(device)
+    step = train_dit.DiTStep(opts, dit, device, 1)
+    step.autocast = autocast
+    z = torch.randn(args.batch_size, 128, 16, 16, device=device)
+    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+    measure(f"DiT^DH-{args.dit_size} train step", lambda: step([(z, y)], 2e-4), args.batch_size, args, device)
+    dit.eval()
+    net = torch.compile(dit) if args.compile else dit
+    guide = models.DiTDH("S", 128, 16).to(device).eval()
+    for name, cfg, g in (("plain", 1.0, None), ("CFG 1.5", 1.5, None), ("AutoGuidance 1.29", 1.29, guide)):
+        def run():
+            with torch.no_grad(), autocast:
+                euler_sample(net, z, y, args.sample_steps, cfg, g)
+        measure(f"sample DiT^DH-{args.dit_size}, {args.sample_steps} pts, {name}", run, args.batch_size, args, device)
+
+
+def bench_inception(args, device, autocast):
+    """(d) FID Inception features (fp32, TF32 off, as evaluate.py runs it)."""
+    net = evaluate.load_inception("random").to(device)
+    x = torch.randint(0, 256, (args.batch_size, 3, args.img_size, args.img_size), dtype=torch.uint8, device=device)
+    measure("Inception-v3 features", lambda: evaluate.inception_features(net, [x]), args.batch_size, args, device)
+
+
+def bench_data(args):
+    """(e) JPEG decode + ADM centre crop per loader worker."""
+    dataset = data.ImageFolder(args.data, args.img_size)
+    n = min(len(dataset), 200 * args.workers)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=50,
+                                         num_workers=args.workers)
+    t0 = time.perf_counter()
+    for _ in loader:
+        pass
+    rate = n / (time.perf_counter() - t0)
+    print(f"| {'data: decode + crop, per worker':<34} | {rate / max(args.workers, 1):9.2f} | {'-':>7} | {'-':>9} | {'-':>6} |")
+
+
+def main():
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser.add_argument
+    p("--only", choices=["tokenizer", "dit", "inception"], help="run one part")
+    p("--batch_size", type=int, default=64 if cuda else 4)
+    p("--img_size", type=int, default=256 if cuda else 128)
+    p("--tok_size", default="base" if cuda else "small", choices=sorted(models.SIZES))
+    p("--teacher_size", default="large" if cuda else "tiny", choices=sorted(models.TEACHER_SIZES))
+    p("--convnext_weight", type=float, default=0.1, help="0 drops the ConvNeXt-S perceptual term")
+    p("--dit_size", default="XL" if cuda else "S", choices=list(models.DIT_SIZES))
+    p("--sample_steps", type=int, default=50)
+    p("--dtype", default="bf16" if cuda else "fp32", choices=["bf16", "fp32"], help="autocast on CUDA")
+    p("--compile", action="store_true")
+    p("--warmup", type=int, default=3 if cuda else 1)
+    p("--steps", type=int, default=10 if cuda else 1)
+    p("--repeats", type=int, default=3 if cuda else 2)
+    p("--peak_tflops", type=float, default=989.0, help="dense bf16 peak of one device (H100/H200: 989)")
+    p("--data", help="folder of JPEGs for the data-pipeline rate")
+    p("--workers", type=int, default=4)
+    args = parser.parse_args()
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=cuda and args.dtype == "bf16")
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{name}, torch {torch.__version__}, batch {args.batch_size}, {args.dtype}, compile {args.compile}\n")
+    print(f"| {'part':<34} | {'images/s':>9} | {'mem GiB':>7} | {'GFLOP/img':>9} | {'MFU':>6} |")
+    print(f"|{'-' * 36}|{'-' * 11}|{'-' * 9}|{'-' * 11}|{'-' * 8}|")
+    for part, fn in (("tokenizer", bench_tokenizer), ("dit", bench_dit), ("inception", bench_inception)):
+        if args.only in (None, part):
+            fn(args, device, autocast)
+    if args.data:
+        bench_data(args)
+
+
+if __name__ == "__main__":
+    main()

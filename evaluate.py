@@ -1,0 +1,488 @@
+"""Evaluation (SPEC 6): FID / IS / precision-recall on our own FID Inception-v3, matched to torch-fidelity's
+`inception-v3-compat` extractor that the paper's numbers used; tokenizer PSNR / rFID; latent linear probe and maps.
+
+    python evaluate.py --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz   # gFID, IS, P/R -> JSON
+    python evaluate.py --samples val/ --image_size 256 --save_stats val256.npz       # rFID reference mu, sigma
+    python evaluate.py --tokenizer tok.pt --data val/ --ref val256.npz --grid r.png  # PSNR, rFID
+    python evaluate.py --linear_probe --tokenizer tok.pt --data train/ --val_data val/
+    python evaluate.py --viz --tokenizer tok.pt --data val/                          # PCA / cosine maps of z_t
+    python evaluate.py --demo                                    # the demo pipeline's outputs, random Inception
+    torchrun --nproc_per_node 8 evaluate.py ...                                      # any of these, over ranks
+
+Linear probe (the paper gives no recipe; ours): frozen features of centre crops, average-pooled over tokens:
+the posterior mean z (t = 0), z_t = 0.5 z + 0.5 eps (t = 0.5, fixed seed), the second-last encoder block's
+output. Each kind trains its own BatchNorm1d(affine=False) + Linear with AdamW (weight decay 0.01, batch 1024,
+cosine decay from --probe_lr) for --probe_epochs on train, no augmentation; top-1 on val.
+"""
+import argparse
+import functools
+import json
+import logging
+import math
+import os
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+import models
+
+log = logging.getLogger("rectok")
+FID_WEIGHTS = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+PROBE_TS, VIZ_TS = (0.0, 0.5), (0.0, 0.25, 0.5, 0.75)
+
+# ---- FID Inception-v3: the 2015-12-05 TF graph. Module names are those of pytorch-fid's weight file.
+def tf1_resize(x, size):
+    """TF1 bilinear resize of float (N, C, H, W) to size x size: src = dst * in / out (align_corners=False, NO
+    half-pixel centres), neighbours floor / ceil clamped to the edge; fp32, W then H, as torch-fidelity does."""
+    def taps(n):
+        src = torch.arange(size, dtype=torch.float32, device=x.device) * torch.tensor(n / size, dtype=torch.float32)
+        return src.floor().long(), src.ceil().long().clamp(max=n - 1), src - src.floor()
+    (y0, y1, dy), (x0, x1, dx) = taps(x.shape[2]), taps(x.shape[3])
+    x = x[..., x0] + (x[..., x1] - x[..., x0]) * dx
+    return x[:, :, y0] + (x[:, :, y1] - x[:, :, y0]) * dy[:, None]
+
+def conv(cin, cout, kernel, stride=1, padding=None):
+    """conv (no bias) + BatchNorm (TF's eps 1e-3) + ReLU; 'SAME' padding at stride 1 unless told otherwise."""
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    padding = ((kh // 2, kw // 2) if stride == 1 else 0) if padding is None else padding
+    return nn.Sequential(OrderedDict(conv=nn.Conv2d(cin, cout, kernel, stride, padding, bias=False),
+                                     bn=nn.BatchNorm2d(cout, eps=1e-3), relu=nn.ReLU()))
+
+avg_pool = functools.partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1, count_include_pad=False)  # as TF
+max_pool = functools.partial(F.max_pool2d, kernel_size=3, stride=1, padding=1)
+
+class InceptionA(nn.Module):  # 35 x 35
+    def __init__(self, cin, pool_features):
+        super().__init__()
+        self.branch1x1, self.branch_pool = conv(cin, 64, 1), conv(cin, pool_features, 1)
+        self.branch5x5_1, self.branch5x5_2 = conv(cin, 48, 1), conv(48, 64, 5)
+        self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3 = conv(cin, 64, 1), conv(64, 96, 3), conv(96, 96, 3)
+
+    def forward(self, x):
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)), b3, self.branch_pool(avg_pool(x))], 1)
+
+class InceptionB(nn.Module):  # 35 -> 17
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3, self.branch3x3dbl_1 = conv(cin, 384, 3, stride=2), conv(cin, 64, 1)
+        self.branch3x3dbl_2, self.branch3x3dbl_3 = conv(64, 96, 3), conv(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch3x3(x), b3, F.max_pool2d(x, 3, 2)], 1)
+
+class InceptionC(nn.Module):  # 17 x 17, factorised 7 x 7
+    def __init__(self, cin, c7):
+        super().__init__()
+        self.branch1x1, self.branch_pool = conv(cin, 192, 1), conv(cin, 192, 1)
+        self.branch7x7_1, self.branch7x7_2 = conv(cin, c7, 1), conv(c7, c7, (1, 7))
+        self.branch7x7_3, self.branch7x7dbl_1 = conv(c7, 192, (7, 1)), conv(cin, c7, 1)
+        self.branch7x7dbl_2, self.branch7x7dbl_3 = conv(c7, c7, (7, 1)), conv(c7, c7, (1, 7))
+        self.branch7x7dbl_4, self.branch7x7dbl_5 = conv(c7, c7, (7, 1)), conv(c7, 192, (1, 7))
+
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        b7dbl = self.branch7x7dbl_5(self.branch7x7dbl_4(self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))))
+        return torch.cat([self.branch1x1(x), b7, b7dbl, self.branch_pool(avg_pool(x))], 1)
+
+class InceptionD(nn.Module):  # 17 -> 8
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1, self.branch3x3_2 = conv(cin, 192, 1), conv(192, 320, 3, stride=2)
+        self.branch7x7x3_1, self.branch7x7x3_2 = conv(cin, 192, 1), conv(192, 192, (1, 7))
+        self.branch7x7x3_3, self.branch7x7x3_4 = conv(192, 192, (7, 1)), conv(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, 2)], 1)
+
+class InceptionE(nn.Module):  # 8 x 8; the TF graph's last block (Mixed_7c) max-pools where Mixed_7b average-pools
+    def __init__(self, cin, pool):
+        super().__init__()
+        self.pool, self.branch1x1, self.branch_pool = pool, conv(cin, 320, 1), conv(cin, 192, 1)
+        self.branch3x3_1, self.branch3x3dbl_1, self.branch3x3dbl_2 = conv(cin, 384, 1), conv(cin, 448, 1), conv(448, 384, 3)
+        self.branch3x3_2a, self.branch3x3_2b = conv(384, 384, (1, 3)), conv(384, 384, (3, 1))
+        self.branch3x3dbl_3a, self.branch3x3dbl_3b = conv(384, 384, (1, 3)), conv(384, 384, (3, 1))
+
+    def forward(self, x):
+        b3, b3dbl = self.branch3x3_1(x), self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3), self.branch3x3dbl_3a(b3dbl),
+                          self.branch3x3dbl_3b(b3dbl), self.branch_pool(self.pool(x))], 1)
+
+class InceptionV3(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3, self.Conv2d_2a_3x3 = conv(3, 32, 3, stride=2), conv(32, 32, 3, padding=0)  # TF 'VALID'
+        self.Conv2d_2b_3x3, self.Conv2d_3b_1x1 = conv(32, 64, 3), conv(64, 80, 1)
+        self.Conv2d_4a_3x3 = conv(80, 192, 3, padding=0)
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
+        self.Mixed_6a, self.Mixed_7a = InceptionB(288), InceptionD(768)
+        self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e = (InceptionC(768, c7) for c7 in (128, 160, 160, 192))
+        self.Mixed_7b, self.Mixed_7c = InceptionE(1280, avg_pool), InceptionE(2048, max_pool)
+        self.fc = nn.Linear(2048, 1008)
+
+    @torch.no_grad()
+    def forward(self, x):
+        """uint8 (N, 3, H, W) -> (pool features (N, 2048), logits WITHOUT the fc bias (N, 1008), which IS uses)."""
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"Inception expects uint8 (N, 3, H, W) images, got {x.dtype} {tuple(x.shape)}")
+        # fp32, no TF32, whatever the caller's autocast / TF32 settings: FID must not depend on the GPU
+        with torch.autocast(x.device.type, enabled=False), torch.backends.cudnn.flags(
+                enabled=True, benchmark=False, deterministic=torch.backends.cudnn.deterministic, allow_tf32=False):
+            x = (tf1_resize(x.float(), 299) - 128) / 128
+            x = F.max_pool2d(self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))), 3, 2)
+            x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, 2)
+            for name in ["5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"]:
+                x = getattr(self, "Mixed_" + name)(x)
+            pool = x.mean((2, 3))
+        return pool, (pool.double() @ self.fc.weight.double().T).float()  # an fp64 matmul cannot fall to TF32
+
+def load_inception(path=None):
+    """The FID Inception, frozen. path: a .pth in pytorch-fid's layout; None: pytorch-fid's release, downloaded
+    once into the torch hub cache; "random": random weights, for tests / demos."""
+    with torch.random.fork_rng(devices=[]):  # CPU init; "random" is then the same net in every process
+        torch.manual_seed(0)
+        model = InceptionV3().eval().requires_grad_(False)
+        for m in model.modules():  # He init keeps random features O(1); PyTorch's default shrinks them to ~1e-7
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    if path == "random":
+        log.warning("!!! RANDOM Inception weights: FID / IS / precision / recall are MEANINGLESS !!!")
+        return model
+    if path and not os.path.isfile(path):
+        raise ValueError(f"--inception: no such file {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True) if path else \
+        torch.hub.load_state_dict_from_url(FID_WEIGHTS, map_location="cpu")
+    keys = lambda d: {k for k in d if not k.endswith("num_batches_tracked")}  # a BN training counter, unused here
+    for k in sorted(keys(model.state_dict()) - keys(state)):
+        raise ValueError(f"{path or FID_WEIGHTS}: missing key {k}")
+    for k in sorted(keys(state) - keys(model.state_dict())):
+        raise ValueError(f"{path or FID_WEIGHTS}: unexpected key {k}")
+    model.load_state_dict(state, strict=False)
+    return model
+
+# ---- Metrics
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)) in float64 (SPEC 6)."""
+    mu1, sigma1, mu2, sigma2 = (np.asarray(a, np.float64) for a in (mu1, sigma1, mu2, sigma2))
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():  # singular product (few samples): offset both diagonals
+        log.warning("FID: singular covariance product, adding 1e-6 to the diagonals")
+        eps = 1e-6 * np.eye(len(mu1))
+        covmean = scipy.linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps))
+    if np.iscomplexobj(covmean):  # rounding leaves a small imaginary part; a large one means broken input
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"FID: imaginary component {np.abs(covmean.imag).max():.3g} in sqrtm(S1 S2)")
+        covmean = covmean.real
+    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+def feature_stats(feats):
+    f = torch.as_tensor(feats).double().cpu().numpy()
+    return f.mean(0), np.cov(f, rowvar=False)
+
+def fid_from_feats(feats, ref_mu, ref_sigma):
+    return frechet_distance(*feature_stats(feats), ref_mu, ref_sigma)
+
+def inception_score(logits, splits=10):
+    """(mean, std) over splits of exp(E_x KL(p(y|x) || p(y))), fp64; torch-fidelity's shuffle and splits."""
+    logits = torch.as_tensor(logits).double().cpu()
+    n = len(logits)
+    logits = logits[np.random.RandomState(2020).permutation(n)]
+    p, log_p, scores = logits.softmax(1), logits.log_softmax(1), []
+    for s in (slice(i * n // splits, (i + 1) * n // splits) for i in range(splits)):
+        scores.append((p[s] * (log_p[s] - p[s].mean(0).log())).sum(1).mean().exp().item())
+    return float(np.mean(scores)), float(np.std(scores))
+
+def precision_recall(real_feats, fake_feats, k=3, batch=10000):
+    """Kynkaanniemi et al. 2019 as in the ADM suite: a set's manifold is the union of balls reaching each point's
+    k-th nearest neighbour (self excluded); precision = share of fakes inside the real manifold, recall = share
+    of reals inside the fake one. fp64 distances, `batch` rows at a time on the features' device."""
+    real, fake = torch.as_tensor(real_feats).double(), torch.as_tensor(fake_feats).double()
+    radii = lambda x: torch.cat([torch.cdist(b, x).kthvalue(k + 1, dim=1).values for b in x.split(batch)])
+    inside = lambda x, y, r: torch.cat([(torch.cdist(b, y) <= r).any(1) for b in x.split(batch)]).double().mean().item()
+    return inside(fake, real, radii(real)), inside(real, fake, radii(fake))
+
+# ---- Features of a folder / .npz of images, split over ranks
+def open_images(path, crop=None):
+    """(n, read(i, j) -> uint8 (j - i, H, W, 3)) over an ADM .npz (arr_0, held in memory: 10 GB for 50k at 256)
+    or a folder of images (recursive, sorted; crop: PIL image -> uint8 array, e.g. the ADM centre crop)."""
+    if path.endswith(".npz") and os.path.isfile(path):
+        with np.load(path) as f:
+            arr = f["arr_0"] if "arr_0" in f else None
+        if arr is None or arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] != 3:
+            raise SystemExit(f"{path}: needs arr_0, uint8 (N, H, W, 3) images")
+        return len(arr), lambda i, j: arr[i:j]
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.lower().endswith(data.IMAGE_EXTS))
+    if not files:
+        raise SystemExit(f"{path}: not an .npz or a folder of images")
+    load = lambda file: np.asarray((crop or np.asarray)(Image.open(file).convert("RGB")))
+    def read(i, j):
+        with ThreadPoolExecutor(8) as pool:  # PIL decodes outside the GIL
+            imgs = list(pool.map(load, files[i:j]))
+        if len({im.shape for im in imgs}) > 1:
+            raise SystemExit(f"{path}: images differ in size; give --image_size to centre-crop them")
+        return np.stack(imgs)
+    return len(files), read
+
+def rank_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+def image_batches(n, read, batch_size):
+    """This rank's contiguous share of n images as uint8 (B, 3, H, W) batches. Every rank gets ceil(n / world)
+    (the last image repeated as padding) so that all_gather sees equal sizes; gather_rows drops the padding."""
+    rank, world = rank_world()
+    per = -(-n // world)
+    for i in range(rank * per, (rank + 1) * per, batch_size):
+        j, lo = min(i + batch_size, (rank + 1) * per), min(i, n - 1)
+        x = read(lo, max(min(j, n), lo + 1))
+        yield torch.from_numpy(np.concatenate([x, np.repeat(x[-1:], j - i - len(x), 0)])).permute(0, 3, 1, 2)
+
+@torch.no_grad()
+def inception_features(model, batches):
+    """(pool (N, 2048), logits (N, 1008)) of uint8 (B, 3, H, W) batches, on the model's device."""
+    device = next(model.parameters()).device
+    pool, logits = zip(*(model(x.to(device)) for x in batches))
+    return torch.cat(pool), torch.cat(logits)
+
+def gather_rows(x, n, strided=False):
+    """Every rank's equal-size block of rows, in rank order, cut to the first n. strided: the blocks of a
+    DistributedSampler(shuffle=False) (rank r holds rows r, r + world, ...), put back in dataset order."""
+    if not dist.is_initialized():
+        return x[:n]
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return (torch.stack(parts, 1).flatten(0, 1) if strided else torch.cat(parts))[:n]
+
+def features(model, path, batch_size, crop=None):  # pool features of an .npz / folder of images, all ranks'
+    n, read = open_images(path, crop)
+    return gather_rows(inception_features(model, image_batches(n, read, batch_size))[0], n)
+
+def reference(model, path, batch_size, crop=None):
+    """--ref -> ((mu, sigma), pool features for precision / recall or None): .npz of mu, sigma (+ arr_0), or images."""
+    ref = np.load(path) if path.endswith(".npz") and os.path.isfile(path) else {}
+    pool = features(model, path, batch_size, crop) if "mu" not in ref or "arr_0" in ref else None
+    return (ref["mu"], ref["sigma"]) if "mu" in ref else feature_stats(pool), pool
+
+# ---- Online evaluation (the training scripts call these too): every rank its share; a dict on rank 0, else None
+def bf16(device):
+    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+
+def psnr_per_image(x, x_hat):
+    """train_tokenizer.psnr before its batch mean: on [0, 1], the reconstruction clamped (SPEC 6)."""
+    mse = (((x.float() + 1) / 2 - ((x_hat.float() + 1) / 2).clamp(0, 1)) ** 2).mean(dim=(1, 2, 3))
+    return 10 * torch.log10(1 / mse.clamp_min(1e-10))
+
+def to_uint8(x):  # [-1, 1] (B, 3, H, W) -> uint8, same layout and device: the Inception's input
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+def n_images(loader):  # a loader not sharded by data.make_loader(..., world, rank) would gather silently wrong rows
+    if getattr(loader.sampler, "num_replicas", 1) != rank_world()[1]:
+        raise ValueError("the loader must be sharded over the ranks: data.make_loader(dataset, ..., world, rank)")
+    return len(loader.dataset)
+
+def generation_metrics(inception, batches, ref_mu, ref_sigma, ref_pool=None, n=None):
+    """FID / IS / precision-recall of uint8 (B, 3, H, W) batches, n in all (default: ranks x this rank's count)."""
+    pool, logits = inception_features(inception, batches)
+    n = n or len(pool) * rank_world()[1]
+    pool, logits = gather_rows(pool, n), gather_rows(logits, n)
+    if rank_world()[0] != 0:
+        return None
+    res = {"n": n, "fid": fid_from_feats(pool, ref_mu, ref_sigma)}
+    res["is_mean"], res["is_std"] = inception_score(logits)
+    res["precision"], res["recall"] = precision_recall(ref_pool, pool) if ref_pool is not None else (None, None)
+    return res
+
+@torch.no_grad()
+def reconstruction_metrics(tokenizer, loader, inception, device, ref=None):
+    """PSNR and rFID of reconstructions (posterior mean, no noise, no mask) of a data.make_loader(train=False)
+    loader's images. ref: (mu, sigma) of the reference set; None: the features of the same real images."""
+    psnr, fake, real = [], [], []
+    for x, _ in loader:
+        x = x.to(device, non_blocking=True)
+        with bf16(device):
+            x_hat = tokenizer.decode(tokenizer.encode(x))
+        psnr.append(psnr_per_image(x, x_hat))
+        fake.append(inception(to_uint8(x_hat))[0])
+        real += [inception(to_uint8(x))[0]] if ref is None else []
+    n = n_images(loader)
+    psnr, fake = gather_rows(torch.cat(psnr), n, True), gather_rows(torch.cat(fake), n, True)
+    ref = ref if ref is not None else feature_stats(gather_rows(torch.cat(real), n, True))
+    return {"n": n, "psnr": psnr.mean().item(), "rfid": fid_from_feats(fake, *ref)} if rank_world()[0] == 0 else None
+
+# ---- Latents: linear probe (recipe in the module docstring) and maps
+@torch.no_grad()
+def probe_features(tokenizer, loader, device, seed=0):
+    """Token-pooled frozen features of a make_loader(train=False) loader's images, gathered in dataset order:
+    ({"z_t0.0", "z_t0.5", "encoder_block-2"}: (N, C), labels (N,)). z_t = (1 - t) z + t eps, gamma 1 (SPEC 2)."""
+    gen = torch.Generator(device).manual_seed(seed + rank_world()[0])
+    feats, labels = {**{f"z_t{t}": [] for t in PROBE_TS}, "encoder_block-2": []}, []
+    hook = tokenizer.encoder.transformer[-2].register_forward_hook(
+        lambda module, inputs, out: feats["encoder_block-2"].append(out.float().mean(1)))
+    for x, y in loader:
+        with bf16(device):
+            z = tokenizer.posterior(x.to(device, non_blocking=True))[0]
+        eps = torch.randn(z.shape, generator=gen, device=device)
+        for t in PROBE_TS:
+            feats[f"z_t{t}"].append(((1 - t) * z + t * eps).mean(1))
+        labels.append(y.to(device))
+    hook.remove()
+    n = n_images(loader)
+    return {k: gather_rows(torch.cat(v), n, True) for k, v in feats.items()}, gather_rows(torch.cat(labels), n, True)
+
+def train_probe(train_x, train_y, val_x, val_y, num_classes, epochs=10, lr=1e-3, batch_size=1024, seed=0):
+    """Val top-1 of BatchNorm1d(affine=False) + Linear trained on frozen features with AdamW, cosine lr."""
+    gen = torch.Generator().manual_seed(seed)
+    probe = nn.Sequential(nn.BatchNorm1d(train_x.shape[1], affine=False), nn.Linear(train_x.shape[1], num_classes))
+    opt = torch.optim.AdamW(probe.to(train_x.device).parameters(), lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * -(-len(train_x) // batch_size))
+    for _ in range(epochs):
+        for idx in torch.randperm(len(train_x), generator=gen).to(train_x.device).split(batch_size):
+            if len(idx) > 1:  # BatchNorm cannot train on a last batch of one
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(probe(train_x[idx]), train_y[idx]).backward()
+                opt.step()
+            sched.step()
+    with torch.no_grad():
+        return (probe.eval()(val_x).argmax(1) == val_y).float().mean().item()
+
+@torch.no_grad()
+def latent_maps(tokenizer, x, ts=VIZ_TS, seed=0):
+    """Paper Fig. 4, 8, 9: per t, z_t's first three PCA components (fitted jointly over the batch's tokens) as
+    RGB, and each token's cosine similarity to the image's average-pooled z_t (min-max scaled per image).
+    Two lists of (B, 3, H, W) in [-1, 1]: [x, map at ts[0], ...], token maps upsampled (nearest)."""
+    z = tokenizer.posterior(x)[0]
+    eps = torch.randn(z.shape, generator=torch.Generator(z.device).manual_seed(seed), device=z.device)
+    B, N, _ = z.shape
+    image = lambda m: 2 * F.interpolate(m.transpose(1, 2).unflatten(2, (math.isqrt(N), -1)), x.shape[-2:]) - 1
+    unit = lambda v, d: (v - v.amin(d, keepdim=True)) / (v.amax(d, keepdim=True) - v.amin(d, keepdim=True) + 1e-8)
+    pca, cos = [x], [x]
+    for z_t in ((1 - t) * z + t * eps for t in ts):
+        flat = z_t.flatten(0, 1) - z_t.flatten(0, 1).mean(0)
+        pca.append(image(unit(flat @ torch.linalg.svd(flat, full_matrices=False).Vh[:3].T, 0).view(B, N, 3)))
+        sim = F.cosine_similarity(z_t, z_t.mean(1, keepdim=True), dim=-1)
+        cos.append(image(unit(sim, 1)[..., None].expand(-1, -1, 3)))
+    return pca, cos
+
+def save_maps(tokenizer, x, out_dir, save_grid, seed=0):
+    for name, cols in zip(("pca", "cos"), latent_maps(tokenizer, x, seed=seed)):
+        save_grid(os.path.join(out_dir, f"latent_{name}.png"), list(torch.stack(cols, 1)))  # a row per image
+
+# ---- Command line
+def spread(n, k):  # k indices evenly spread over range(n), all if k >= n: class-balanced on class-sorted folders
+    return np.linspace(0, n - 1, min(k, n)).round().astype(int).tolist()
+
+def demo(args, inception, device, save_grid):
+    """The demo pipeline's <out_dir>/samples.npz against Shapes(500, seed 2) images (FID, IS, P/R); its tokenizer
+    (stage 2, else stage 1) on Shapes(200, seed 1): PSNR, rFID against the same images, latent maps."""
+    toks = [p for p in (os.path.join(args.out_dir, f) for f in ("tokenizer_ft.pt", "tokenizer.pt")) if os.path.isfile(p)]
+    samples = os.path.join(args.out_dir, "samples.npz")
+    if not toks:
+        raise SystemExit(f"no {args.out_dir}/tokenizer.pt: run `python train_tokenizer.py --demo` first")
+    if not os.path.isfile(samples):
+        raise SystemExit(f"no {samples}: run `python train_dit.py --demo`, then `python sample.py --demo` first")
+    inception, bs = inception.to(memory_format=torch.channels_last), 10  # NHWC, small batches: 2x faster on CPU
+    rank, world = rank_world()
+    n, read = open_images(samples)
+    size = read(0, 1).shape[1]
+    ref = [to_uint8(x) for x, _ in data.make_loader(data.Shapes(500, size, seed=2), bs, False, 0, world, rank)]
+    ref_pool = gather_rows(inception_features(inception, ref)[0], 500, strided=True)
+    gen = generation_metrics(inception, image_batches(n, read, bs), *feature_stats(ref_pool), ref_pool, n)
+    tokenizer = models.load_tokenizer(toks[0], gamma=0.0, mask_ratio=0.0).to(device)
+    shapes = data.Shapes(200, tokenizer.grid * tokenizer.decoder.patch_size, seed=1)
+    rec = reconstruction_metrics(tokenizer, data.make_loader(shapes, bs, False, 0, world, rank), inception, device)
+    if rank == 0:
+        save_maps(tokenizer, torch.stack([shapes[i][0] for i in range(8)]).to(device), args.out_dir, save_grid)
+        return {"inception": "RANDOM weights: FID / IS / precision / recall are meaningless", "samples": samples,
+                "generation": gen, "tokenizer": toks[0], "reconstruction": rec}
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--samples", help="folder of images, or ADM .npz (arr_0: uint8 N x H x W x 3)")
+    a("--ref", help=".npz with mu, sigma (+ arr_0 images for precision / recall), or reference images")
+    a("--save_stats", metavar="OUT.npz", help="instead: save mu, sigma of --samples (rFID reference)")
+    a("--image_size", type=int, help="ADM centre crop of --samples / --ref folder images to this size")
+    a("--tokenizer", help="tokenizer checkpoint: PSNR / rFID of its reconstructions of --data")
+    a("--data", help="image folder with class sub-folders: ImageNet val (train for --linear_probe)")
+    a("--num_images", type=int, default=50000, help="reconstruct this many --data images, evenly spread")
+    a("--grid", metavar="PNG", help="save 8 originals vs reconstructions")
+    a("--linear_probe", action="store_true", help="linear probe of --tokenizer's features: --data, --val_data")
+    a("--val_data", help="ImageNet val folder for --linear_probe")
+    a("--probe_images", type=int, help="train the probe on this many --data images, evenly spread (default all)")
+    a("--probe_epochs", type=int, default=10)
+    a("--probe_lr", type=float, default=1e-3)
+    a("--viz", action="store_true", help="PCA / cosine maps of --tokenizer's z_t on 8 --data images")
+    a("--demo", action="store_true", help="evaluate the demo pipeline's outputs in --out_dir, random Inception")
+    a("--out_dir", default="out/demo", help="JSON, PNGs and evaluate.log")
+    a("--out", help="JSON path (default: next to --samples, else <out_dir>/<mode>.json)")
+    a("--inception", help="FID Inception .pth (default: pytorch-fid's release); 'random' for demos")
+    a("--batch_size", type=int, default=100)
+    a("--workers", type=int, default=8)
+    a("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    mode = next((m for m in ("demo", "linear_probe", "viz") if getattr(args, m)), "recon" if args.tokenizer else "samples")
+    needs = {"linear_probe": "tokenizer data val_data", "viz": "tokenizer data", "recon": "data", "samples": "samples"}
+    missing = [flag for flag in needs.get(mode, "").split() if not getattr(args, flag)]
+    if missing or mode == "samples" and (args.ref is None) == (args.save_stats is None):
+        p.error(f"{mode} mode needs --{missing[0]}" if missing else "give exactly one of --ref and --save_stats")
+    for flag in ("samples", "ref", "tokenizer", "data", "val_data", "inception"):
+        if getattr(args, flag) not in (None, "random") and not os.path.exists(getattr(args, flag)):
+            raise SystemExit(f"--{flag}: no such file or folder: {getattr(args, flag)}")
+    from train_tokenizer import save_grid, setup  # not at the top: train_tokenizer may import this module
+    rank, world, device = setup(args, "evaluate")
+    loader = lambda ds: data.make_loader(ds, args.batch_size, False, args.workers, world, rank)
+    if mode in ("samples", "recon", "demo"):
+        inception = load_inception("random" if args.demo else args.inception).to(device)
+    crop = functools.partial(data.center_crop, size=args.image_size) if args.image_size else None
+    res, out = None, args.out or os.path.join(args.out_dir, "eval.json" if args.demo else f"{mode}.json")
+    if mode == "demo":
+        res = demo(args, inception, device, save_grid)
+    elif mode == "samples" and args.save_stats:
+        pool = features(inception, args.samples, args.batch_size, crop)
+        if rank == 0:
+            np.savez(args.save_stats, **dict(zip(("mu", "sigma"), feature_stats(pool))))
+            print(f"mu, sigma of {len(pool)} images of {args.samples} -> {args.save_stats}")
+    elif mode == "samples":
+        (mu, sigma), ref_pool = reference(inception, args.ref, args.batch_size, crop)
+        n, read = open_images(args.samples, crop)
+        res = generation_metrics(inception, image_batches(n, read, args.batch_size), mu, sigma, ref_pool, n)
+        res = res and {"samples": args.samples, "ref": args.ref, **res}
+        out = args.out or os.path.splitext(args.samples.rstrip("/"))[0] + "_metrics.json"
+    else:
+        tokenizer = models.load_tokenizer(args.tokenizer, gamma=0.0, mask_ratio=0.0).to(device)
+        ds = data.ImageFolder(args.data, tokenizer.grid * tokenizer.decoder.patch_size)
+        few = torch.stack([ds[i][0] for i in spread(len(ds), 8)]).to(device)
+        if mode == "recon":
+            ref = reference(inception, args.ref, args.batch_size, crop)[0] if args.ref else None
+            sub = torch.utils.data.Subset(ds, spread(len(ds), args.num_images))
+            res = reconstruction_metrics(tokenizer, loader(sub), inception, device, ref)
+            if args.grid and rank == 0:
+                with torch.no_grad(), bf16(device):
+                    save_grid(args.grid, [few, tokenizer.decode(tokenizer.encode(few))])
+        elif mode == "linear_probe":
+            sub = torch.utils.data.Subset(ds, spread(len(ds), args.probe_images or len(ds)))
+            (tx, ty), (vx, vy) = (probe_features(tokenizer, loader(d), device, args.seed)
+                                  for d in (sub, data.ImageFolder(args.val_data, ds.size)))
+            if rank == 0:  # the probes are cheap: rank 0 trains them on the gathered features
+                res = {"n_train": len(ty), "n_val": len(vy), "top1": {k: train_probe(
+                    tx[k], ty, vx[k], vy, ds.num_classes, args.probe_epochs, args.probe_lr, seed=args.seed) for k in tx}}
+        elif rank == 0:
+            save_maps(tokenizer, few, args.out_dir, save_grid, args.seed)
+    if res:
+        with open(out, "w") as f:
+            json.dump(res, f, indent=1)
+        print(json.dumps(res), "->", out)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Stage 4: sample images from a DiT^DH with the released Euler sampler (SPEC section 5), decoded by the tokenizer.
+
+  torchrun --nproc_per_node=8 sample.py --dit ditdhxl_epoch_0599.pth --guide ditdhs_epoch_0029.pth --cfg 1.29 \
+      --steps 150 --tokenizer RecTok_decft.pth --latent_stats out/dit/latent_stats.pt --out out/samples.npz
+  python sample.py --demo                      # reads out/demo/dit.pt and out/demo/tokenizer_ft.pt
+"""
+import argparse
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+import evaluate
+import models
+from train_tokenizer import barrier, parse_args, save_grid, setup
+
+log = models.log
+
+
+def time_grid(steps, latent_shape):
+    """The released sampling grid (SPEC 5): `steps` POINTS of linspace(0, 1), each mapped
+    g -> s*g / (1 + (s-1)*g) with s = sqrt(H*W*dim/4096), then flipped as 1 - reversed(grid) so
+    the small steps fall near noise (t=0). Like the release, the flip happens only when s > 1."""
+    s = math.sqrt(math.prod(latent_shape) / 4096)
+    g = torch.linspace(0, 1, steps)
+    g = s * g / (1 + (s - 1) * g)
+    return (1 - g).flip(0) if s > 1 else g
+
+
+@torch.no_grad()
+def euler_sample(dit, noise, labels, steps, cfg=1.0, guide=None):
+    """Integrate dx/dt = v(x, t, y) from noise (t=0) to data (t=1) with steps-1 plain Euler updates.
+    cfg > 1: classifier-free guidance v_null + cfg*(v_cond - v_null), conditional and null label in
+    one forward of a doubled batch; with `guide` (a weak DiT^DH): AutoGuidance
+    v_bad + cfg*(v_good - v_bad). Guidance acts on all channels over the whole interval."""
+    x, ts = noise, time_grid(steps, noise.shape[1:]).to(noise.device)
+    null = torch.full_like(labels, dit.num_classes)
+    for t0, t1 in zip(ts[:-1], ts[1:]):
+        t = t0.expand(len(x))
+        if cfg > 1 and guide is not None:
+            v_good, v_bad = dit(x, t, labels), guide(x, t, labels)
+            v = v_bad + cfg * (v_good - v_bad)
+        elif cfg > 1:
+            v_cond, v_null = dit(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).chunk(2)
+            v = v_null + cfg * (v_cond - v_null)
+        else:
+            v = dit(x, t, labels)
+        x = x + (t1 - t0) * v
+    return x
+
+
+@torch.no_grad()
+def generate(dit, tokenizer, stats, idx, steps, cfg=1.0, guide=None, seed=0):
+    """Decoded images in [-1, 1] for global image indices idx: image i has noise seeded by (seed, i) and
+    label i % num_classes, so any split of the indices over ranks gives the same images."""
+    device = stats["mean"].device
+    noise = torch.stack([torch.randn(dit.dim, dit.grid, dit.grid, generator=torch.Generator().manual_seed(
+        (seed << 32) + i)) for i in idx]).to(device)
+    labels = torch.tensor([i % dit.num_classes for i in idx], device=device)
+    with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+        z = euler_sample(dit, noise, labels, steps, cfg, guide)
+        return tokenizer.decode(z.float() * stats["std"][:, None, None] + stats["mean"][:, None, None]).float()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser.add_argument
+    p("--dit", help="DiT^DH checkpoint (ours, or the authors' ditdhxl_epoch_0599.pth); --demo: <out_dir>/dit.pt")
+    p("--guide", help="a weak DiT^DH for AutoGuidance (e.g. ditdhs_epoch_0029.pth); without it cfg > 1 is CFG")
+    p("--tokenizer", help="tokenizer checkpoint (RecTok_decft.pth or ours); --demo: <out_dir>/tokenizer_ft.pt")
+    p("--latent_stats", help="latent_stats.pt from train_dit.py (needed for the authors' DiT, which has none)")
+    p("--cfg", type=float, default=1.0, help="guidance scale (1.29 with AutoGuidance for the headline result)")
+    p("--steps", type=int, default=50, help="Euler grid points (150 for the final numbers)")
+    p("--num_images", type=int, default=50_000, help="class-balanced: image i has label i %% num_classes")
+    p("--per_proc_batch", type=int, default=125)
+    p("--seed", type=int, default=0, help="image i's noise is seeded by (seed, i): any number of ranks, same images")
+    p("--out_dir", default="out/demo")
+    p("--out", help="ADM-format .npz (arr_0: uint8 N x H x W x 3); default <out_dir>/samples.npz")
+    p("--png", action="store_true", help="also write one PNG per image into <out>_png/")
+    p("--compile", action="store_true", help="torch.compile the DiT^DH (fixed shapes: compiled once)")
+    p("--demo", action="store_true", help="sample the demo DiT from --out_dir; other flags still override")
+    args = parse_args(parser, dict(num_images=100, steps=10, per_proc_batch=50))
+    rank, world, device = setup(args, "sample")
+    dit, extra = models.load_dit(args.dit or os.path.join(args.out_dir, "dit.pt"))
+    guide = models.load_dit(args.guide)[0].to(device) if args.guide else None
+    tokenizer = models.load_tokenizer(args.tokenizer or os.path.join(args.out_dir, "tokenizer_ft.pt")).to(device).eval()
+    stats = models.read_checkpoint(args.latent_stats) if args.latent_stats else extra.get("latent_stats")
+    stats = stats.get("latent_stats", stats) if stats else None
+    if stats is None:
+        raise SystemExit(f"--latent_stats: {args.dit} holds no latent statistics; compute them with "
+                         "`train_dit.py --tokenizer ... --data ... --epochs 0` and pass latent_stats.pt")
+    if (tokenizer.dim, tokenizer.grid) != (dit.dim, dit.grid):
+        raise SystemExit(f"--tokenizer: latents {tokenizer.dim}x{tokenizer.grid}^2 do not fit the DiT's {dit.dim}x{dit.grid}^2")
+    dit.to(device)
+    net = torch.compile(dit) if args.compile else dit
+    stats = {k: v.to(device) for k, v in stats.items()}
+    size = tokenizer.grid * tokenizer.decoder.patch_size
+
+    # One memory-mapped array shared by all ranks plus a `done` flag per image, so a rerun finishes the job.
+    out = args.out or os.path.join(args.out_dir, "samples.npz")
+    if os.path.exists(out):
+        log.info(f"{out} already exists: nothing to do")
+        return
+    shape = (args.num_images, size, size, 3)
+    if rank == 0:
+        for name, dtype, s in (("images", np.uint8, shape), ("done", np.bool_, (args.num_images,))):
+            path = f"{out}.{name}.npy"
+            if not os.path.exists(path) or np.load(path, mmap_mode="r").shape != s:
+                np.lib.format.open_memmap(path, "w+", dtype, s).flush()
+    barrier()
+    images, done = (np.load(f"{out}.{n}.npy", mmap_mode="r+") for n in ("images", "done"))
+    todo = [i for i in range(rank, args.num_images, world) if not done[i]]
+    log.info(f"{args.num_images - int(done.sum())} of {args.num_images} images left; "
+             f"{'AutoGuidance' if guide else 'CFG'} {args.cfg}, {args.steps} grid points")
+    t0 = time.time()
+    for start in range(0, len(todo), args.per_proc_batch):
+        idx = todo[start:start + args.per_proc_batch]
+        x = generate(net, tokenizer, stats, idx, args.steps, args.cfg, guide, args.seed)
+        images[idx] = evaluate.to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
+        done[idx] = True
+        if args.png:
+            os.makedirs(out + "_png", exist_ok=True)
+            for i in idx:
+                Image.fromarray(images[i]).save(os.path.join(out + "_png", f"{i:06d}.png"))
+        n = start + len(idx)
+        log.info(f"rank {rank}: {n}/{len(todo)} images, {n / (time.time() - t0):.2f} images/s")
+    images.flush(), done.flush()
+    barrier()
+    if rank == 0:
+        rows = [images[r * 10:(r + 1) * 10] for r in range(min(4, args.num_images // 10))]
+        save_grid(os.path.join(os.path.dirname(out) or ".", "samples_grid.png"),
+                  [torch.from_numpy(np.array(r)).permute(0, 3, 1, 2).float() / 127.5 - 1 for r in rows])
+        np.savez(out + ".tmp.npz", arr_0=images)
+        os.replace(out + ".tmp.npz", out)
+        del images, done
+        for name in ("images", "done"):
+            os.remove(f"{out}.{name}.npy")
+        log.info(f"wrote {out} ({args.num_images} images)")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""Stage 3: latent statistics, then DiT^DH on RecTok latents (SPEC section 4).
+
+  torchrun --nproc_per_node=8 train_dit.py --tokenizer out/rectok/tokenizer_ft.pt \
+      --data /data/imagenet/train --model XL --out_dir out/dit       # or the authors' RecTok_decft.pth
+  python train_dit.py --demo                                          # reads out/demo/tokenizer_ft.pt
+
+First pass: channel-wise mean/std of the tokenizer's posterior means over the training set (no flip),
+stored in the checkpoint. Then rectified flow on normalised posterior samples of flipped or unflipped
+images. `--epochs 0` only computes the statistics (needed to sample from the authors' DiT release).
+"""
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import data
+import evaluate
+import models
+from sample import generate
+from train_tokenizer import (EMA, Metrics, adamw, barrier, check_ranks_agree, ddp, grad_accum_steps, make_dataset, parse_args,
+                             random_flip, reduce_for_log, rng_state, save_checkpoint, save_grid, set_rng_state, setup,
+                             sync_grads_if)
+
+
+def dit_lr(epoch_frac, lr, min_lr, decay_start, decay_end):
+    """Constant lr to `decay_start` epochs, then linear to min_lr at `decay_end` (the released schedule)."""
+    progress = min(max((epoch_frac - decay_start) / (decay_end - decay_start), 0.0), 1.0)
+    return lr - (lr - min_lr) * progress
+
+
+@torch.no_grad()
+def latent_stats(tokenizer, loader, device):
+    """Channel-wise mean and std of the posterior means over the whole loader, reduced over all ranks."""
+    acc = torch.zeros(3, tokenizer.dim, dtype=torch.float64, device=device)  # count, sum, sum of squares
+    for i, (x, _) in enumerate(loader):
+        mean = tokenizer.posterior(x.to(device, non_blocking=True))[0].flatten(0, 1).double()
+        acc += torch.stack([torch.full_like(mean[0], len(mean)), mean.sum(0), (mean ** 2).sum(0)])
+        if i % 100 == 0:
+            models.log.info(f"latent statistics: {i}/{len(loader)} batches")
+    if dist.is_initialized():
+        dist.all_reduce(acc)
+    mu = acc[1] / acc[0]
+    return {"mean": mu.float().cpu(), "std": (acc[2] / acc[0] - mu ** 2).sqrt().float().cpu()}
+
+
+class LatentCache(torch.utils.data.Dataset):
+    """--cache_latents: posterior (mean, logvar) of every training image, unflipped and flipped, in one
+    memory-mapped float16 array (N, 2, tokens, 2*dim); items are (moments of both flips, label)."""
+
+    def __init__(self, root):
+        self.moments = np.load(os.path.join(root, "moments.npy"), mmap_mode="r")
+        self.labels = np.load(os.path.join(root, "labels.npy"))
+        self.num_classes = int(self.labels.max()) + 1
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.array(self.moments[i])), int(self.labels[i])
+
+
+@torch.no_grad()
+def build_cache(root, tokenizer, dataset, args, rank, world, device):
+    """Encode the training set once into LatentCache's files, each rank its share of the indices; the files
+    get their final names only when complete, so an interrupted run starts the cache again."""
+    if os.path.exists(os.path.join(root, "labels.npy")):
+        return
+    shapes = {"moments": (np.float16, (len(dataset), 2, tokenizer.grid ** 2, 2 * tokenizer.dim)),
+              "labels": (np.int64, (len(dataset),))}
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        for name, (dtype, shape) in shapes.items():
+            np.lib.format.open_memmap(os.path.join(root, f"{name}.tmp.npy"), "w+", dtype, shape).flush()
+    barrier()
+    moments_out, labels_out = (np.load(os.path.join(root, f"{n}.tmp.npy"), mmap_mode="r+") for n in shapes)
+    loader = data.make_loader(dataset, args.batch_size, False, args.workers, world, rank)
+    for i, (x, y) in enumerate(loader):
+        x = x.to(device)
+        moments = torch.stack([torch.cat(tokenizer.posterior(v), -1) for v in (x, x.flip(-1))], 1)
+        # an unshuffled DistributedSampler gives rank r the dataset indices r, r + world, r + 2 world, ...
+        idx = (i * args.batch_size + np.arange(len(x))) * world + rank
+        keep = idx < len(dataset)  # the sampler pads the last share by repetition
+        moments_out[idx[keep]] = moments[torch.from_numpy(keep)].half().cpu().numpy()
+        labels_out[idx[keep]] = y.numpy()[keep]
+        if i % 100 == 0:
+            models.log.info(f"caching latents: {i}/{len(loader)} batches")
+    moments_out.flush(), labels_out.flush()
+    barrier()
+    if rank == 0:  # labels.npy last: its presence marks a complete cache
+        for name in shapes:
+            os.replace(os.path.join(root, f"{name}.tmp.npy"), os.path.join(root, f"{name}.npy"))
+    barrier()
+
+
+class DiTStep:
+    """One optimiser step of DiT^DH over `accum` micro-batches of normalised latents (SPEC 4): velocity MSE
+    under bf16 autocast, grad clip, AdamW (no weight decay), EMA. Also what bench.py times."""
+
+    def __init__(self, args, dit, device, world):
+        self.args, self.dit, self.ema = args, dit, EMA(dit, args.ema)
+        self.opt = adamw([p for p in dit.parameters() if p.requires_grad], args.lr, device)
+        self.ddp = ddp(dit, device, world)
+        self.fwd = torch.compile(self.ddp) if args.compile else self.ddp
+        self.autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+
+    def __call__(self, batches, lr):
+        """batches: (z, y) micro-batches. Returns the mean loss and the grad norm as tensors (no host sync)."""
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        total = 0.0
+        for i, (z, y) in enumerate(batches):
+            with self.autocast, sync_grads_if(i == len(batches) - 1, self.ddp):
+                loss = models.flow_loss(self.fwd, z, y)
+                (loss / len(batches)).backward()
+            total = total + loss.detach() / len(batches)
+        grad_norm = nn.utils.clip_grad_norm_(self.dit.parameters(), self.args.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.ema.update(self.dit)
+        return total, grad_norm
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser.add_argument
+    p("--tokenizer", help="tokenizer checkpoint (ours or RecTok_decft.pth); --demo: <out_dir>/tokenizer_ft.pt")
+    p("--data", help="ImageNet-style train folder (class sub-folders); omit with --demo")
+    p("--data_list", help="optional `relative/path label` file list")
+    p("--out_dir", default="out/demo")
+    p("--demo", action="store_true", help="small DiT on built-in data, CPU-friendly; other flags still override")
+    p("--demo_images", type=int, default=640)
+    p("--model", default="XL", choices=list(models.DIT_SIZES), help="DiT^DH size ('tiny' is for tests and demos)")
+    p("--epochs", type=int, default=800)
+    p("--decay_start_epoch", type=int, default=40)
+    p("--decay_end_epoch", type=int, default=800)
+    p("--lr", type=float, default=2e-4)
+    p("--min_lr", type=float, default=2e-5)
+    p("--batch_size", type=int, default=64, help="per process")
+    p("--global_batch", type=int, default=1024, help="reached by gradient accumulation on fewer GPUs")
+    p("--grad_clip", type=float, default=1.0)
+    p("--ema", type=float, default=0.9995, help="the released code (the paper text says 0.995)")
+    p("--latent_stats", help="reuse statistics from a DiT checkpoint or a latent_stats.pt")
+    p("--cache_latents", help="folder: encode the training set once and train from the memory-mapped cache")
+    p("--sample_steps", type=int, default=50, help="Euler grid points for the PNG of EMA samples")
+    p("--cfg", type=float, default=1.0, help="guidance scale for the PNG of EMA samples")
+    p("--workers", type=int, default=8)
+    p("--seed", type=int, default=0)
+    p("--log_every", type=int, default=50)
+    p("--vis_every", type=int, default=5)
+    p("--compile", action="store_true")
+    p("--eval_every", type=int, default=0, help="every N epochs: gFID + IS of EMA samples (--cfg, --sample_steps)")
+    p("--eval_images", type=int, default=10_000)
+    p("--fid_ref", help="gFID reference: ADM's VIRTUAL_imagenet256_labeled.npz; default: training images")
+    p("--inception", help="FID Inception .pth (default: pytorch-fid's release, downloaded once); 'random' for demos")
+    args = parse_args(parser, dict(model="tiny", epochs=6, decay_start_epoch=2, decay_end_epoch=6, lr=1e-3, ema=0.99,
+                                   min_lr=1e-4, batch_size=32, global_batch=32, workers=0, log_every=10,
+                                   vis_every=2, sample_steps=10))
+    rank, world, device = setup(args, "dit")
+    args.img_size = None  # set from the tokenizer below; make_dataset reads it
+    tokenizer = models.load_tokenizer(args.tokenizer or os.path.join(args.out_dir, "tokenizer_ft.pt"), gamma=0.0,
+                                      mask_ratio=0.0).to(device).eval()
+    tokenizer.sem_decoder = None
+    args.img_size = tokenizer.grid * tokenizer.decoder.patch_size
+    dataset = make_dataset(args)
+    ckpt_path = os.path.join(args.out_dir, "dit.pt")
+    ckpt = models.read_checkpoint(ckpt_path) if os.path.exists(ckpt_path) else {}
+
+    # 1. latent statistics (SPEC 4): posterior means, no flip, whole training set
+    stats = ckpt.get("latent_stats")
+    if stats is None and args.latent_stats:
+        src = models.read_checkpoint(args.latent_stats)
+        stats = src.get("latent_stats", src)
+    if stats is None:
+        stats = latent_stats(tokenizer, data.make_loader(dataset, args.batch_size, False, args.workers, world, rank),
+                             device)
+        if rank == 0:
+            save_checkpoint(os.path.join(args.out_dir, "latent_stats.pt"), stats)
+    log_stats = f"mean {stats['mean'].mean():.4f}, std {stats['std'].mean():.4f} (channel averages)"
+    models.log.info(f"latent statistics: {log_stats}")
+    if args.epochs == 0:
+        return
+    stats_d = {k: v.to(device) for k, v in stats.items()}
+    mean, std = stats_d["mean"][:, None, None], stats_d["std"][:, None, None]
+    if args.cache_latents:
+        build_cache(args.cache_latents, tokenizer, dataset, args, rank, world, device)
+        dataset = LatentCache(args.cache_latents)
+    num_classes = dataset.num_classes
+
+    # 2. DiT^DH training
+    dit = models.DiTDH(args.model, tokenizer.dim, tokenizer.grid, num_classes).to(device)
+    models.log.info(f"DiT^DH-{args.model}: {models.n_params(dit):,} params, {num_classes} classes")
+    train_step = DiTStep(args, dit, device, world)
+    accum = grad_accum_steps(args, world)
+    loader = data.make_loader(dataset, args.batch_size, True, args.workers, world, rank, args.seed)
+    if len(loader) < accum:
+        raise SystemExit(f"{len(dataset)} images are too few for one global batch of {args.global_batch}")
+    steps_per_epoch = len(loader) // accum
+    epoch, step = 0, 0
+    if ckpt:
+        dit.load_state_dict(ckpt["model"])
+        train_step.ema.model.load_state_dict(ckpt["model_ema"])
+        train_step.opt.load_state_dict(ckpt["opt"])
+        epoch, step = ckpt["epoch"], ckpt["step"]
+        set_rng_state(ckpt["rng"], rank, device)
+        models.log.info(f"resumed from {ckpt_path} at epoch {epoch}, step {step}")
+    autocast = train_step.autocast
+    if args.eval_every:  # gFID / IS against --fid_ref, or against a class-spread part of the training images
+        inception = evaluate.load_inception("random" if args.demo and not args.inception else args.inception)
+        inception.to(device)
+        if args.fid_ref:
+            ref = evaluate.reference(inception, args.fid_ref, args.batch_size)[0]
+        else:
+            real = make_dataset(args)
+            real = torch.utils.data.Subset(real, evaluate.spread(len(real), args.eval_images))
+            real = data.make_loader(real, args.batch_size, False, args.workers, world, rank)
+            pool = evaluate.inception_features(inception, (evaluate.to_uint8(x) for x, _ in real))[0]
+            ref = evaluate.feature_stats(evaluate.gather_rows(pool, len(real.dataset), strided=True))
+    classes = [207, 360, 387, 974, 88, 979, 417, 279] if num_classes == 1000 else list(range(min(num_classes, 10)))
+    metrics = Metrics(args.out_dir, "dit", rank)
+    models.log.info(f"{len(dataset)} images, {steps_per_epoch} steps/epoch, global batch {args.global_batch} = "
+                    f"{args.batch_size}/GPU x {world} x {accum} accumulation")
+    t0, n, sums = time.time(), 0, 0
+    while epoch < args.epochs:
+        dit.train()
+        loader.sampler.set_epoch(epoch)
+        batches = iter(loader)
+        for it in range(steps_per_epoch):
+            lr = dit_lr(epoch + it / steps_per_epoch, args.lr, args.min_lr, args.decay_start_epoch, args.decay_end_epoch)
+            batch = []
+            for _ in range(accum):
+                x, y = next(batches)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with torch.no_grad(), autocast:  # a posterior sample of the flipped or unflipped image
+                    if args.cache_latents:
+                        flip = torch.rand(len(x), device=device) < 0.5
+                        mu, logvar = torch.where(flip[:, None, None], x[:, 1], x[:, 0]).float().chunk(2, dim=-1)
+                        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+                        z = z.transpose(1, 2).unflatten(2, (tokenizer.grid, tokenizer.grid))
+                    else:
+                        z = tokenizer.encode(random_flip(x), sample=True)
+                batch.append(((z.float() - mean) / std, y))
+            loss, grad_norm = train_step(batch, lr)
+            sums = sums + torch.stack([loss, grad_norm.float()])  # averaged over the log interval
+            step, n = step + 1, n + 1
+            if step % args.log_every == 0 or it == steps_per_epoch - 1:
+                loss_v, gn = reduce_for_log(sums / n, world)
+                metrics.write(step=step, epoch=round(epoch + (it + 1) / steps_per_epoch, 4), loss=loss_v, lr=lr,
+                              grad_norm=gn, img_per_sec=n * args.global_batch / world / (time.time() - t0))
+                t0, n, sums = time.time(), 0, 0
+        epoch += 1
+        if args.eval_every and epoch % args.eval_every == 0:
+            per = -(-args.eval_images // world)  # every rank the same count; the last rank's extras are cut
+            ids = range(rank * per, (rank + 1) * per)
+            batches = (evaluate.to_uint8(generate(train_step.ema.model, tokenizer, stats_d, ids[i:i + args.batch_size],
+                                                  args.sample_steps, args.cfg)) for i in range(0, per, args.batch_size))
+            res = evaluate.generation_metrics(inception, batches, *ref, n=args.eval_images)
+            if res:
+                metrics.write(step=step, epoch=epoch, eval_images=res["n"], eval_gfid=res["fid"], eval_is=res["is_mean"])
+        check_ranks_agree(dit)
+        state = {"model": dit.state_dict(), "model_ema": train_step.ema.model.state_dict(), "opt": train_step.opt.state_dict(),
+                 "epoch": epoch, "step": step, "rng": rng_state(device), "latent_stats": stats, "args": vars(args)}
+        if rank == 0:
+            save_checkpoint(ckpt_path, state)
+            if epoch % args.vis_every == 0 or epoch == args.epochs:
+                images = generate(train_step.ema.model, tokenizer, stats_d, classes, args.sample_steps, args.cfg)
+                save_grid(os.path.join(args.out_dir, f"dit_samples_epoch{epoch:04d}.png"), [images])
+    models.log.info(f"done: {ckpt_path}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
