@@ -31,12 +31,12 @@ def sync(device):
 
 
 def measure(name, fn, images_per_call, args, device):
-    """Median images/s over repeats, peak memory, and MFU from the FLOPs of one call."""
-    for _ in range(args.warmup):
-        fn()
+    """Median images/s over repeats, peak memory, and MFU from the FLOPs of one call (the first warm-up call)."""
     with FlopCounterMode(display=False) as counter:
         fn()
     flops = counter.get_total_flops()
+    for _ in range(args.warmup - 1):
+        fn()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rates = []
@@ -51,7 +51,7 @@ def measure(name, fn, images_per_call, args, device):
     memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
     mfu = f"{100 * flops * rate / images_per_call / (args.peak_tflops * 1e12):5.1f}%" if device.type == "cuda" else "-"
-    print(f"| {name:<34} | {rate:9.2f} | {memory:7.2f} | {flops / images_per_call / 1e9:9.1f} | {mfu:>6} |", flush=True)
+    print(f"| {name:<42} | {rate:9.2f} | {memory:7.2f} | {flops / images_per_call / 1e9:9.1f} | {mfu:>6} |", flush=True)
 
 
 def bench_tokenizer(args, device, autocast):
@@ -97,33 +97,35 @@ def bench_inception(args, device, autocast):
 
 
 def bench_data(args):
-    """(e) JPEG decode + ADM centre crop per loader worker."""
-    dataset = data.ImageFolder(args.data, args.img_size)
-    n = min(len(dataset), 200 * args.workers)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=50,
-                                         num_workers=args.workers)
-    t0 = time.perf_counter()
-    for _ in loader:
-        pass
-    rate = n / (time.perf_counter() - t0)
-    print(f"| {'data: decode + crop, per worker':<34} | {rate / max(args.workers, 1):9.2f} | {'-':>7} | {'-':>9} | {'-':>6} |")
+    """(e) JPEG decode + ADM centre crop per loader worker, exact and with --jpeg_draft."""
+    for draft in (False, True):
+        dataset = data.ImageFolder(args.data, args.img_size, draft=draft)
+        n = min(len(dataset), 200 * max(args.workers, 1))
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=50,
+                                             num_workers=args.workers)
+        t0 = time.perf_counter()
+        for _ in loader:
+            pass
+        rate = n / (time.perf_counter() - t0) / max(args.workers, 1)
+        name = f"data: decode + crop{', draft' if draft else ''}, per worker"
+        print(f"| {name:<42} | {rate:9.2f} | {'-':>7} | {'-':>9} | {'-':>6} |")
 
 
 def main():
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p = parser.add_argument
-    p("--only", choices=["tokenizer", "dit", "inception"], help="run one part")
-    p("--batch_size", type=int, default=64 if cuda else 4)
+    p("--only", choices=["tokenizer", "dit", "inception", "data"], help="run one part")
+    p("--batch_size", type=int, default=64 if cuda else 2)
     p("--img_size", type=int, default=256 if cuda else 128)
     p("--tok_size", default="base" if cuda else "small", choices=sorted(models.SIZES))
     p("--teacher_size", default="large" if cuda else "tiny", choices=sorted(models.TEACHER_SIZES))
     p("--convnext_weight", type=float, default=0.1, help="0 drops the ConvNeXt-S perceptual term")
     p("--dit_size", default="XL" if cuda else "S", choices=list(models.DIT_SIZES))
-    p("--sample_steps", type=int, default=50)
+    p("--sample_steps", type=int, default=50 if cuda else 5, help="Euler grid points")
     p("--dtype", default="bf16" if cuda else "fp32", choices=["bf16", "fp32"], help="autocast on CUDA")
     p("--compile", action="store_true")
-    p("--warmup", type=int, default=3 if cuda else 1)
+    p("--warmup", type=int, default=3 if cuda else 1, help="calls before timing, the first one counts FLOPs")
     p("--steps", type=int, default=10 if cuda else 1)
     p("--repeats", type=int, default=3 if cuda else 2)
     p("--peak_tflops", type=float, default=989.0, help="dense bf16 peak of one device (H100/H200: 989)")
@@ -136,12 +138,12 @@ def main():
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=cuda and args.dtype == "bf16")
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"{name}, torch {torch.__version__}, batch {args.batch_size}, {args.dtype}, compile {args.compile}\n")
-    print(f"| {'part':<34} | {'images/s':>9} | {'mem GiB':>7} | {'GFLOP/img':>9} | {'MFU':>6} |")
-    print(f"|{'-' * 36}|{'-' * 11}|{'-' * 9}|{'-' * 11}|{'-' * 8}|")
+    print(f"| {'part':<42} | {'images/s':>9} | {'mem GiB':>7} | {'GFLOP/img':>9} | {'MFU':>6} |")
+    print(f"|{'-' * 44}|{'-' * 11}|{'-' * 9}|{'-' * 11}|{'-' * 8}|")
     for part, fn in (("tokenizer", bench_tokenizer), ("dit", bench_dit), ("inception", bench_inception)):
         if args.only in (None, part):
             fn(args, device, autocast)
-    if args.data:
+    if args.data and args.only in (None, "data"):
         bench_data(args)
 
 

@@ -31,12 +31,14 @@ def to_tensor(arr):
 class ImageFolder(torch.utils.data.Dataset):
     """Class sub-folders (labels by sorted folder name), or a list file of `relative/path label` lines.
     Items are (x, label): x float (3, size, size) in [-1, 1], randomly h-flipped when `flip`.
-    A corrupt or truncated file is skipped (the next image is returned) with a counted warning."""
+    A corrupt or truncated file is skipped (the next image is returned) with a counted warning.
+    draft: let libjpeg decode at 1/2, 1/4 or 1/8 scale (still >= size): several times faster on ImageNet,
+    but not bit-identical to the ADM crop of the full-resolution image."""
 
-    def __init__(self, root, size=256, flip=False, list_file=None):
+    def __init__(self, root, size=256, flip=False, list_file=None, draft=False):
         if not os.path.isdir(root):
             raise SystemExit(f"--data: no such folder: {root}")
-        self.root, self.size, self.flip, self.skipped = root, size, flip, 0
+        self.root, self.size, self.flip, self.draft, self.skipped = root, size, flip, draft, 0
         if list_file:
             with open(list_file) as f:
                 rows = [line.split() for line in f if line.strip()]
@@ -59,6 +61,8 @@ class ImageFolder(torch.utils.data.Dataset):
             path, label = self.samples[j % len(self)]
             try:
                 with Image.open(path) as img:
+                    if self.draft:
+                        img.draft("RGB", (self.size, self.size))
                     arr = center_crop(img.convert("RGB"), self.size)
                 break
             except (OSError, ValueError) as e:

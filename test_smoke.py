@@ -308,6 +308,16 @@ def test_corrupt_image_is_skipped(tmp_path, caplog):
     assert ds.skipped == 3 and "skipping unreadable image" in caplog.text
 
 
+def test_jpeg_draft_decode_is_close_to_the_exact_crop(tmp_path):
+    yy, xx = np.mgrid[0:600, 0:800]
+    smooth = np.stack([xx / 4, yy / 3, (xx + yy) / 6], -1).astype(np.uint8)
+    os.makedirs(tmp_path / "c")
+    Image.fromarray(smooth).save(tmp_path / "c" / "big.jpg", quality=95)
+    exact, fast = (data.ImageFolder(str(tmp_path), 64, draft=d)[0][0] for d in (False, True))
+    assert fast.shape == exact.shape == (3, 64, 64)
+    assert 0 < (fast - exact).abs().mean() < 0.02  # not bit-identical, but the same picture
+
+
 def test_center_crop_is_adm():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 700, 3), np.uint8))
     out = data.center_crop(img, 64)  # 700x300 -> BOX 350x150 -> BOX 175x75 -> BICUBIC 149x64 -> centre crop

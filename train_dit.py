@@ -130,6 +130,7 @@ def main():
     p("--tokenizer", help="tokenizer checkpoint (ours or RecTok_decft.pth); --demo: <out_dir>/tokenizer_ft.pt")
     p("--data", help="ImageNet-style train folder (class sub-folders); omit with --demo")
     p("--data_list", help="optional `relative/path label` file list")
+    p("--jpeg_draft", action="store_true", help="faster JPEG decode at reduced scale (not bit-identical to ADM)")
     p("--out_dir", default="out/demo")
     p("--demo", action="store_true", help="small DiT on built-in data, CPU-friendly; other flags still override")
     p("--demo_images", type=int, default=640)
@@ -157,7 +158,7 @@ def main():
     p("--fid_ref", help="gFID reference: ADM's VIRTUAL_imagenet256_labeled.npz; default: training images")
     p("--inception", help="FID Inception .pth (default: pytorch-fid's release, downloaded once); 'random' for demos")
     args = parse_args(parser, dict(model="tiny", epochs=6, decay_start_epoch=2, decay_end_epoch=6, lr=1e-3, ema=0.99,
-                                   min_lr=1e-4, batch_size=32, global_batch=32, workers=0, log_every=10,
+                                   min_lr=1e-4, batch_size=16, global_batch=32, workers=0, log_every=10,
                                    vis_every=2, sample_steps=10))
     rank, world, device = setup(args, "dit")
     args.img_size = None  # set from the tokenizer below; make_dataset reads it
@@ -194,6 +195,7 @@ def main():
     dit = models.DiTDH(args.model, tokenizer.dim, tokenizer.grid, num_classes).to(device)
     models.log.info(f"DiT^DH-{args.model}: {models.n_params(dit):,} params, {num_classes} classes")
     train_step = DiTStep(args, dit, device, world)
+    torch.manual_seed(args.seed + rank)  # from here on each rank draws its own noise, t and flips
     accum = grad_accum_steps(args, world)
     loader = data.make_loader(dataset, args.batch_size, True, args.workers, world, rank, args.seed)
     if len(loader) < accum:
@@ -260,7 +262,7 @@ def main():
             res = evaluate.generation_metrics(inception, batches, *ref, n=args.eval_images)
             if res:
                 metrics.write(step=step, epoch=epoch, eval_images=res["n"], eval_gfid=res["fid"], eval_is=res["is_mean"])
-        check_ranks_agree(dit)
+        check_ranks_agree(dit, train_step.ema.model)
         state = {"model": dit.state_dict(), "model_ema": train_step.ema.model.state_dict(), "opt": train_step.opt.state_dict(),
                  "epoch": epoch, "step": step, "rng": rng_state(device), "latent_stats": stats, "args": vars(args)}
         if rank == 0:

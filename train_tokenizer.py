@@ -59,7 +59,7 @@ def setup(args, stage):
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=handlers,
                         format=f"%(asctime)s [{stage}] %(message)s", datefmt="%H:%M:%S", force=True)
     warnings.filterwarnings("ignore", message=".*(pretrained|weights).*deprecated")
-    torch.manual_seed(args.seed + rank)
+    torch.manual_seed(args.seed)  # the same on every rank: identical initial (and random frozen) weights
     log.info(f"{world} process(es) on {device.type}; args: {json.dumps(vars(args))}")
     return rank, world, device
 
@@ -78,7 +78,7 @@ def make_dataset(args, train=True):
             raise SystemExit("--data is required (an ImageNet-style train folder), or use --demo")
         return data.Shapes(args.demo_images if train else 64, args.img_size, seed=0 if train else 1)
     if train:
-        return data.ImageFolder(args.data, args.img_size, list_file=args.data_list)
+        return data.ImageFolder(args.data, args.img_size, list_file=args.data_list, draft=args.jpeg_draft)
     return data.ImageFolder(args.val_data or args.data, args.img_size)
 
 
@@ -143,11 +143,11 @@ def set_rng_state(states, rank, device):
         torch.cuda.set_rng_state(states[rank]["cuda"], device)
 
 
-def check_ranks_agree(model):
-    """Cheap DDP sanity check at every checkpoint: all ranks must hold the same weights."""
+def check_ranks_agree(*modules):
+    """Cheap DDP sanity check at every checkpoint: all ranks must hold the same weights (model and EMA)."""
     if not dist.is_initialized():
         return
-    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().cpu()
+    checksum = torch.stack([p.detach().double().sum() for m in modules for p in m.parameters()]).sum().cpu()
     sums = [None] * dist.get_world_size()
     dist.all_gather_object(sums, checksum.item())
     if len(set(sums)) != 1:
@@ -226,8 +226,8 @@ def generator_losses(args, x, x_hat, kl, pred, target, ids_keep, perceptual, dis
 # The training step and loop shared by stage 1 and stage 2
 
 def ddp(module, device, world):
-    return nn.parallel.DistributedDataParallel(module, [device] if device.type == "cuda" else None) \
-        if world > 1 else module
+    return nn.parallel.DistributedDataParallel(module, [device] if device.type == "cuda" else None,
+                                               gradient_as_bucket_view=True) if world > 1 else module
 
 
 def sync_grads_if(last, module):
@@ -323,6 +323,7 @@ def train(args, stage, model, ema, teacher, rank, world, device):
         eval_loader = data.make_loader(val, args.batch_size, False, args.workers, world, rank)
         ref = evaluate.reference(inception, args.fid_ref, args.batch_size)[0] if args.fid_ref else None
     steps_per_epoch = len(loader) // accum
+    torch.manual_seed(args.seed + rank)  # from here on each rank draws its own masks, noise and flips
     ckpt_path = os.path.join(args.out_dir, f"{stage}.pt")
     epoch, step = 0, 0
     if os.path.exists(ckpt_path):
@@ -362,7 +363,7 @@ def train(args, stage, model, ema, teacher, rank, world, device):
             res = evaluate.reconstruction_metrics(ema.model, eval_loader, inception, device, ref)
             if res:
                 metrics.write(step=step, epoch=epoch, eval_images=res["n"], eval_psnr=res["psnr"], eval_rfid=res["rfid"])
-        check_ranks_agree(model)
+        check_ranks_agree(model, ema.model)
         state = dict(train_step.state_dict(), epoch=epoch, step=step, rng=rng_state(device), args=vars(args))
         if rank == 0:
             save_checkpoint(ckpt_path, state)
@@ -376,6 +377,7 @@ def common_args(parser):
     p = parser.add_argument
     p("--data", help="ImageNet-style train folder (class sub-folders); omit with --demo")
     p("--data_list", help="optional `relative/path label` file list, like the authors' train.txt")
+    p("--jpeg_draft", action="store_true", help="faster JPEG decode at reduced scale (not bit-identical to ADM)")
     p("--val_data", help="ImageNet val folder for the held-out PSNR batch (default: a train batch)")
     p("--out_dir", default="out/demo")
     p("--demo", action="store_true", help="tiny model on built-in data, CPU-friendly; other flags still override")
@@ -405,7 +407,7 @@ def common_args(parser):
     p("--inception", help="FID Inception .pth (default: pytorch-fid's release, downloaded once)")
 
 
-DEMO = dict(epochs=3, batch_size=16, global_batch=16, blr=4e-3, warmup_rate=0.1, ema=0.99, disc_start_epoch=2,
+DEMO = dict(epochs=3, batch_size=8, global_batch=16, blr=4e-3, warmup_rate=0.1, ema=0.99, disc_start_epoch=2,
             disc_weight=0.02, convnext_weight=0.0, random_frozen_nets=True, workers=0, log_every=10, vis_every=1)
 
 
