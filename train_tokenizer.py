@@ -247,8 +247,14 @@ class TokenizerStep:
         self.disc = models.patchgan().to(device)
         self.opt = adamw(model, self.base_lr, device, args.weight_decay)
         self.opt_d = adamw(self.disc, self.base_lr, device, args.weight_decay)
+        if args.compile:  # each network in place (same state-dict keys); the RAD mask draw stays in Python
+            for net in (model.encoder, model.decoder, model.sem_decoder):
+                if net is not None:
+                    net.compile(dynamic=True)  # the number of kept tokens changes every step
+            for net in (teacher, self.perceptual, self.disc):
+                if net is not None:
+                    net.compile()
         self.ddp_model, self.ddp_disc = ddp(model, device, world), ddp(self.disc, device, world)
-        self.fwd = torch.compile(self.ddp_model) if args.compile else self.ddp_model
         self.autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
         self.trainable = [p for p in model.parameters() if p.requires_grad]
 
@@ -261,7 +267,7 @@ class TokenizerStep:
         for i, x in enumerate(batches):
             last = i == len(batches) - 1
             with self.autocast, sync_grads_if(last, self.ddp_model):
-                x_hat, kl, pred, ids_keep = self.fwd(x)
+                x_hat, kl, pred, ids_keep = self.ddp_model(x)
                 target = None
                 if self.teacher is not None:
                     with torch.inference_mode():
