@@ -541,7 +541,7 @@ def patchgan(ndf=64, n_layers=3):
 # DiT^DH: a LightningDiT encoder plus a wide, shallow head (SPEC 4). Module and parameter names
 # follow the authors' release so `ditdhxl_epoch_0599.pth` / `ditdhs_epoch_0029.pth` load strictly.
 
-# name: (width, depth, heads, head width, head depth, head heads); "tiny" exists for the tests
+# name: (width, depth, heads, head width, head depth, head heads); "tiny" is for tests and demos
 DIT_SIZES = {
     "tiny": (32, 2, 2, 48, 2, 2),
     "S": (384, 12, 6, 2048, 2, 16),
@@ -589,6 +589,7 @@ class LightningBlock(nn.Module):
         self.norm1, self.norm2 = RMSNorm(width), RMSNorm(width)
         self.attn = Attention(width, heads)
         self.mlp = SwiGLU(width, int(2 / 3 * 4 * width))  # equals the authors' int(2/3 * int(4.0 * w)) for all sizes
+        # c already went through a SiLU; the second one here is the released code's
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
     def forward(self, x, c, rope):
