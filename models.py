@@ -482,13 +482,33 @@ def load_teacher(name, path=None, size="large", grid=16):
     return model.requires_grad_(False).eval()
 
 
-# ----------------------------------------------------------------------------------------------
-# Networks of the tokenizer's losses (SPEC 3): perceptual (LPIPS-VGG, ConvNeXt-S) and PatchGAN
-
 def download_error(what, e):
     return SystemExit(f"could not load pretrained {what} ({str(e).splitlines()[0]}); offline, place the file in "
                       f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}, or pass --random_frozen_nets for a demo")
 
+
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth"
+
+
+def teacher_file(name, path):
+    """Meta's release file: --teacher_ckpt, else DINOv2 downloaded once into the torch hub cache."""
+    if path:
+        return path
+    if name == "dinov3_vitl16":
+        raise SystemExit("--teacher_ckpt: DINOv3 weights are gated; request dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth "
+                         "at https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/ and pass its path")
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(DINOV2_URL))
+    if not os.path.exists(path):
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.hub.download_url_to_file(DINOV2_URL, path)
+        except Exception as e:
+            raise download_error(f"DINOv2 ({DINOV2_URL})", e)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks of the tokenizer's losses (SPEC 3): perceptual (LPIPS-VGG, ConvNeXt-S) and PatchGAN
 
 class Perceptual(nn.Module):
     """LPIPS-VGG; with convnext_weight > 0 the released code's mix (w_l LPIPS + w_c ConvNeXt-S logit MSE at

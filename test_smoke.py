@@ -828,3 +828,9 @@ def test_online_eval_in_the_training_scripts(tmp_path, monkeypatch):
             monkeypatch)
     gen = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if "eval_gfid" in line]
     assert len(gen) == 1 and gen[0]["eval_images"] == 12 and gen[0]["eval_gfid"] > 0 and gen[0]["eval_is"] >= 1
+
+
+def test_gated_dinov3_needs_its_file():
+    with pytest.raises(SystemExit, match="--teacher_ckpt"):
+        models.teacher_file("dinov3_vitl16", None)
+    assert models.teacher_file("dinov3_vitl16", "/some/file.pth") == "/some/file.pth"

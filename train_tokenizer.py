@@ -417,26 +417,6 @@ DEMO = dict(epochs=3, batch_size=8, global_batch=16, blr=4e-3, warmup_rate=0.1, 
             disc_weight=0.02, convnext_weight=0.0, random_frozen_nets=True, workers=0, log_every=10, vis_every=1)
 
 
-DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth"
-
-
-def teacher_file(name, path):
-    """Meta's release file: --teacher_ckpt, else DINOv2 downloaded once into the torch hub cache."""
-    if path:
-        return path
-    if name == "dinov3_vitl16":
-        raise SystemExit("--teacher_ckpt: DINOv3 weights are gated; request dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth "
-                         "at https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/ and pass its path")
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(DINOV2_URL))
-    if not os.path.exists(path):
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.hub.download_url_to_file(DINOV2_URL, path)
-        except Exception as e:
-            raise models.download_error(f"DINOv2 ({DINOV2_URL})", e)
-    return path
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common_args(parser)
@@ -450,7 +430,7 @@ def main():
     p("--sem_type", default="transformer", choices=["transformer", "mlp"])
     p("--teacher", choices=["dinov2_vitl14", "dinov3_vitl16"], help="default: DINOv2 below dim 64, DINOv3 from 64")
     p("--teacher_ckpt", help="Meta's release .pth; default: download DINOv2 (DINOv3 is gated: pass its file)")
-    p("--teacher_size", default="large", help="'tiny' gives a small random teacher for tests")
+    p("--teacher_size", default="large", choices=sorted(models.TEACHER_SIZES), help="'tiny': a small random teacher")
     p("--mask_ratio", type=float, default=0.4, help="RAD: ratio ~ max(0, U(mask_ratio_min, mask_ratio)); 0 = off")
     p("--mask_ratio_min", type=float, default=-0.1)
     p("--gamma", type=float, default=1.0, help="FSD noise scale; 0 = no forward-flow noise")
@@ -464,7 +444,7 @@ def main():
     teacher_name = args.teacher or ("dinov2_vitl14" if args.dim < 64 else "dinov3_vitl16")
     teacher = None
     if args.sem_weight > 0:
-        path = None if args.random_frozen_nets else teacher_file(teacher_name, args.teacher_ckpt)
+        path = None if args.random_frozen_nets else models.teacher_file(teacher_name, args.teacher_ckpt)
         teacher = models.load_teacher(teacher_name, path, args.teacher_size, args.img_size // args.patch_size)
         teacher.to(device)
     model = models.Tokenizer(args.img_size, args.patch_size, args.dim, args.enc_size, args.dec_size, args.sem_size,
