@@ -30,15 +30,15 @@ def to_tensor(arr):
 
 class ImageFolder(torch.utils.data.Dataset):
     """Class sub-folders (labels by sorted folder name), or a list file of `relative/path label` lines.
-    Items are (x, label): x float (3, size, size) in [-1, 1], randomly h-flipped when `flip`.
+    Items are (x, label): x float (3, size, size) in [-1, 1]; the training scripts flip, not the dataset.
     A corrupt or truncated file is skipped (the next image is returned) with a counted warning.
     draft: let libjpeg decode at 1/2, 1/4 or 1/8 scale (still >= size): several times faster on ImageNet,
     but not bit-identical to the ADM crop of the full-resolution image."""
 
-    def __init__(self, root, size=256, flip=False, list_file=None, draft=False):
+    def __init__(self, root, size=256, list_file=None, draft=False):
         if not os.path.isdir(root):
             raise SystemExit(f"--data: no such folder: {root}")
-        self.root, self.size, self.flip, self.draft, self.skipped = root, size, flip, draft, 0
+        self.size, self.draft, self.skipped = size, draft, 0
         if list_file:
             with open(list_file) as f:
                 rows = [line.split() for line in f if line.strip()]
@@ -70,10 +70,7 @@ class ImageFolder(torch.utils.data.Dataset):
                 log.warning(f"skipping unreadable image {path} ({e}); {self.skipped} skipped so far in this worker")
         else:
             raise SystemExit(f"--data: 100 unreadable images in a row from {self.samples[i][0]}")
-        x = to_tensor(arr)
-        if self.flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x, label
+        return to_tensor(arr), label
 
 
 class Shapes(torch.utils.data.Dataset):
@@ -83,8 +80,8 @@ class Shapes(torch.utils.data.Dataset):
     KINDS = ("disk", "square", "triangle", "ring", "cross")
     num_classes = 10
 
-    def __init__(self, n=512, size=64, flip=False, seed=0):
-        self.n, self.size, self.flip, self.seed = n, size, flip, seed
+    def __init__(self, n=512, size=64, seed=0):
+        self.n, self.size, self.seed = n, size, seed
 
     def __len__(self):
         return self.n
@@ -117,10 +114,7 @@ class Shapes(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         arr, label = self.render(i)
-        x = to_tensor(arr)
-        if self.flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x, label
+        return to_tensor(arr), label
 
 
 def make_loader(dataset, batch_size, train, workers=4, world=1, rank=0, seed=0):

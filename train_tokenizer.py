@@ -241,7 +241,7 @@ class TokenizerStep:
     `accum` micro-batches, with the losses of SPEC 3. Also what bench.py times."""
 
     def __init__(self, args, model, ema, teacher, device, world):
-        self.args, self.model, self.ema, self.teacher, self.device = args, model, ema, teacher, device
+        self.args, self.model, self.ema, self.teacher = args, model, ema, teacher
         self.base_lr = args.blr * args.global_batch / 256
         self.perceptual = models.Perceptual(args.convnext_weight, args.random_frozen_nets).to(device)
         self.disc = models.patchgan().to(device)
@@ -320,11 +320,11 @@ def train(args, stage, model, ema, teacher, rank, world, device):
     loader = data.make_loader(make_dataset(args), args.batch_size, True, args.workers, world, rank, args.seed)
     if len(loader) < accum:
         raise SystemExit(f"{len(loader.dataset)} images are too few for one global batch of {args.global_batch}")
-    held_out = next(iter(data.make_loader(make_dataset(args, train=False), 8, False, 0)))[0].to(device)
+    val = make_dataset(args, train=False)
+    held_out = next(iter(data.make_loader(val, 8, False, 0)))[0].to(device)
     train_step = TokenizerStep(args, model, ema, teacher, device, world)
     if args.eval_every:  # PSNR + rFID of the EMA weights on a fixed, class-spread part of --val_data
         inception = evaluate.load_inception("random" if args.random_frozen_nets else args.inception).to(device)
-        val = make_dataset(args, train=False)
         val = torch.utils.data.Subset(val, evaluate.spread(len(val), args.eval_images))
         eval_loader = data.make_loader(val, args.batch_size, False, args.workers, world, rank)
         ref = evaluate.reference(inception, args.fid_ref, args.batch_size)[0] if args.fid_ref else None
