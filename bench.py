@@ -3,10 +3,11 @@
   python bench.py                       # GPU: real sizes (ViT-B/B + DINOv3-L, DiT^DH-XL); CPU: small sizes
   python bench.py --compile --only dit  # one part, with torch.compile
   python bench.py --data /data/imagenet/train --workers 8   # also the JPEG decode + ADM crop rate
+  timeout 480 python bench.py --check --compile   # the prepared H200 run
 
-Each part: warm-up steps, then `--repeats` timed runs of `--steps` steps (synchronised), median reported as
-images/s per device, with peak memory and, on CUDA, model FLOP utilisation (FLOPs counted by
-torch.utils.flop_counter on one step) against --peak_tflops.
+Each part: one eager call counts FLOPs (torch.utils.flop_counter), warm-up calls (compilation included,
+timed), then `--repeats` synchronised runs of `--steps` calls; reported: the median images/s per device,
+peak memory and, on CUDA, the model FLOP utilisation against --peak_tflops.
 """
 import argparse
 import resource
@@ -30,53 +31,63 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(name, fn, images_per_call, args, device):
-    """Median images/s over repeats, peak memory, and MFU from the FLOPs of one call (the first warm-up call)."""
-    with FlopCounterMode(display=False) as counter:
+def measure(name, fn, images_per_call, args, device, calls=None):
+    """Median images/s over --repeats runs of --steps calls, peak memory, and MFU from the FLOPs of one call.
+    FLOPs are counted on an eager call (compiled code would be traced once more under the counter); the
+    --warmup calls that follow include any compilation, and their time is printed too. `calls` replaces
+    both counts for parts whose one call is already long (a whole sampling run)."""
+    warmup, steps = (calls, calls) if calls else (args.warmup, args.steps)
+    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
         fn()
     flops = counter.get_total_flops()
-    for _ in range(args.warmup - 1):
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(warmup):
         fn()
+    sync(device)
+    warmup_s = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rates = []
     for _ in range(args.repeats):
         sync(device)
         t0 = time.perf_counter()
-        for _ in range(args.steps):
+        for _ in range(steps):
             fn()
         sync(device)
-        rates.append(args.steps * images_per_call / (time.perf_counter() - t0))
+        rates.append(steps * images_per_call / (time.perf_counter() - t0))
     rate = statistics.median(rates)
     memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
     mfu = f"{100 * flops * rate / images_per_call / (args.peak_tflops * 1e12):5.1f}%" if device.type == "cuda" else "-"
-    print(f"| {name:<42} | {rate:9.2f} | {memory:7.2f} | {flops / images_per_call / 1e9:9.1f} | {mfu:>6} |", flush=True)
+    print(f"| {name:<42} | {rate:9.2f} | {memory:7.2f} | {flops / images_per_call / 1e9:9.1f} | {mfu:>6} | "
+          f"{warmup_s:9.1f} |", flush=True)
 
 
-def check_precision(args, device, autocast):
-    """bf16 autocast + torch.compile against fp32 eager on one DiT^DH: the loss of one training step (same
-    t and eps) and one 8-point sampler run with CFG. Relative errors must stay within bf16 tolerance."""
-    dit = models.DiTDH("S", 128, 16).to(device)
+def check_precision(size, device, autocast, compile):
+    """Relative errors of `autocast` (+ torch.compile) against fp32 eager on one DiT^DH: the loss and the
+    gradient of one training step (same t and eps), and one 8-point sampler run with CFG. bf16 on CPU works
+    too, only slower."""
+    dit = models.DiTDH(size, 128, 16).to(device)
     with torch.no_grad():  # the zero-initialised output layers would make the comparison vacuous
         for p in dit.parameters():
             p.add_(0.02 * torch.randn_like(p))
     z, y = torch.randn(8, 128, 16, 16, device=device), torch.arange(8, device=device)
-    fast = torch.compile(dit)
 
-    def run(net, precision):
+    def run(precision):
         torch.manual_seed(0)
+        dit.zero_grad()
         with precision:
-            loss = models.flow_loss(net, z, y)
+            loss = models.flow_loss(dit.train(), z, y)
+            loss.backward()
             with torch.no_grad():
-                x = euler_sample(net.eval(), z, y, 8, cfg=1.5)
-        net.train()
-        return loss.float(), x.float()
-    (loss32, x32), (loss16, x16) = run(dit, torch.autocast(device.type, enabled=False)), run(fast, autocast)
-    err_loss = ((loss16 - loss32).abs() / loss32.abs()).item()
-    err_x = ((x16 - x32).norm() / x32.norm()).item()
-    print(f"precision check (bf16 {autocast._enabled} + compile vs fp32 eager): loss rel err {err_loss:.2e}, "
-          f"sampler rel err {err_x:.2e} -> {'OK' if max(err_loss, err_x) < 2e-2 else 'FAILED'}\n", flush=True)
+                x = euler_sample(dit.eval(), z, y, 8, cfg=1.5)
+        return loss.float(), torch.cat([p.grad.flatten() for p in dit.parameters() if p.grad is not None]), x.float()
+    fp32 = run(torch.autocast(device.type, enabled=False))
+    if compile:
+        dit.compile_blocks()
+    fast = run(autocast)
+    return [((a - b).norm() / b.norm()).item() for a, b in zip(fast, fp32)]
 
 
 def bench_tokenizer(args, device, autocast):
@@ -104,14 +115,16 @@ def bench_dit(args, device, autocast):
     z = torch.randn(args.batch_size, 128, 16, 16, device=device)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
     measure(f"DiT^DH-{args.dit_size} train step", lambda: step([(z, y)], 2e-4), args.batch_size, args, device)
-    dit.eval()
-    net = torch.compile(dit) if args.compile else dit
+    dit.eval()  # its blocks are compiled already when --compile
     guide = models.DiTDH("S", 128, 16).to(device).eval()
+    if args.compile:
+        guide.compile_blocks()
     for name, cfg, g in (("plain", 1.0, None), ("CFG 1.5", 1.5, None), ("AutoGuidance 1.29", 1.29, guide)):
         def run():
             with torch.no_grad(), autocast:
-                euler_sample(net, z, y, args.sample_steps, cfg, g)
-        measure(f"sample DiT^DH-{args.dit_size}, {args.sample_steps} pts, {name}", run, args.batch_size, args, device)
+                euler_sample(dit, z, y, args.sample_steps, cfg, g)
+        measure(f"sample DiT^DH-{args.dit_size}, {args.sample_steps} pts, {name}", run, args.batch_size, args, device,
+                calls=1)  # one call is already sample_steps - 1 forwards
 
 
 def bench_inception(args, device, autocast):
@@ -133,7 +146,7 @@ def bench_data(args):
             pass
         rate = n / (time.perf_counter() - t0) / max(args.workers, 1)
         name = f"data: decode + crop{', draft' if draft else ''}, per worker"
-        print(f"| {name:<42} | {rate:9.2f} | {'-':>7} | {'-':>9} | {'-':>6} |")
+        print(f"| {name:<42} | {rate:9.2f} | {'-':>7} | {'-':>9} | {'-':>6} | {'-':>9} |")
 
 
 def main():
@@ -141,7 +154,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p = parser.add_argument
     p("--only", choices=["tokenizer", "dit", "inception", "data"], help="run one part")
-    p("--check", action="store_true", help="first compare bf16 + compile against fp32 eager on DiT^DH-S")
+    p("--check", action="store_true", help="first compare --dtype (+ --compile) against fp32 eager on DiT^DH-S")
     p("--batch_size", type=int, default=64 if cuda else 2)
     p("--img_size", type=int, default=256 if cuda else 128)
     p("--tok_size", default="base" if cuda else "small", choices=sorted(models.SIZES))
@@ -149,30 +162,37 @@ def main():
     p("--convnext_weight", type=float, default=0.1, help="0 drops the ConvNeXt-S perceptual term")
     p("--dit_size", default="XL" if cuda else "S", choices=list(models.DIT_SIZES))
     p("--sample_steps", type=int, default=50 if cuda else 5, help="Euler grid points")
-    p("--dtype", default="bf16" if cuda else "fp32", choices=["bf16", "fp32"], help="autocast on CUDA")
+    p("--dtype", default="bf16" if cuda else "fp32", choices=["bf16", "fp32"], help="autocast (bf16 on CPU is slow)")
     p("--compile", action="store_true")
-    p("--warmup", type=int, default=3 if cuda else 1, help="calls before timing, the first one counts FLOPs")
+    p("--warmup", type=int, help="calls before timing, after the eager one that counts FLOPs (default: 3 on CUDA; "
+      "on CPU 1 with --compile, else 0)")
     p("--steps", type=int, default=10 if cuda else 1)
     p("--repeats", type=int, default=3 if cuda else 2)
     p("--peak_tflops", type=float, default=989.0, help="dense bf16 peak of one device (H100/H200: 989)")
     p("--data", help="folder of JPEGs for the data-pipeline rate")
     p("--workers", type=int, default=4)
     args = parser.parse_args()
+    start = time.perf_counter()
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=cuda and args.dtype == "bf16")
+    args.warmup = args.warmup if args.warmup is not None else 3 if cuda else int(args.compile)
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.dtype == "bf16")
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"{name}, torch {torch.__version__}, batch {args.batch_size}, {args.dtype}, compile {args.compile}\n")
     if args.check:
-        check_precision(args, device, autocast)
-    print(f"| {'part':<42} | {'images/s':>9} | {'mem GiB':>7} | {'GFLOP/img':>9} | {'MFU':>6} |")
-    print(f"|{'-' * 44}|{'-' * 11}|{'-' * 9}|{'-' * 11}|{'-' * 8}|")
+        errors = check_precision("S", device, autocast, args.compile)
+        print(f"precision check, {args.dtype} + compile {args.compile} against fp32 eager on DiT^DH-S, relative "
+              "error of loss / gradient / sampler: " + " / ".join(f"{e:.1e}" for e in errors) +
+              f" -> {'OK' if max(errors) < 2e-2 else 'FAILED (bf16 tolerance is 2e-2)'}\n", flush=True)
+    print(f"| {'part':<42} | {'images/s':>9} | {'mem GiB':>7} | {'GFLOP/img':>9} | {'MFU':>6} | {'warm-up s':>9} |")
+    print(f"|{'-' * 44}|{'-' * 11}|{'-' * 9}|{'-' * 11}|{'-' * 8}|{'-' * 11}|")
     for part, fn in (("tokenizer", bench_tokenizer), ("dit", bench_dit), ("inception", bench_inception)):
         if args.only in (None, part):
             fn(args, device, autocast)
     if args.data and args.only in (None, "data"):
         bench_data(args)
+    print(f"\n{time.perf_counter() - start:.0f} s in all")
 
 
 if __name__ == "__main__":

@@ -602,7 +602,7 @@ class RMSNorm(nn.Module):
 
 class LightningBlock(nn.Module):
     """RMSNorm + adaLN-Zero (shift, scale, gate for attention and MLP), RoPE attention, SwiGLU.
-    c is (B, width) for the encoder or (B, L, width) per token for the head."""
+    c is (B, 1, width) for the encoder or (B, L, width) per token for the head."""
 
     def __init__(self, width, heads):
         super().__init__()
@@ -613,7 +613,6 @@ class LightningBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
     def forward(self, x, c, rope):
-        c = c if c.dim() == 3 else c[:, None]
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, -1)
         x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1, rope)
         return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
@@ -677,12 +676,21 @@ class DiTDH(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
+    def compile_blocks(self):
+        """torch.compile each block in place: all blocks of one width share one compiled graph, so start-up
+        takes a fraction of a whole-model compile; the embedders and the final layer (<1% of FLOPs) stay eager.
+        The blocks share one code object, whose compiled variants (width x grad mode x condition shape x batch
+        size) would exceed dynamo's default limit of 8 and fall back to eager, hence the higher limit."""
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        for block in self.blocks:
+            block.compile()
+
     def forward(self, x, t, y):
         B, _, H, W = x.shape
         if self.training:  # label dropout: replace by the null class for classifier-free guidance
             y = torch.where(torch.rand(B, device=y.device) < self.label_drop, self.num_classes, y)
         t_emb = self.t_embedder(t)
-        c = F.silu(t_emb + self.y_embedder.embedding_table(y))
+        c = F.silu(t_emb + self.y_embedder.embedding_table(y))[:, None]  # one condition for all tokens
         s = self.s_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed
         for block in self.blocks[: self.depth]:
             s = block(s, c, self.enc_rope)

@@ -81,7 +81,7 @@ def main():
     p("--out_dir", default="out/demo")
     p("--out", help="ADM-format .npz (arr_0: uint8 N x H x W x 3); default <out_dir>/samples.npz")
     p("--png", action="store_true", help="also write one PNG per image into <out>_png/")
-    p("--compile", action="store_true", help="torch.compile the DiT^DH (fixed shapes: compiled once)")
+    p("--compile", action="store_true", help="torch.compile the blocks of the DiT^DH (and of --guide)")
     p("--demo", action="store_true", help="sample the demo DiT from --out_dir; other flags still override")
     args = parse_args(parser, dict(num_images=100, steps=10, per_proc_batch=50))
     rank, world, device = setup(args, "sample")
@@ -96,7 +96,9 @@ def main():
     if (tokenizer.dim, tokenizer.grid) != (dit.dim, dit.grid):
         raise SystemExit(f"--tokenizer: latents {tokenizer.dim}x{tokenizer.grid}^2 do not fit the DiT's {dit.dim}x{dit.grid}^2")
     dit.to(device)
-    net = torch.compile(dit) if args.compile else dit
+    if args.compile:
+        for net in (dit, guide) if guide else (dit,):
+            net.compile_blocks()
     stats = {k: v.to(device) for k, v in stats.items()}
     size = tokenizer.grid * tokenizer.decoder.patch_size
 
@@ -119,7 +121,7 @@ def main():
     t0 = time.time()
     for start in range(0, len(todo), args.per_proc_batch):
         idx = todo[start:start + args.per_proc_batch]
-        x = generate(net, tokenizer, stats, idx, args.steps, args.cfg, guide, args.seed)
+        x = generate(dit, tokenizer, stats, idx, args.steps, args.cfg, guide, args.seed)
         images[idx] = evaluate.to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
         done[idx] = True
         if args.png:

@@ -834,3 +834,39 @@ def test_gated_dinov3_needs_its_file():
     with pytest.raises(SystemExit, match="--teacher_ckpt"):
         models.teacher_file("dinov3_vitl16", None)
     assert models.teacher_file("dinov3_vitl16", "/some/file.pth") == "/some/file.pth"
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast paths (issue: speed): torch.compile and bf16 autocast must not change the function
+
+@torch._inductor.config.patch(fallback_random=True)  # eager's RNG inside compiled code
+def test_compiled_tokenizer_step_matches_eager():
+    import train_tokenizer as tt
+    from types import SimpleNamespace
+    x = torch.stack([data.Shapes(4, 32)[i][0] for i in range(4)])
+    runs = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        m = tiny_tokenizer(img=32, patch_size=8, teacher_dim=64)
+        teacher = models.load_teacher("dinov2_vitl14", None, "tiny", grid=4)
+        args = SimpleNamespace(compile=compile, blr=1e-4, global_batch=8, convnext_weight=0.0, random_frozen_nets=True,
+                               weight_decay=1e-4, grad_clip=3.0, rec_weight=1.0, perceptual_weight=1.0, kl_weight=1e-6,
+                               sem_weight=1.0, disc_weight=0.5)
+        step = tt.TokenizerStep(args, m, tt.EMA(m, 0.9), teacher, torch.device("cpu"), 1)
+        torch.manual_seed(1)  # three steps with the GAN on: three different RAD mask ratios through one graph
+        runs.append(([step([x], 1e-3, True)[0] for _ in range(3)], m.state_dict()))
+    (eager, w_eager), (fast, w_fast) = runs
+    for a, b in zip(eager, fast):
+        assert a.keys() == b.keys() == {"rec", "perceptual", "kl", "sem", "gan", "disc"}
+        assert all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-6) for k in a), (a, b)
+    assert w_eager.keys() == w_fast.keys()  # compiled in place: the checkpoint keys do not change
+    assert all(torch.allclose(w_eager[k], w_fast[k], atol=1e-3) for k in w_eager)
+
+
+def test_dit_compile_and_bf16_stay_within_tolerance():
+    import bench
+    cpu, fp32 = torch.device("cpu"), torch.autocast("cpu", enabled=False)
+    assert bench.check_precision("tiny", cpu, fp32, False) == [0.0, 0.0, 0.0]  # the comparison itself is exact
+    assert max(bench.check_precision("tiny", cpu, fp32, True)) < 1e-5  # compiled loss, gradient and CFG sampler
+    err_loss, err_grad, err_x = bench.check_precision("tiny", cpu, torch.autocast("cpu", torch.bfloat16), False)
+    assert err_loss < 2e-2 and 0 < err_grad < 2e-2 and 0 < err_x < 2e-2  # bf16 really ran, within its tolerance

@@ -103,8 +103,9 @@ class DiTStep:
     def __init__(self, args, dit, device, world):
         self.args, self.dit, self.ema = args, dit, EMA(dit, args.ema)
         self.opt = adamw([p for p in dit.parameters() if p.requires_grad], args.lr, device)
+        if args.compile:
+            dit.compile_blocks()
         self.ddp = ddp(dit, device, world)
-        self.fwd = torch.compile(self.ddp) if args.compile else self.ddp
         self.autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
 
     def __call__(self, batches, lr):
@@ -114,7 +115,7 @@ class DiTStep:
         total = 0.0
         for i, (z, y) in enumerate(batches):
             with self.autocast, sync_grads_if(i == len(batches) - 1, self.ddp):
-                loss = models.flow_loss(self.fwd, z, y)
+                loss = models.flow_loss(self.ddp, z, y)
                 (loss / len(batches)).backward()
             total = total + loss.detach() / len(batches)
         grad_norm = nn.utils.clip_grad_norm_(self.dit.parameters(), self.args.grad_clip)
