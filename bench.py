@@ -85,7 +85,7 @@ def check_precision(size, device, autocast, compile):
         return loss.float(), torch.cat([p.grad.flatten() for p in dit.parameters() if p.grad is not None]), x.float()
     fp32 = run(torch.autocast(device.type, enabled=False))
     if compile:
-        dit.compile_blocks()
+        models.compile_blocks(dit.blocks)
     fast = run(autocast)
     return [((a - b).norm() / b.norm()).item() for a, b in zip(fast, fp32)]
 
@@ -118,7 +118,7 @@ def bench_dit(args, device, autocast):
     dit.eval()  # its blocks are compiled already when --compile
     guide = models.DiTDH("S", 128, 16).to(device).eval()
     if args.compile:
-        guide.compile_blocks()
+        models.compile_blocks(guide.blocks)
     for name, cfg, g in (("plain", 1.0, None), ("CFG 1.5", 1.5, None), ("AutoGuidance 1.29", 1.29, guide)):
         def run():
             with torch.no_grad(), autocast:

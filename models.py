@@ -25,6 +25,16 @@ def n_params(module):
 # ----------------------------------------------------------------------------------------------
 # Transformer parts shared by the tokenizer and DiT^DH
 
+def compile_blocks(blocks, dynamic=None):
+    """torch.compile transformer blocks in place, one by one: blocks of one shape share one compiled graph,
+    so start-up takes a fraction of a whole-network compile, and the state-dict keys stay the same. The
+    blocks share one code object, whose variants (width x grad mode x sequence length ...) would pass
+    dynamo's default limit of 8 and fall back to eager, hence the higher limit."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for block in blocks:
+        block.compile(dynamic=dynamic)
+
+
 def apply_rope(x, rope):
     """Rotate adjacent channel pairs (2i, 2i+1) of x (B, heads, N, D); rope is (B or 1, N, 2D) = [cos | sin].
     Each channel has its own angle, so a pair whose members carry different angles (the tokenizer's
@@ -675,15 +685,6 @@ class DiTDH(nn.Module):
         for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
-
-    def compile_blocks(self):
-        """torch.compile each block in place: all blocks of one width share one compiled graph, so start-up
-        takes a fraction of a whole-model compile; the embedders and the final layer (<1% of FLOPs) stay eager.
-        The blocks share one code object, whose compiled variants (width x grad mode x condition shape x batch
-        size) would exceed dynamo's default limit of 8 and fall back to eager, hence the higher limit."""
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        for block in self.blocks:
-            block.compile()
 
     def forward(self, x, t, y):
         B, _, H, W = x.shape

@@ -98,7 +98,7 @@ def main():
     dit.to(device)
     if args.compile:
         for net in (dit, guide) if guide else (dit,):
-            net.compile_blocks()
+            models.compile_blocks(net.blocks)
     stats = {k: v.to(device) for k, v in stats.items()}
     size = tokenizer.grid * tokenizer.decoder.patch_size
 

@@ -104,7 +104,7 @@ class DiTStep:
         self.args, self.dit, self.ema = args, dit, EMA(dit, args.ema)
         self.opt = adamw([p for p in dit.parameters() if p.requires_grad], args.lr, device)
         if args.compile:
-            dit.compile_blocks()
+            models.compile_blocks(dit.blocks)
         self.ddp = ddp(dit, device, world)
         self.autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
 

@@ -247,13 +247,12 @@ class TokenizerStep:
         self.disc = models.patchgan().to(device)
         self.opt = adamw(model, self.base_lr, device, args.weight_decay)
         self.opt_d = adamw(self.disc, self.base_lr, device, args.weight_decay)
-        if args.compile:  # each network in place (same state-dict keys); the RAD mask draw stays in Python
+        if args.compile:  # in place; transformers block by block, the RAD mask draw and gathers stay eager
             for net in (model.encoder, model.decoder, model.sem_decoder):
-                if net is not None:
-                    net.compile(dynamic=True)  # the number of kept tokens changes every step
-            for net in (teacher, self.perceptual, self.disc):
-                if net is not None:
-                    net.compile()
+                models.compile_blocks(getattr(net, "transformer", []), dynamic=True)  # kept tokens vary per step
+            models.compile_blocks(getattr(teacher, "blocks", []))
+            for net in (self.perceptual, self.disc):
+                net.compile()
         self.ddp_model, self.ddp_disc = ddp(model, device, world), ddp(self.disc, device, world)
         self.autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
         self.trainable = [p for p in model.parameters() if p.requires_grad]
