@@ -870,3 +870,11 @@ def test_dit_compile_and_bf16_stay_within_tolerance():
     assert max(bench.check_precision("tiny", cpu, fp32, True)) < 1e-5  # compiled loss, gradient and CFG sampler
     err_loss, err_grad, err_x = bench.check_precision("tiny", cpu, torch.autocast("cpu", torch.bfloat16), False)
     assert err_loss < 2e-2 and 0 < err_grad < 2e-2 and 0 < err_x < 2e-2  # bf16 really ran, within its tolerance
+
+
+def test_every_size_has_a_flash_attention_head_dim():
+    # flash SDPA takes head dims that are multiples of 8 up to 256; any other silently runs a slower kernel
+    dims = [w // h for w, _, h in list(models.SIZES.values()) + list(models.TEACHER_SIZES.values())]
+    dims += [d for w, _, h, hw, _, hh in models.DIT_SIZES.values() for d in (w // h, hw // hh)]
+    assert all(d % 8 == 0 and d <= 256 for d in dims), dims
+    assert 72 in dims and 128 in dims  # DiT^DH-XL's encoder and the wide head
