@@ -33,8 +33,8 @@ def sync(device):
 
 def measure(name, fn, images_per_call, args, device, calls=None):
     """Median images/s over --repeats runs of --steps calls, peak memory, and MFU from the FLOPs of one call.
-    FLOPs are counted on an eager call (compiled code would be traced once more under the counter); the
-    --warmup calls that follow include any compilation, and their time is printed too. `calls` replaces
+    FLOPs are counted on an eager call, so nothing is compiled under the counter; the --warmup calls that
+    follow pay any compilation, and their time is printed too. `calls` replaces
     both counts for parts whose one call is already long (a whole sampling run)."""
     warmup, steps = (calls, calls) if calls else (args.warmup, args.steps)
     with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
