@@ -7,6 +7,7 @@ that RecTok.pth / RecTok_decft.pth / ditdh*.pth load with strict key checking.
 import logging
 import math
 import os
+import warnings
 
 import torch
 import torch.nn as nn
@@ -529,7 +530,9 @@ class Perceptual(nn.Module):
         import lpips
         import torchvision
         try:
-            self.lpips = lpips.LPIPS(net="vgg", pnet_rand=random_weights, verbose=False)
+            with warnings.catch_warnings():  # lpips still calls torchvision with its deprecated `pretrained=`
+                warnings.filterwarnings("ignore", message=".*(pretrained|weights).*deprecated")
+                self.lpips = lpips.LPIPS(net="vgg", pnet_rand=random_weights, verbose=False)
             self.convnext = torchvision.models.convnext_small(weights=None if random_weights else "DEFAULT") \
                 if convnext_weight > 0 else None
         except Exception as e:

@@ -15,7 +15,6 @@ import math
 import os
 import sys
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -58,7 +57,6 @@ def setup(args, stage):
                                             if rank == 0 else [])
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=handlers,
                         format=f"%(asctime)s [{stage}] %(message)s", datefmt="%H:%M:%S", force=True)
-    warnings.filterwarnings("ignore", message=".*(pretrained|weights).*deprecated")
     torch.manual_seed(args.seed)  # the same on every rank: identical initial (and random frozen) weights
     log.info(f"{world} process(es) on {device.type}; args: {json.dumps(vars(args))}")
     return rank, world, device
