@@ -44,7 +44,7 @@ def setup(args, stage):
     """torchrun -> DDP (NCCL on GPU, gloo on CPU); a plain `python` run is one process. Seeds each rank."""
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = evaluate.rank_world()
     device = torch.device("cpu")
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -133,7 +133,7 @@ def rng_state(device):
 
 
 def set_rng_state(states, rank, device):
-    if len(states) != (dist.get_world_size() if dist.is_initialized() else 1):
+    if len(states) != evaluate.rank_world()[1]:
         log.warning("resuming with a different number of processes: RNG streams restart from the seed")
         return
     torch.set_rng_state(states[rank]["cpu"])
@@ -247,7 +247,7 @@ class TokenizerStep:
         self.opt_d = adamw(self.disc, self.base_lr, device, args.weight_decay)
         if args.compile:  # in place; transformers block by block, the RAD mask draw and gathers stay eager
             for net in (model.encoder, model.decoder, model.sem_decoder):
-                models.compile_blocks(getattr(net, "transformer", []), dynamic=True)  # kept tokens vary per step
+                models.compile_blocks(getattr(net, "transformer", []), dynamic=True)  # the encoder's kept tokens vary
             models.compile_blocks(getattr(teacher, "blocks", []))
             for net in (self.perceptual, self.disc):
                 net.compile()
