@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import evaluate
 import models
+import plumbing
 import train_dit
 import train_tokenizer
 from sample import euler_sample
@@ -99,7 +100,7 @@ def bench_tokenizer(args, device, autocast):
     grid = args.img_size // 16
     teacher = models.load_teacher("dinov3_vitl16", None, args.teacher_size, grid).to(device)
     model = models.Tokenizer(args.img_size, 16, 128, args.tok_size, args.tok_size, teacher_dim=teacher.dim).to(device)
-    step = train_tokenizer.TokenizerStep(opts, model, train_tokenizer.EMA(model, 0.999), teacher, device, 1)
+    step = train_tokenizer.TokenizerStep(opts, model, plumbing.EMA(model, 0.999), teacher, device, 1)
     step.autocast = autocast  # --dtype fp32 compares against full precision
     x = torch.rand(args.batch_size, 3, args.img_size, args.img_size, device=device) * 2 - 1
     measure(f"tokenizer step ({args.tok_size}, {args.img_size}px)", lambda: step([x], 1e-4, True),

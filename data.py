@@ -2,6 +2,7 @@
 procedural dataset for demos and tests, and the distributed loader."""
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -21,6 +22,29 @@ def center_crop(img, size):
     arr = np.asarray(img)
     y, x = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
     return arr[y:y + size, x:x + size]
+
+
+def open_images(path, crop=None):
+    """(n, read(i, j) -> uint8 (j - i, H, W, 3)) over an ADM .npz (arr_0, held in memory: 10 GB for 50k at 256)
+    or a folder of images (recursive, sorted; crop: PIL image -> uint8 array, e.g. the ADM centre crop)."""
+    if path.endswith(".npz") and os.path.isfile(path):
+        with np.load(path) as f:
+            arr = f["arr_0"] if "arr_0" in f else None
+        if arr is None or arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] != 3:
+            raise SystemExit(f"{path}: needs arr_0, uint8 (N, H, W, 3) images")
+        return len(arr), lambda i, j: arr[i:j]
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTS))
+    if not files:
+        raise SystemExit(f"{path}: not an .npz or a folder of images")
+    load = lambda file: np.asarray((crop or np.asarray)(Image.open(file).convert("RGB")))
+
+    def read(i, j):
+        with ThreadPoolExecutor(8) as pool:  # PIL decodes outside the GIL
+            imgs = list(pool.map(load, files[i:j]))
+        if len({im.shape for im in imgs}) > 1:
+            raise SystemExit(f"{path}: images differ in size; give --image_size to centre-crop them")
+        return np.stack(imgs)
+    return len(files), read
 
 
 def to_tensor(arr):
@@ -125,3 +149,15 @@ def make_loader(dataset, batch_size, train, workers=4, world=1, rank=0, seed=0):
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                                        pin_memory=torch.cuda.is_available(), drop_last=train,
                                        persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+
+
+def make_dataset(args, train=True):
+    """The training scripts' data: --demo's built-in shapes, or an ImageNet-style folder / file list
+    (held-out images: --val_data, else the training folder)."""
+    if args.data is None:
+        if not args.demo:
+            raise SystemExit("--data is required (an ImageNet-style train folder), or use --demo")
+        return Shapes(args.demo_images if train else 64, args.img_size, seed=0 if train else 1)
+    if train:
+        return ImageFolder(args.data, args.img_size, list_file=args.data_list, draft=args.jpeg_draft)
+    return ImageFolder(args.val_data or args.data, args.img_size)

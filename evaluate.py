@@ -17,11 +17,8 @@ cosine decay from --probe_lr) for --probe_epochs on train, no augmentation; top-
 import argparse
 import functools
 import json
-import logging
 import math
 import os
-from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import scipy.linalg
@@ -29,129 +26,19 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
 import data
 import models
-
-log = logging.getLogger("rectok")
+from plumbing import bf16, gather_rows, log, rank_world, save_grid, setup, to_uint8, wandb_summary
 FID_WEIGHTS = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 PROBE_TS, VIZ_TS = (0.0, 0.5), (0.0, 0.25, 0.5, 0.75)
-
-# ---- FID Inception-v3: the 2015-12-05 TF graph. Module names are those of pytorch-fid's weight file.
-def tf1_resize(x, size):
-    """TF1 bilinear resize of float (N, C, H, W) to size x size: src = dst * in / out (align_corners=False, NO
-    half-pixel centres), neighbours floor / ceil clamped to the edge; fp32, W then H, as torch-fidelity does."""
-    def taps(n):
-        src = torch.arange(size, dtype=torch.float32, device=x.device) * torch.tensor(n / size, dtype=torch.float32)
-        return src.floor().long(), src.ceil().long().clamp(max=n - 1), src - src.floor()
-    (y0, y1, dy), (x0, x1, dx) = taps(x.shape[2]), taps(x.shape[3])
-    x = x[..., x0] + (x[..., x1] - x[..., x0]) * dx
-    return x[:, :, y0] + (x[:, :, y1] - x[:, :, y0]) * dy[:, None]
-
-def conv(cin, cout, kernel, stride=1, padding=None):
-    """conv (no bias) + BatchNorm (TF's eps 1e-3) + ReLU; 'SAME' padding at stride 1 unless told otherwise."""
-    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
-    padding = ((kh // 2, kw // 2) if stride == 1 else 0) if padding is None else padding
-    return nn.Sequential(OrderedDict(conv=nn.Conv2d(cin, cout, kernel, stride, padding, bias=False),
-                                     bn=nn.BatchNorm2d(cout, eps=1e-3), relu=nn.ReLU()))
-
-avg_pool = functools.partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1, count_include_pad=False)  # as TF
-max_pool = functools.partial(F.max_pool2d, kernel_size=3, stride=1, padding=1)
-
-class InceptionA(nn.Module):  # 35 x 35
-    def __init__(self, cin, pool_features):
-        super().__init__()
-        self.branch1x1, self.branch_pool = conv(cin, 64, 1), conv(cin, pool_features, 1)
-        self.branch5x5_1, self.branch5x5_2 = conv(cin, 48, 1), conv(48, 64, 5)
-        self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3 = conv(cin, 64, 1), conv(64, 96, 3), conv(96, 96, 3)
-
-    def forward(self, x):
-        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)), b3, self.branch_pool(avg_pool(x))], 1)
-
-class InceptionB(nn.Module):  # 35 -> 17
-    def __init__(self, cin):
-        super().__init__()
-        self.branch3x3, self.branch3x3dbl_1 = conv(cin, 384, 3, stride=2), conv(cin, 64, 1)
-        self.branch3x3dbl_2, self.branch3x3dbl_3 = conv(64, 96, 3), conv(96, 96, 3, stride=2)
-
-    def forward(self, x):
-        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([self.branch3x3(x), b3, F.max_pool2d(x, 3, 2)], 1)
-
-class InceptionC(nn.Module):  # 17 x 17, factorised 7 x 7
-    def __init__(self, cin, c7):
-        super().__init__()
-        self.branch1x1, self.branch_pool = conv(cin, 192, 1), conv(cin, 192, 1)
-        self.branch7x7_1, self.branch7x7_2 = conv(cin, c7, 1), conv(c7, c7, (1, 7))
-        self.branch7x7_3, self.branch7x7dbl_1 = conv(c7, 192, (7, 1)), conv(cin, c7, 1)
-        self.branch7x7dbl_2, self.branch7x7dbl_3 = conv(c7, c7, (7, 1)), conv(c7, c7, (1, 7))
-        self.branch7x7dbl_4, self.branch7x7dbl_5 = conv(c7, c7, (7, 1)), conv(c7, 192, (1, 7))
-
-    def forward(self, x):
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        b7dbl = self.branch7x7dbl_5(self.branch7x7dbl_4(self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))))
-        return torch.cat([self.branch1x1(x), b7, b7dbl, self.branch_pool(avg_pool(x))], 1)
-
-class InceptionD(nn.Module):  # 17 -> 8
-    def __init__(self, cin):
-        super().__init__()
-        self.branch3x3_1, self.branch3x3_2 = conv(cin, 192, 1), conv(192, 320, 3, stride=2)
-        self.branch7x7x3_1, self.branch7x7x3_2 = conv(cin, 192, 1), conv(192, 192, (1, 7))
-        self.branch7x7x3_3, self.branch7x7x3_4 = conv(192, 192, (7, 1)), conv(192, 192, 3, stride=2)
-
-    def forward(self, x):
-        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, 2)], 1)
-
-class InceptionE(nn.Module):  # 8 x 8; the TF graph's last block (Mixed_7c) max-pools where Mixed_7b average-pools
-    def __init__(self, cin, pool):
-        super().__init__()
-        self.pool, self.branch1x1, self.branch_pool = pool, conv(cin, 320, 1), conv(cin, 192, 1)
-        self.branch3x3_1, self.branch3x3dbl_1, self.branch3x3dbl_2 = conv(cin, 384, 1), conv(cin, 448, 1), conv(448, 384, 3)
-        self.branch3x3_2a, self.branch3x3_2b = conv(384, 384, (1, 3)), conv(384, 384, (3, 1))
-        self.branch3x3dbl_3a, self.branch3x3dbl_3b = conv(384, 384, (1, 3)), conv(384, 384, (3, 1))
-
-    def forward(self, x):
-        b3, b3dbl = self.branch3x3_1(x), self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3), self.branch3x3dbl_3a(b3dbl),
-                          self.branch3x3dbl_3b(b3dbl), self.branch_pool(self.pool(x))], 1)
-
-class InceptionV3(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.Conv2d_1a_3x3, self.Conv2d_2a_3x3 = conv(3, 32, 3, stride=2), conv(32, 32, 3, padding=0)  # TF 'VALID'
-        self.Conv2d_2b_3x3, self.Conv2d_3b_1x1 = conv(32, 64, 3), conv(64, 80, 1)
-        self.Conv2d_4a_3x3 = conv(80, 192, 3, padding=0)
-        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
-        self.Mixed_6a, self.Mixed_7a = InceptionB(288), InceptionD(768)
-        self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e = (InceptionC(768, c7) for c7 in (128, 160, 160, 192))
-        self.Mixed_7b, self.Mixed_7c = InceptionE(1280, avg_pool), InceptionE(2048, max_pool)
-        self.fc = nn.Linear(2048, 1008)
-
-    @torch.no_grad()
-    def forward(self, x):
-        """uint8 (N, 3, H, W) -> (pool features (N, 2048), logits WITHOUT the fc bias (N, 1008), which IS uses)."""
-        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"Inception expects uint8 (N, 3, H, W) images, got {x.dtype} {tuple(x.shape)}")
-        # fp32, no TF32, whatever the caller's autocast / TF32 settings: FID must not depend on the GPU
-        with torch.autocast(x.device.type, enabled=False), torch.backends.cudnn.flags(
-                enabled=True, benchmark=False, deterministic=torch.backends.cudnn.deterministic, allow_tf32=False):
-            x = (tf1_resize(x.float(), 299) - 128) / 128
-            x = F.max_pool2d(self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))), 3, 2)
-            x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, 2)
-            for name in ["5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"]:
-                x = getattr(self, "Mixed_" + name)(x)
-            pool = x.mean((2, 3))
-        return pool, (pool.double() @ self.fc.weight.double().T).float()  # an fp64 matmul cannot fall to TF32
 
 def load_inception(path=None):
     """The FID Inception, frozen. path: a .pth in pytorch-fid's layout; None: pytorch-fid's release, downloaded
     once into the torch hub cache; "random": random weights, for tests / demos."""
     with torch.random.fork_rng(devices=[]):  # CPU init; "random" is then the same net in every process
         torch.manual_seed(0)
-        model = InceptionV3().eval().requires_grad_(False)
+        model = models.InceptionV3().eval().requires_grad_(False)
         for m in model.modules():  # He init keeps random features O(1); PyTorch's default shrinks them to ~1e-7
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
@@ -212,30 +99,6 @@ def precision_recall(real_feats, fake_feats, k=3, batch=10000):
     return inside(fake, real, radii(real)), inside(real, fake, radii(fake))
 
 # ---- Features of a folder / .npz of images, split over ranks
-def open_images(path, crop=None):
-    """(n, read(i, j) -> uint8 (j - i, H, W, 3)) over an ADM .npz (arr_0, held in memory: 10 GB for 50k at 256)
-    or a folder of images (recursive, sorted; crop: PIL image -> uint8 array, e.g. the ADM centre crop)."""
-    if path.endswith(".npz") and os.path.isfile(path):
-        with np.load(path) as f:
-            arr = f["arr_0"] if "arr_0" in f else None
-        if arr is None or arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] != 3:
-            raise SystemExit(f"{path}: needs arr_0, uint8 (N, H, W, 3) images")
-        return len(arr), lambda i, j: arr[i:j]
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.lower().endswith(data.IMAGE_EXTS))
-    if not files:
-        raise SystemExit(f"{path}: not an .npz or a folder of images")
-    load = lambda file: np.asarray((crop or np.asarray)(Image.open(file).convert("RGB")))
-    def read(i, j):
-        with ThreadPoolExecutor(8) as pool:  # PIL decodes outside the GIL
-            imgs = list(pool.map(load, files[i:j]))
-        if len({im.shape for im in imgs}) > 1:
-            raise SystemExit(f"{path}: images differ in size; give --image_size to centre-crop them")
-        return np.stack(imgs)
-    return len(files), read
-
-def rank_world():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
 def image_batches(n, read, batch_size):
     """This rank's contiguous share of n images as uint8 (B, 3, H, W) batches. Every rank gets ceil(n / world)
     (the last image repeated as padding) so that all_gather sees equal sizes; gather_rows drops the padding."""
@@ -253,17 +116,8 @@ def inception_features(model, batches):
     pool, logits = zip(*(model(x.to(device)) for x in batches))
     return torch.cat(pool), torch.cat(logits)
 
-def gather_rows(x, n, strided=False):
-    """Every rank's equal-size block of rows, in rank order, cut to the first n. strided: the blocks of a
-    DistributedSampler(shuffle=False) (rank r holds rows r, r + world, ...), put back in dataset order."""
-    if not dist.is_initialized():
-        return x[:n]
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return (torch.stack(parts, 1).flatten(0, 1) if strided else torch.cat(parts))[:n]
-
 def features(model, path, batch_size, crop=None):  # pool features of an .npz / folder of images, all ranks'
-    n, read = open_images(path, crop)
+    n, read = data.open_images(path, crop)
     return gather_rows(inception_features(model, image_batches(n, read, batch_size))[0], n)
 
 def reference(model, path, batch_size, crop=None):
@@ -273,16 +127,10 @@ def reference(model, path, batch_size, crop=None):
     return (ref["mu"], ref["sigma"]) if "mu" in ref else feature_stats(pool), pool
 
 # ---- Online evaluation (the training scripts call these too): every rank its share; a dict on rank 0, else None
-def bf16(device):
-    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
-
 def psnr_per_image(x, x_hat):
     """train_tokenizer.psnr before its batch mean: on [0, 1], the reconstruction clamped (SPEC 6)."""
     mse = (((x.float() + 1) / 2 - ((x_hat.float() + 1) / 2).clamp(0, 1)) ** 2).mean(dim=(1, 2, 3))
     return 10 * torch.log10(1 / mse.clamp_min(1e-10))
-
-def to_uint8(x):  # [-1, 1] (B, 3, H, W) -> uint8, same layout and device: the Inception's input
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 def n_images(loader):  # a loader not sharded by data.make_loader(..., world, rank) would gather silently wrong rows
     if getattr(loader.sampler, "num_replicas", 1) != rank_world()[1]:
@@ -372,7 +220,7 @@ def latent_maps(tokenizer, x, ts=VIZ_TS, seed=0):
         cos.append(image(unit(sim, 1)[..., None].expand(-1, -1, 3)))
     return pca, cos
 
-def save_maps(tokenizer, x, out_dir, save_grid, seed=0):
+def save_maps(tokenizer, x, out_dir, seed=0):
     for name, cols in zip(("pca", "cos"), latent_maps(tokenizer, x, seed=seed)):
         save_grid(os.path.join(out_dir, f"latent_{name}.png"), list(torch.stack(cols, 1)))  # a row per image
 
@@ -380,7 +228,7 @@ def save_maps(tokenizer, x, out_dir, save_grid, seed=0):
 def spread(n, k):  # k indices evenly spread over range(n), all if k >= n: class-balanced on class-sorted folders
     return np.linspace(0, n - 1, min(k, n)).round().astype(int).tolist()
 
-def demo(args, inception, device, save_grid):
+def demo(args, inception, device):
     """The demo pipeline's <out_dir>/samples.npz against Shapes(500, seed 2) images (FID, IS, P/R); its tokenizer
     (stage 2, else stage 1) on Shapes(200, seed 1): PSNR, rFID against the same images, latent maps."""
     toks = [p for p in (os.path.join(args.out_dir, f) for f in ("tokenizer_ft.pt", "tokenizer.pt")) if os.path.isfile(p)]
@@ -391,7 +239,7 @@ def demo(args, inception, device, save_grid):
         raise SystemExit(f"no {samples}: run `python train_dit.py --demo`, then `python sample.py --demo` first")
     inception, bs = inception.to(memory_format=torch.channels_last), 10  # NHWC, small batches: 2x faster on CPU
     rank, world = rank_world()
-    n, read = open_images(samples)
+    n, read = data.open_images(samples)
     size = read(0, 1).shape[1]
     ref = [to_uint8(x) for x, _ in data.make_loader(data.Shapes(500, size, seed=2), bs, False, 0, world, rank)]
     ref_pool = gather_rows(inception_features(inception, ref)[0], 500, strided=True)
@@ -400,7 +248,7 @@ def demo(args, inception, device, save_grid):
     shapes = data.Shapes(200, tokenizer.grid * tokenizer.decoder.patch_size, seed=1)
     rec = reconstruction_metrics(tokenizer, data.make_loader(shapes, bs, False, 0, world, rank), inception, device)
     if rank == 0:
-        save_maps(tokenizer, torch.stack([shapes[i][0] for i in range(8)]).to(device), args.out_dir, save_grid)
+        save_maps(tokenizer, torch.stack([shapes[i][0] for i in range(8)]).to(device), args.out_dir)
         return {"inception": "RANDOM weights: FID / IS / precision / recall are meaningless", "samples": samples,
                 "generation": gen, "tokenizer": toks[0], "reconstruction": rec}
 
@@ -428,6 +276,7 @@ def main(argv=None):
     a("--batch_size", type=int, default=100)
     a("--workers", type=int, default=8)
     a("--seed", type=int, default=0)
+    a("--wandb", metavar="PROJECT", help="also send the results to this Weights & Biases project")
     args = p.parse_args(argv)
     mode = next((m for m in ("demo", "linear_probe", "viz") if getattr(args, m)), "recon" if args.tokenizer else "samples")
     needs = {"linear_probe": "tokenizer data val_data", "viz": "tokenizer data", "recon": "data", "samples": "samples"}
@@ -437,7 +286,6 @@ def main(argv=None):
     for flag in ("samples", "ref", "tokenizer", "data", "val_data", "inception"):
         if getattr(args, flag) not in (None, "random") and not os.path.exists(getattr(args, flag)):
             raise SystemExit(f"--{flag}: no such file or folder: {getattr(args, flag)}")
-    from train_tokenizer import save_grid, setup  # not at the top: train_tokenizer may import this module
     rank, world, device = setup(args, "evaluate")
     loader = lambda ds: data.make_loader(ds, args.batch_size, False, args.workers, world, rank)
     if mode in ("samples", "recon", "demo"):
@@ -445,7 +293,7 @@ def main(argv=None):
     crop = functools.partial(data.center_crop, size=args.image_size) if args.image_size else None
     res, out = None, args.out or os.path.join(args.out_dir, "eval.json" if args.demo else f"{mode}.json")
     if mode == "demo":
-        res = demo(args, inception, device, save_grid)
+        res = demo(args, inception, device)
     elif mode == "samples" and args.save_stats:
         pool = features(inception, args.samples, args.batch_size, crop)
         if rank == 0:
@@ -453,7 +301,7 @@ def main(argv=None):
             print(f"mu, sigma of {len(pool)} images of {args.samples} -> {args.save_stats}")
     elif mode == "samples":
         (mu, sigma), ref_pool = reference(inception, args.ref, args.batch_size, crop)
-        n, read = open_images(args.samples, crop)
+        n, read = data.open_images(args.samples, crop)
         res = generation_metrics(inception, image_batches(n, read, args.batch_size), mu, sigma, ref_pool, n)
         res = res and {"samples": args.samples, "ref": args.ref, **res}
         out = args.out or os.path.splitext(args.samples.rstrip("/"))[0] + "_metrics.json"
@@ -476,11 +324,12 @@ def main(argv=None):
                 res = {"n_train": len(ty), "n_val": len(vy), "top1": {k: train_probe(
                     tx[k], ty, vx[k], vy, ds.num_classes, args.probe_epochs, args.probe_lr, seed=args.seed) for k in tx}}
         elif rank == 0:
-            save_maps(tokenizer, few, args.out_dir, save_grid, args.seed)
+            save_maps(tokenizer, few, args.out_dir, args.seed)
     if res:
         with open(out, "w") as f:
             json.dump(res, f, indent=1)
         print(json.dumps(res), "->", out)
+        wandb_summary(res)
     if dist.is_initialized():
         dist.destroy_process_group()
 

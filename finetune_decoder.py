@@ -11,7 +11,8 @@ import os
 import torch.distributed as dist
 
 import models
-from train_tokenizer import DEMO, EMA, common_args, parse_args, setup, train
+from plumbing import EMA, parse_args, setup
+from train_tokenizer import DEMO, common_args, train
 
 
 def main():

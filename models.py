@@ -4,10 +4,12 @@ Names follow the paper: x (image in [-1, 1]), z (latent), t (flow time), eps (Ga
 z_t = (1 - t) z + t eps (the forward flow, Eq. 1). Parameter names follow the authors' release so
 that RecTok.pth / RecTok_decft.pth / ditdh*.pth load with strict key checking.
 """
+import functools
 import logging
 import math
 import os
 import warnings
+from collections import OrderedDict
 
 import torch
 import torch.nn as nn
@@ -736,3 +738,115 @@ def load_dit(path, ema=True):
     load_state(model, sd, path)
     log.info(f"loaded DiT^DH-{size} {path} ({key}): dim {model.dim}, {model.num_classes} classes")
     return model.eval(), {k: v for k, v in ckpt.items() if k not in ("model", "model_ema", "opt")}
+
+
+# ----------------------------------------------------------------------------------------------
+# FID Inception-v3 (SPEC 6): the 2015-12-05 TF graph; module names are those of pytorch-fid's weight file,
+# loaded by evaluate.load_inception.
+
+def tf1_resize(x, size):
+    """TF1 bilinear resize of float (N, C, H, W) to size x size: src = dst * in / out (align_corners=False, NO
+    half-pixel centres), neighbours floor / ceil clamped to the edge; fp32, W then H, as torch-fidelity does."""
+    def taps(n):
+        src = torch.arange(size, dtype=torch.float32, device=x.device) * torch.tensor(n / size, dtype=torch.float32)
+        return src.floor().long(), src.ceil().long().clamp(max=n - 1), src - src.floor()
+    (y0, y1, dy), (x0, x1, dx) = taps(x.shape[2]), taps(x.shape[3])
+    x = x[..., x0] + (x[..., x1] - x[..., x0]) * dx
+    return x[:, :, y0] + (x[:, :, y1] - x[:, :, y0]) * dy[:, None]
+
+def conv(cin, cout, kernel, stride=1, padding=None):
+    """conv (no bias) + BatchNorm (TF's eps 1e-3) + ReLU; 'SAME' padding at stride 1 unless told otherwise."""
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    padding = ((kh // 2, kw // 2) if stride == 1 else 0) if padding is None else padding
+    return nn.Sequential(OrderedDict(conv=nn.Conv2d(cin, cout, kernel, stride, padding, bias=False),
+                                     bn=nn.BatchNorm2d(cout, eps=1e-3), relu=nn.ReLU()))
+
+avg_pool = functools.partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1, count_include_pad=False)  # as TF
+max_pool = functools.partial(F.max_pool2d, kernel_size=3, stride=1, padding=1)
+
+class InceptionA(nn.Module):  # 35 x 35
+    def __init__(self, cin, pool_features):
+        super().__init__()
+        self.branch1x1, self.branch_pool = conv(cin, 64, 1), conv(cin, pool_features, 1)
+        self.branch5x5_1, self.branch5x5_2 = conv(cin, 48, 1), conv(48, 64, 5)
+        self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3 = conv(cin, 64, 1), conv(64, 96, 3), conv(96, 96, 3)
+
+    def forward(self, x):
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)), b3, self.branch_pool(avg_pool(x))], 1)
+
+class InceptionB(nn.Module):  # 35 -> 17
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3, self.branch3x3dbl_1 = conv(cin, 384, 3, stride=2), conv(cin, 64, 1)
+        self.branch3x3dbl_2, self.branch3x3dbl_3 = conv(64, 96, 3), conv(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch3x3(x), b3, F.max_pool2d(x, 3, 2)], 1)
+
+class InceptionC(nn.Module):  # 17 x 17, factorised 7 x 7
+    def __init__(self, cin, c7):
+        super().__init__()
+        self.branch1x1, self.branch_pool = conv(cin, 192, 1), conv(cin, 192, 1)
+        self.branch7x7_1, self.branch7x7_2 = conv(cin, c7, 1), conv(c7, c7, (1, 7))
+        self.branch7x7_3, self.branch7x7dbl_1 = conv(c7, 192, (7, 1)), conv(cin, c7, 1)
+        self.branch7x7dbl_2, self.branch7x7dbl_3 = conv(c7, c7, (7, 1)), conv(c7, c7, (1, 7))
+        self.branch7x7dbl_4, self.branch7x7dbl_5 = conv(c7, c7, (7, 1)), conv(c7, 192, (1, 7))
+
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        b7dbl = self.branch7x7dbl_5(self.branch7x7dbl_4(self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))))
+        return torch.cat([self.branch1x1(x), b7, b7dbl, self.branch_pool(avg_pool(x))], 1)
+
+class InceptionD(nn.Module):  # 17 -> 8
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1, self.branch3x3_2 = conv(cin, 192, 1), conv(192, 320, 3, stride=2)
+        self.branch7x7x3_1, self.branch7x7x3_2 = conv(cin, 192, 1), conv(192, 192, (1, 7))
+        self.branch7x7x3_3, self.branch7x7x3_4 = conv(192, 192, (7, 1)), conv(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, 2)], 1)
+
+class InceptionE(nn.Module):  # 8 x 8; the TF graph's last block (Mixed_7c) max-pools where Mixed_7b average-pools
+    def __init__(self, cin, pool):
+        super().__init__()
+        self.pool, self.branch1x1, self.branch_pool = pool, conv(cin, 320, 1), conv(cin, 192, 1)
+        self.branch3x3_1, self.branch3x3dbl_1, self.branch3x3dbl_2 = conv(cin, 384, 1), conv(cin, 448, 1), conv(448, 384, 3)
+        self.branch3x3_2a, self.branch3x3_2b = conv(384, 384, (1, 3)), conv(384, 384, (3, 1))
+        self.branch3x3dbl_3a, self.branch3x3dbl_3b = conv(384, 384, (1, 3)), conv(384, 384, (3, 1))
+
+    def forward(self, x):
+        b3, b3dbl = self.branch3x3_1(x), self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3), self.branch3x3dbl_3a(b3dbl),
+                          self.branch3x3dbl_3b(b3dbl), self.branch_pool(self.pool(x))], 1)
+
+class InceptionV3(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3, self.Conv2d_2a_3x3 = conv(3, 32, 3, stride=2), conv(32, 32, 3, padding=0)  # TF 'VALID'
+        self.Conv2d_2b_3x3, self.Conv2d_3b_1x1 = conv(32, 64, 3), conv(64, 80, 1)
+        self.Conv2d_4a_3x3 = conv(80, 192, 3, padding=0)
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
+        self.Mixed_6a, self.Mixed_7a = InceptionB(288), InceptionD(768)
+        self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e = (InceptionC(768, c7) for c7 in (128, 160, 160, 192))
+        self.Mixed_7b, self.Mixed_7c = InceptionE(1280, avg_pool), InceptionE(2048, max_pool)
+        self.fc = nn.Linear(2048, 1008)
+
+    @torch.no_grad()
+    def forward(self, x):
+        """uint8 (N, 3, H, W) -> (pool features (N, 2048), logits WITHOUT the fc bias (N, 1008), which IS uses)."""
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"Inception expects uint8 (N, 3, H, W) images, got {x.dtype} {tuple(x.shape)}")
+        # fp32, no TF32, whatever the caller's autocast / TF32 settings: FID must not depend on the GPU
+        with torch.autocast(x.device.type, enabled=False), torch.backends.cudnn.flags(
+                enabled=True, benchmark=False, deterministic=torch.backends.cudnn.deterministic, allow_tf32=False):
+            x = (tf1_resize(x.float(), 299) - 128) / 128
+            x = F.max_pool2d(self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))), 3, 2)
+            x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, 2)
+            for name in ["5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"]:
+                x = getattr(self, "Mixed_" + name)(x)
+            pool = x.mean((2, 3))
+        return pool, (pool.double() @ self.fc.weight.double().T).float()  # an fp64 matmul cannot fall to TF32

@@ -14,11 +14,8 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-import evaluate
 import models
-from train_tokenizer import barrier, parse_args, save_grid, setup
-
-log = models.log
+from plumbing import barrier, bf16, log, parse_args, save_grid, setup, to_uint8
 
 
 def time_grid(steps, latent_shape):
@@ -61,7 +58,7 @@ def generate(dit, tokenizer, stats, idx, steps, cfg=1.0, guide=None, seed=0):
     noise = torch.stack([torch.randn(dit.dim, dit.grid, dit.grid, generator=torch.Generator().manual_seed(
         (seed << 32) + i)) for i in idx]).to(device)
     labels = torch.tensor([i % dit.num_classes for i in idx], device=device)
-    with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+    with bf16(device):
         z = euler_sample(dit, noise, labels, steps, cfg, guide)
         return tokenizer.decode(z.float() * stats["std"][:, None, None] + stats["mean"][:, None, None]).float()
 
@@ -122,7 +119,7 @@ def main():
     for start in range(0, len(todo), args.per_proc_batch):
         idx = todo[start:start + args.per_proc_batch]
         x = generate(dit, tokenizer, stats, idx, args.steps, args.cfg, guide, args.seed)
-        images[idx] = evaluate.to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
+        images[idx] = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
         done[idx] = True
         if args.png:
             os.makedirs(out + "_png", exist_ok=True)

@@ -13,6 +13,7 @@ from PIL import Image
 import data
 import evaluate as ev
 import models
+import plumbing
 from sample import euler_sample, time_grid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -290,6 +291,46 @@ def test_two_process_ddp_ranks_agree(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "weights identical on 2 ranks" in r.stderr
     assert "2 process(es)" in r.stderr
+
+
+class StubWandb:
+    """Records what the training scripts send to Weights & Biases, without the package or a network."""
+
+    def __init__(self):
+        self.inits, self.logged, self.run = [], [], type("Run", (), {"summary": {}})()
+
+    def init(self, **kw):
+        self.inits.append(kw)
+
+    def log(self, record, step=None, commit=True):
+        self.logged.append((record, step, commit))
+
+    def Image(self, path):
+        assert os.path.isfile(path)
+        return ("image", path)
+
+
+def test_wandb_gets_the_metrics_records_and_grids(tmp_path, monkeypatch):
+    import train_tokenizer as tt
+    stub = StubWandb()
+    monkeypatch.setitem(sys.modules, "wandb", stub)
+    monkeypatch.setattr(plumbing, "wandb", None)
+    main_of(tt, TINY_TRAIN + ["--epochs", "1", "--out_dir", str(tmp_path), "--wandb", "rectok-test"], monkeypatch)
+    assert stub.inits[0]["project"] == "rectok-test" and stub.inits[0]["config"]["epochs"] == 1
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    scalars = [(r, step) for r, step, commit in stub.logged if commit]
+    assert len(scalars) == len(rows) >= 3
+    for row, (sent, step) in zip(rows, scalars):
+        assert step == row["step"] and sent == {f"tokenizer/{k}": v for k, v in row.items() if k != "stage"}
+    assert [r for r, _, commit in stub.logged if not commit] == [
+        {"tokenizer_recon_epoch0001": ("image", str(tmp_path / "tokenizer_recon_epoch0001.png"))}]
+
+
+def test_wandb_without_the_package_is_a_one_line_error(tmp_path, monkeypatch):
+    import train_dit
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError
+    with pytest.raises(SystemExit, match="--wandb: the wandb package is not installed"):
+        main_of(train_dit, ["--demo", "--out_dir", str(tmp_path), "--wandb", "p"], monkeypatch)
 
 
 def test_corrupt_image_is_skipped(tmp_path, caplog):
@@ -571,19 +612,19 @@ def test_precision_recall():
 def test_tf1_resize_by_hand():
     # separable test image x[i, j] = a[i] + b[j]; TF1 samples src = dst * in / out, neighbours clamped
     a, b = torch.tensor([0.0, 30.0]), torch.tensor([0.0, 10.0, 20.0, 40.0])
-    out = ev.tf1_resize((a[:, None] + b[None, :])[None, None], 3)
+    out = models.tf1_resize((a[:, None] + b[None, :])[None, None], 3)
     A = torch.tensor([0.0, 20.0, 30.0])          # 2 -> 3: src 0, 2/3, 4/3 (right neighbour clamped to 1)
     B = torch.tensor([0.0, 40 / 3, 100 / 3])     # 4 -> 3: src 0, 4/3, 8/3
     torch.testing.assert_close(out[0, 0], A[:, None] + B[None, :])
 
 
 def test_load_inception_refuses_missing_and_unexpected_keys(tmp_path):
-    state = ev.InceptionV3().state_dict()
+    state = models.InceptionV3().state_dict()
     state.pop("Mixed_6c.branch7x7dbl_3.bn.running_var")
     torch.save(state, tmp_path / "w.pth")
     with pytest.raises(ValueError, match="missing key Mixed_6c.branch7x7dbl_3.bn.running_var"):
         ev.load_inception(str(tmp_path / "w.pth"))
-    state = ev.InceptionV3().state_dict()
+    state = models.InceptionV3().state_dict()
     state["AuxLogits.fc.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "w.pth")
     with pytest.raises(ValueError, match="unexpected key AuxLogits.fc.weight"):
@@ -696,7 +737,7 @@ def test_reconstruction_metrics_of_a_perfect_tokenizer(tmp_path):
     feats = StandInInception(dim=8)(torch.randint(0, 256, (20, 3, 16, 16), dtype=torch.uint8))[0]
     ref = ev.feature_stats(feats)
     res = ev.reconstruction_metrics(Identity(), loader, StandInInception(dim=8), torch.device("cpu"), ref)
-    real = torch.cat([StandInInception(dim=8)(ev.to_uint8(x))[0] for x, _ in loader])
+    real = torch.cat([StandInInception(dim=8)(plumbing.to_uint8(x))[0] for x, _ in loader])
     assert res["rfid"] == pytest.approx(ev.fid_from_feats(real, *ref), rel=1e-9) and res["rfid"] > 0
 
 
@@ -784,7 +825,7 @@ def two_rank_worker(rank, init_file, out):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     loader = data.make_loader(data.Shapes(5, 16), 2, False, workers=0, world=2, rank=rank)  # 3 per rank, 1 padding
     res = ev.reconstruction_metrics(Dimmer(), loader, StandInInception(dim=8), torch.device("cpu"))
-    labels = ev.gather_rows(torch.cat([y for _, y in loader]), 5, strided=True)
+    labels = plumbing.gather_rows(torch.cat([y for _, y in loader]), 5, strided=True)
     gen = ev.generation_metrics(StandInInception(dim=8), [torch.full((10, 3, 16, 16), 50 * rank, dtype=torch.uint8)],
                                 np.zeros(8), np.eye(8))
     if rank == 0:
@@ -852,7 +893,7 @@ def test_compiled_tokenizer_step_matches_eager():
         args = SimpleNamespace(compile=compile, blr=1e-4, global_batch=8, convnext_weight=0.0, random_frozen_nets=True,
                                weight_decay=1e-4, grad_clip=3.0, rec_weight=1.0, perceptual_weight=1.0, kl_weight=1e-6,
                                sem_weight=1.0, disc_weight=0.5)
-        step = tt.TokenizerStep(args, m, tt.EMA(m, 0.9), teacher, torch.device("cpu"), 1)
+        step = tt.TokenizerStep(args, m, plumbing.EMA(m, 0.9), teacher, torch.device("cpu"), 1)
         torch.manual_seed(1)  # three steps with the GAN on: three different RAD mask ratios through one graph
         runs.append(([step([x], 1e-3, True)[0] for _ in range(3)], m.state_dict()))
     (eager, w_eager), (fast, w_fast) = runs

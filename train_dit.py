@@ -20,16 +20,10 @@ import torch.nn as nn
 import data
 import evaluate
 import models
+from plumbing import (EMA, Metrics, adamw, barrier, bf16, check_ranks_agree, ddp, dit_lr, gather_rows,
+                      grad_accum_steps, log, parse_args, random_flip, reduce_for_log, rng_state, save_checkpoint,
+                      save_grid, set_rng_state, setup, sync_grads_if, to_uint8)
 from sample import generate
-from train_tokenizer import (EMA, Metrics, adamw, barrier, check_ranks_agree, ddp, grad_accum_steps, make_dataset, parse_args,
-                             random_flip, reduce_for_log, rng_state, save_checkpoint, save_grid, set_rng_state, setup,
-                             sync_grads_if)
-
-
-def dit_lr(epoch_frac, lr, min_lr, decay_start, decay_end):
-    """Constant lr to `decay_start` epochs, then linear to min_lr at `decay_end` (the released schedule)."""
-    progress = min(max((epoch_frac - decay_start) / (decay_end - decay_start), 0.0), 1.0)
-    return lr - (lr - min_lr) * progress
 
 
 @torch.no_grad()
@@ -40,7 +34,7 @@ def latent_stats(tokenizer, loader, device):
         mean = tokenizer.posterior(x.to(device, non_blocking=True))[0].flatten(0, 1).double()
         acc += torch.stack([torch.full_like(mean[0], len(mean)), mean.sum(0), (mean ** 2).sum(0)])
         if i % 100 == 0:
-            models.log.info(f"latent statistics: {i}/{len(loader)} batches")
+            log.info(f"latent statistics: {i}/{len(loader)} batches")
     if dist.is_initialized():
         dist.all_reduce(acc)
     mu = acc[1] / acc[0]
@@ -87,7 +81,7 @@ def build_cache(root, tokenizer, dataset, args, rank, world, device):
         moments_out[idx[keep]] = moments[torch.from_numpy(keep)].half().cpu().numpy()
         labels_out[idx[keep]] = y.numpy()[keep]
         if i % 100 == 0:
-            models.log.info(f"caching latents: {i}/{len(loader)} batches")
+            log.info(f"caching latents: {i}/{len(loader)} batches")
     moments_out.flush(), labels_out.flush()
     barrier()
     if rank == 0:  # labels.npy last: its presence marks a complete cache
@@ -106,7 +100,7 @@ class DiTStep:
         if args.compile:
             models.compile_blocks(dit.blocks)
         self.ddp = ddp(dit, device, world)
-        self.autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+        self.autocast = bf16(device)
 
     def __call__(self, batches, lr):
         """batches: (z, y) micro-batches. Returns the mean loss and the grad norm as tensors (no host sync)."""
@@ -154,6 +148,7 @@ def main():
     p("--log_every", type=int, default=50)
     p("--vis_every", type=int, default=5)
     p("--compile", action="store_true")
+    p("--wandb", metavar="PROJECT", help="also send metrics and image grids to this Weights & Biases project")
     p("--eval_every", type=int, default=0, help="every N epochs: gFID + IS of EMA samples (--cfg, --sample_steps)")
     p("--eval_images", type=int, default=10_000)
     p("--fid_ref", help="gFID reference: ADM's VIRTUAL_imagenet256_labeled.npz; default: training images")
@@ -167,7 +162,7 @@ def main():
                                       mask_ratio=0.0).to(device).eval()
     tokenizer.sem_decoder = None
     args.img_size = tokenizer.grid * tokenizer.decoder.patch_size
-    dataset = make_dataset(args)
+    dataset = data.make_dataset(args)
     ckpt_path = os.path.join(args.out_dir, "dit.pt")
     ckpt = models.read_checkpoint(ckpt_path) if os.path.exists(ckpt_path) else {}
 
@@ -182,7 +177,7 @@ def main():
         if rank == 0:
             save_checkpoint(os.path.join(args.out_dir, "latent_stats.pt"), stats)
     log_stats = f"mean {stats['mean'].mean():.4f}, std {stats['std'].mean():.4f} (channel averages)"
-    models.log.info(f"latent statistics: {log_stats}")
+    log.info(f"latent statistics: {log_stats}")
     if args.epochs == 0:
         return
     stats_d = {k: v.to(device) for k, v in stats.items()}
@@ -194,7 +189,7 @@ def main():
 
     # 2. DiT^DH training
     dit = models.DiTDH(args.model, tokenizer.dim, tokenizer.grid, num_classes).to(device)
-    models.log.info(f"DiT^DH-{args.model}: {models.n_params(dit):,} params, {num_classes} classes")
+    log.info(f"DiT^DH-{args.model}: {models.n_params(dit):,} params, {num_classes} classes")
     train_step = DiTStep(args, dit, device, world)
     torch.manual_seed(args.seed + rank)  # from here on each rank draws its own noise, t and flips
     accum = grad_accum_steps(args, world)
@@ -209,7 +204,7 @@ def main():
         train_step.opt.load_state_dict(ckpt["opt"])
         epoch, step = ckpt["epoch"], ckpt["step"]
         set_rng_state(ckpt["rng"], rank, device)
-        models.log.info(f"resumed from {ckpt_path} at epoch {epoch}, step {step}")
+        log.info(f"resumed from {ckpt_path} at epoch {epoch}, step {step}")
     autocast = train_step.autocast
     if args.eval_every:  # gFID / IS against --fid_ref, or against a class-spread part of the training images
         inception = evaluate.load_inception("random" if args.demo and not args.inception else args.inception)
@@ -217,14 +212,14 @@ def main():
         if args.fid_ref:
             ref = evaluate.reference(inception, args.fid_ref, args.batch_size)[0]
         else:
-            real = make_dataset(args)
+            real = data.make_dataset(args)
             real = torch.utils.data.Subset(real, evaluate.spread(len(real), args.eval_images))
             real = data.make_loader(real, args.batch_size, False, args.workers, world, rank)
-            pool = evaluate.inception_features(inception, (evaluate.to_uint8(x) for x, _ in real))[0]
-            ref = evaluate.feature_stats(evaluate.gather_rows(pool, len(real.dataset), strided=True))
+            pool = evaluate.inception_features(inception, (to_uint8(x) for x, _ in real))[0]
+            ref = evaluate.feature_stats(gather_rows(pool, len(real.dataset), strided=True))
     classes = [207, 360, 387, 974, 88, 979, 417, 279] if num_classes == 1000 else list(range(min(num_classes, 10)))
     metrics = Metrics(args.out_dir, "dit", rank)
-    models.log.info(f"{len(dataset)} images, {steps_per_epoch} steps/epoch, global batch {args.global_batch} = "
+    log.info(f"{len(dataset)} images, {steps_per_epoch} steps/epoch, global batch {args.global_batch} = "
                     f"{args.batch_size}/GPU x {world} x {accum} accumulation")
     t0, n, sums = time.time(), 0, 0
     while epoch < args.epochs:
@@ -258,7 +253,7 @@ def main():
         if args.eval_every and epoch % args.eval_every == 0:
             per = -(-args.eval_images // world)  # every rank the same count; the last rank's extras are cut
             ids = range(rank * per, (rank + 1) * per)
-            batches = (evaluate.to_uint8(generate(train_step.ema.model, tokenizer, stats_d, ids[i:i + args.batch_size],
+            batches = (to_uint8(generate(train_step.ema.model, tokenizer, stats_d, ids[i:i + args.batch_size],
                                                   args.sample_steps, args.cfg)) for i in range(0, per, args.batch_size))
             res = evaluate.generation_metrics(inception, batches, *ref, n=args.eval_images)
             if res:
@@ -271,7 +266,7 @@ def main():
             if epoch % args.vis_every == 0 or epoch == args.epochs:
                 images = generate(train_step.ema.model, tokenizer, stats_d, classes, args.sample_steps, args.cfg)
                 save_grid(os.path.join(args.out_dir, f"dit_samples_epoch{epoch:04d}.png"), [images])
-    models.log.info(f"done: {ckpt_path}")
+    log.info(f"done: {ckpt_path}")
     if dist.is_initialized():
         dist.destroy_process_group()
 

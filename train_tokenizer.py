@@ -3,191 +3,24 @@
   torchrun --nproc_per_node=8 train_tokenizer.py --dim 128 --data /data/imagenet/train --out_dir out/rectok
   python train_tokenizer.py --demo                # a few minutes on a laptop CPU, built-in data
 
-The helpers at the top (distributed setup, EMA, schedule, checkpoints, logging, images) are shared by
-finetune_decoder.py and train_dit.py, which import them from here.
+Read top to bottom: the loss terms, one optimiser step (TokenizerStep), the epoch loop (train, which
+finetune_decoder.py reuses for stage 2), the flags, main.
 """
 import argparse
-import contextlib
-import copy
-import json
-import logging
-import math
 import os
-import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
 import data
 import evaluate
 import models
-
-log = logging.getLogger("rectok")
-
-
-# ----------------------------------------------------------------------------------------------
-# Shared helpers
-
-def parse_args(parser, demo_defaults):
-    """--demo swaps in small defaults; any flag given explicitly still wins."""
-    if "--demo" in sys.argv[1:]:
-        parser.set_defaults(**demo_defaults)
-    return parser.parse_args()
-
-
-def setup(args, stage):
-    """torchrun -> DDP (NCCL on GPU, gloo on CPU); a plain `python` run is one process. Seeds each rank."""
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = evaluate.rank_world()
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if getattr(args, "data", None) and not os.path.isdir(args.data):
-        raise SystemExit(f"--data: no such folder: {args.data}")
-    os.makedirs(args.out_dir, exist_ok=True)
-    handlers = [logging.StreamHandler()] + ([logging.FileHandler(os.path.join(args.out_dir, f"{stage}.log"))]
-                                            if rank == 0 else [])
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=handlers,
-                        format=f"%(asctime)s [{stage}] %(message)s", datefmt="%H:%M:%S", force=True)
-    torch.manual_seed(args.seed)  # the same on every rank: identical initial (and random frozen) weights
-    log.info(f"{world} process(es) on {device.type}; args: {json.dumps(vars(args))}")
-    return rank, world, device
-
-
-def grad_accum_steps(args, world):
-    if args.global_batch % (args.batch_size * world):
-        raise SystemExit(f"--global_batch {args.global_batch} is not a multiple of --batch_size x GPUs "
-                         f"= {args.batch_size} x {world}")
-    return args.global_batch // (args.batch_size * world)
-
-
-def make_dataset(args, train=True):
-    """--demo data (built-in shapes) or an ImageNet-style folder / file list."""
-    if args.data is None:
-        if not args.demo:
-            raise SystemExit("--data is required (an ImageNet-style train folder), or use --demo")
-        return data.Shapes(args.demo_images if train else 64, args.img_size, seed=0 if train else 1)
-    if train:
-        return data.ImageFolder(args.data, args.img_size, list_file=args.data_list, draft=args.jpeg_draft)
-    return data.ImageFolder(args.val_data or args.data, args.img_size)
-
-
-def random_flip(x):
-    """Horizontal flip of half the batch, drawn on the training process so a resumed run replays it."""
-    flip = torch.rand(len(x), device=x.device) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
-
-
-def param_groups(model, weight_decay):
-    """AdamW groups: no decay on biases, norms, embeddings, tokens (the authors' name rule) or any 1-D tensor."""
-    skip = ("ln", "bias", "embedding", "norm", "gamma", "embed", "token")
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    no_decay = [p for n, p in named if p.ndim < 2 or any(s in n for s in skip)]
-    decay = [p for n, p in named if not (p.ndim < 2 or any(s in n for s in skip))]
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
-def adamw(params, lr, device, weight_decay=0.0):
-    groups = param_groups(params, weight_decay) if isinstance(params, nn.Module) else params
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, fused=device.type == "cuda")
-
-
-def cosine_lr(epoch_frac, base_lr, warmup_epochs, epochs, min_lr=0.0):
-    """Linear warm-up then half-cycle cosine, evaluated per step at the fractional epoch."""
-    if epoch_frac < warmup_epochs:
-        return base_lr * epoch_frac / warmup_epochs
-    progress = (epoch_frac - warmup_epochs) / max(epochs - warmup_epochs, 1e-8)
-    return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-class EMA:
-    """EMA copy of a model. Trainable parameters are averaged with one fused lerp; frozen ones stay as the
-    model's (the authors' EMA copies them every step, which is the same for weights that never change)."""
-
-    def __init__(self, model, decay):
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model):
-        pairs = [(e, p) for e, p in zip(self.model.parameters(), model.parameters()) if p.requires_grad]
-        torch._foreach_lerp_([e for e, _ in pairs], [p.detach() for _, p in pairs], 1 - self.decay)
-
-
-def rng_state(device):
-    """This rank's RNG states, gathered from every rank (each rank draws its own masks and noise)."""
-    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-    if not dist.is_initialized():
-        return [state]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return states
-
-
-def set_rng_state(states, rank, device):
-    if len(states) != evaluate.rank_world()[1]:
-        log.warning("resuming with a different number of processes: RNG streams restart from the seed")
-        return
-    torch.set_rng_state(states[rank]["cpu"])
-    if device.type == "cuda" and states[rank]["cuda"] is not None:
-        torch.cuda.set_rng_state(states[rank]["cuda"], device)
-
-
-def check_ranks_agree(*modules):
-    """Cheap DDP sanity check at every checkpoint: all ranks must hold the same weights (model and EMA)."""
-    if not dist.is_initialized():
-        return
-    checksum = torch.stack([p.detach().double().sum() for m in modules for p in m.parameters()]).sum().cpu()
-    sums = [None] * dist.get_world_size()
-    dist.all_gather_object(sums, checksum.item())
-    if len(set(sums)) != 1:
-        raise RuntimeError(f"DDP ranks diverged: parameter checksums {sums}")
-    log.info(f"weights identical on {len(sums)} ranks (checksum {sums[0]:.6f})")
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def save_checkpoint(path, state):
-    """Atomic: write a temporary file, then rename, so a crash never leaves a half-written checkpoint."""
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    log.info(f"saved {path}")
-
-
-class Metrics:
-    """One log line per log step and one JSON object per log step in <out_dir>/metrics.jsonl."""
-
-    def __init__(self, out_dir, stage, rank):
-        self.path, self.stage, self.rank = os.path.join(out_dir, "metrics.jsonl"), stage, rank
-
-    def write(self, **record):
-        if self.rank != 0:
-            return
-        record = {"stage": self.stage, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}}
-        log.info("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
-                           if k != "stage"))
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def save_grid(path, rows):
-    """Save rows of [-1, 1] image batches as one PNG (one batch per row); small images are enlarged."""
-    grid = np.concatenate([np.concatenate(list(evaluate.to_uint8(r).permute(0, 2, 3, 1).cpu().numpy()), axis=1)
-                           for r in rows], axis=0)
-    scale = max(1, 128 // rows[0].shape[-1])
-    Image.fromarray(grid.repeat(scale, 0).repeat(scale, 1)).save(path)
-    log.info(f"wrote {path}")
+from plumbing import (EMA, Metrics, adamw, bf16, check_ranks_agree, cosine_lr, ddp, grad_accum_steps, log,
+                      parse_args, random_flip, reduce_for_log, rng_state, save_checkpoint, save_grid, set_rng_state,
+                      setup, sync_grads_if)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,17 +56,6 @@ def generator_losses(args, x, x_hat, kl, pred, target, ids_keep, perceptual, dis
 # ----------------------------------------------------------------------------------------------
 # The training step and loop shared by stage 1 and stage 2
 
-def ddp(module, device, world):
-    return nn.parallel.DistributedDataParallel(module, [device] if device.type == "cuda" else None,
-                                               gradient_as_bucket_view=True) if world > 1 else module
-
-
-def sync_grads_if(last, module):
-    """Gradient accumulation: DDP all-reduces only on the last micro-batch."""
-    is_ddp = isinstance(module, nn.parallel.DistributedDataParallel)
-    return module.no_sync() if is_ddp and not last else contextlib.nullcontext()
-
-
 class TokenizerStep:
     """One optimiser step of the tokenizer (only its trainable parameters) and of the discriminator, over
     `accum` micro-batches, with the losses of SPEC 3. Also what bench.py times."""
@@ -252,7 +74,7 @@ class TokenizerStep:
             for net in (self.perceptual, self.disc):
                 net.compile()
         self.ddp_model, self.ddp_disc = ddp(model, device, world), ddp(self.disc, device, world)
-        self.autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+        self.autocast = bf16(device)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
 
     def __call__(self, batches, lr, use_gan):
@@ -302,22 +124,14 @@ class TokenizerStep:
         self.opt_d.load_state_dict(ckpt["opt_disc"])
 
 
-def reduce_for_log(tensors, world):
-    """The only host sync of a step, on log steps only: average over ranks, then .tolist()."""
-    stats = torch.stack([t.float() for t in tensors])
-    if world > 1:
-        dist.all_reduce(stats, op=dist.ReduceOp.AVG)
-    return stats.tolist()
-
-
 def train(args, stage, model, ema, teacher, rank, world, device):
     """Train a Tokenizer with TokenizerStep; resumes from <out_dir>/<stage>.pt if it exists.
     `teacher` is None when there is no semantic loss (stage 2)."""
     accum = grad_accum_steps(args, world)
-    loader = data.make_loader(make_dataset(args), args.batch_size, True, args.workers, world, rank, args.seed)
+    loader = data.make_loader(data.make_dataset(args), args.batch_size, True, args.workers, world, rank, args.seed)
     if len(loader) < accum:
         raise SystemExit(f"{len(loader.dataset)} images are too few for one global batch of {args.global_batch}")
-    val = make_dataset(args, train=False)
+    val = data.make_dataset(args, train=False)
     held_out = next(iter(data.make_loader(val, 8, False, 0)))[0].to(device)
     train_step = TokenizerStep(args, model, ema, teacher, device, world)
     if args.eval_every:  # PSNR + rFID of the EMA weights on a fixed, class-spread part of --val_data
@@ -404,6 +218,7 @@ def common_args(parser):
     p("--log_every", type=int, default=50)
     p("--vis_every", type=int, default=5)
     p("--compile", action="store_true")
+    p("--wandb", metavar="PROJECT", help="also send metrics and image grids to this Weights & Biases project")
     p("--eval_every", type=int, default=0, help="every N epochs: PSNR + rFID of the EMA model on --val_data")
     p("--eval_images", type=int, default=10_000)
     p("--fid_ref", help="rFID reference (evaluate.py --save_stats of val); default: the same real images")

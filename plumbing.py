@@ -1,0 +1,245 @@
+"""Process plumbing shared by every stage: distributed setup and ranks, seeding and RNG state, EMA, optimiser
+and lr schedules, atomic checkpoints, the metrics log (optionally mirrored to Weights & Biases), image grids.
+Which file imports which: README, "How the code is laid out".
+"""
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from PIL import Image
+
+log = logging.getLogger("rectok")
+wandb = None  # the wandb module, imported by setup() on rank 0 when --wandb is given
+
+
+# ---- Processes
+def parse_args(parser, demo_defaults):
+    """--demo swaps in small defaults; any flag given explicitly still wins."""
+    if "--demo" in sys.argv[1:]:
+        parser.set_defaults(**demo_defaults)
+    return parser.parse_args()
+
+
+def rank_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def setup(args, stage):
+    """torchrun -> DDP (NCCL on GPU, gloo on CPU); a plain `python` run is one process. Logs to the console and
+    <out_dir>/<stage>.log, seeds every rank alike, and starts the optional Weights & Biases run."""
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = rank_world()
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if getattr(args, "data", None) and not os.path.isdir(args.data):
+        raise SystemExit(f"--data: no such folder: {args.data}")
+    os.makedirs(args.out_dir, exist_ok=True)
+    handlers = [logging.StreamHandler()] + ([logging.FileHandler(os.path.join(args.out_dir, f"{stage}.log"))]
+                                            if rank == 0 else [])
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=handlers,
+                        format=f"%(asctime)s [{stage}] %(message)s", datefmt="%H:%M:%S", force=True)
+    torch.manual_seed(args.seed)  # the same on every rank: identical initial (and random frozen) weights
+    log.info(f"{world} process(es) on {device.type}; args: {json.dumps(vars(args))}")
+    if getattr(args, "wandb", None) and rank == 0:
+        start_wandb(args, stage)
+    return rank, world, device
+
+
+def start_wandb(args, stage):
+    """--wandb PROJECT: mirror metrics.jsonl's records and the image grids to Weights & Biases (the authors'
+    logger). Imported only here, so the package is needed only when the flag is given."""
+    global wandb
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit("--wandb: the wandb package is not installed (pip install wandb), or drop the flag")
+    wandb.init(project=args.wandb, name=f"{os.path.basename(os.path.abspath(args.out_dir))}-{stage}",
+                           group=os.path.abspath(args.out_dir), job_type=stage, config=vars(args), dir=args.out_dir)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def gather_rows(x, n, strided=False):
+    """Every rank's equal-size block of rows, in rank order, cut to the first n. strided: the blocks of a
+    DistributedSampler(shuffle=False) (rank r holds rows r, r + world, ...), put back in dataset order."""
+    if not dist.is_initialized():
+        return x[:n]
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return (torch.stack(parts, 1).flatten(0, 1) if strided else torch.cat(parts))[:n]
+
+
+def reduce_for_log(tensors, world):
+    """The only host sync of a step, on log steps only: average over ranks, then .tolist()."""
+    stats = torch.stack([t.float() for t in tensors])
+    if world > 1:
+        dist.all_reduce(stats, op=dist.ReduceOp.AVG)
+    return stats.tolist()
+
+
+def check_ranks_agree(*modules):
+    """Cheap DDP sanity check at every checkpoint: all ranks must hold the same weights (model and EMA)."""
+    if not dist.is_initialized():
+        return
+    checksum = torch.stack([p.detach().double().sum() for m in modules for p in m.parameters()]).sum().cpu()
+    sums = [None] * dist.get_world_size()
+    dist.all_gather_object(sums, checksum.item())
+    if len(set(sums)) != 1:
+        raise RuntimeError(f"DDP ranks diverged: parameter checksums {sums}")
+    log.info(f"weights identical on {len(sums)} ranks (checksum {sums[0]:.6f})")
+
+
+# ---- Training
+def grad_accum_steps(args, world):
+    if args.global_batch % (args.batch_size * world):
+        raise SystemExit(f"--global_batch {args.global_batch} is not a multiple of --batch_size x GPUs "
+                         f"= {args.batch_size} x {world}")
+    return args.global_batch // (args.batch_size * world)
+
+
+def ddp(module, device, world):
+    return nn.parallel.DistributedDataParallel(module, [device] if device.type == "cuda" else None,
+                                               gradient_as_bucket_view=True) if world > 1 else module
+
+
+def sync_grads_if(last, module):
+    """Gradient accumulation: DDP all-reduces only on the last micro-batch."""
+    is_ddp = isinstance(module, nn.parallel.DistributedDataParallel)
+    return module.no_sync() if is_ddp and not last else contextlib.nullcontext()
+
+
+def bf16(device):
+    """bf16 autocast on CUDA; CPU runs stay in fp32."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+
+
+def random_flip(x):
+    """Horizontal flip of half the batch, drawn on the training process so a resumed run replays it."""
+    flip = torch.rand(len(x), device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def param_groups(model, weight_decay):
+    """AdamW groups: no decay on biases, norms, embeddings, tokens (the authors' name rule) or any 1-D tensor."""
+    skip = ("ln", "bias", "embedding", "norm", "gamma", "embed", "token")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    no_decay = [p for n, p in named if p.ndim < 2 or any(s in n for s in skip)]
+    decay = [p for n, p in named if not (p.ndim < 2 or any(s in n for s in skip))]
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def adamw(params, lr, device, weight_decay=0.0):
+    groups = param_groups(params, weight_decay) if isinstance(params, nn.Module) else params
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, fused=device.type == "cuda")
+
+
+def cosine_lr(epoch_frac, base_lr, warmup_epochs, epochs, min_lr=0.0):
+    """Tokenizer stages: linear warm-up then half-cycle cosine, evaluated per step at the fractional epoch."""
+    if epoch_frac < warmup_epochs:
+        return base_lr * epoch_frac / warmup_epochs
+    progress = (epoch_frac - warmup_epochs) / max(epochs - warmup_epochs, 1e-8)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def dit_lr(epoch_frac, lr, min_lr, decay_start, decay_end):
+    """DiT^DH: constant lr to `decay_start` epochs, then linear to min_lr at `decay_end` (the released schedule)."""
+    progress = min(max((epoch_frac - decay_start) / (decay_end - decay_start), 0.0), 1.0)
+    return lr - (lr - min_lr) * progress
+
+
+class EMA:
+    """EMA copy of a model. Trainable parameters are averaged with one fused lerp; frozen ones stay as the
+    model's (the authors' EMA copies them every step, which is the same for weights that never change)."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model):
+        pairs = [(e, p) for e, p in zip(self.model.parameters(), model.parameters()) if p.requires_grad]
+        torch._foreach_lerp_([e for e, _ in pairs], [p.detach() for _, p in pairs], 1 - self.decay)
+
+
+# ---- RNG state and checkpoints
+def rng_state(device):
+    """This rank's RNG states, gathered from every rank (each rank draws its own masks and noise)."""
+    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    if not dist.is_initialized():
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def set_rng_state(states, rank, device):
+    if len(states) != rank_world()[1]:
+        log.warning("resuming with a different number of processes: RNG streams restart from the seed")
+        return
+    torch.set_rng_state(states[rank]["cpu"])
+    if device.type == "cuda" and states[rank]["cuda"] is not None:
+        torch.cuda.set_rng_state(states[rank]["cuda"], device)
+
+
+def save_checkpoint(path, state):
+    """Atomic: write a temporary file, then rename, so a crash never leaves a half-written checkpoint."""
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    log.info(f"saved {path}")
+
+
+# ---- What a run leaves to look at
+class Metrics:
+    """One log line and one JSON object in <out_dir>/metrics.jsonl (the source of truth) per record; the same
+    record goes to Weights & Biases when --wandb is on."""
+
+    def __init__(self, out_dir, stage, rank):
+        self.path, self.stage, self.rank = os.path.join(out_dir, "metrics.jsonl"), stage, rank
+
+    def write(self, **record):
+        if self.rank != 0:
+            return
+        record = {"stage": self.stage, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}}
+        log.info("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+                           if k != "stage"))
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if wandb is not None:
+            wandb.log({f"{self.stage}/{k}": v for k, v in record.items() if k != "stage"}, step=record.get("step"))
+
+
+def wandb_summary(results):
+    """evaluate.py's results (its JSON) as the Weights & Biases run summary, when --wandb is on."""
+    if wandb is not None:
+        wandb.run.summary.update(results)
+
+
+def to_uint8(x):
+    """[-1, 1] (B, 3, H, W) -> uint8, same layout and device (the Inception's input)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def save_grid(path, rows):
+    """Save rows of [-1, 1] image batches as one PNG (one batch per row); small images are enlarged."""
+    grid = np.concatenate([np.concatenate(list(to_uint8(r).permute(0, 2, 3, 1).cpu().numpy()), axis=1)
+                           for r in rows], axis=0)
+    scale = max(1, 128 // rows[0].shape[-1])
+    Image.fromarray(grid.repeat(scale, 0).repeat(scale, 1)).save(path)
+    log.info(f"wrote {path}")
+    if wandb is not None:  # attached to the next metrics record's step
+        wandb.log({os.path.splitext(os.path.basename(path))[0]: wandb.Image(path)}, commit=False)
