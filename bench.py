@@ -93,18 +93,19 @@ def check_precision(size, device, autocast, compile):
 
 def bench_tokenizer(args, device, autocast):
     """(a) One full stage-1 step: encoder + pixel and semantic decoders, teacher, LPIPS, PatchGAN, both
-    optimisers, EMA."""
+    optimisers, EMA. Under --dtype bf16, once with the loss networks in fp32 (the release) and once in bf16."""
     opts = SimpleNamespace(blr=1e-4, global_batch=args.batch_size, convnext_weight=args.convnext_weight,
                            random_frozen_nets=True, weight_decay=1e-4, grad_clip=3.0, compile=args.compile,
-                           rec_weight=1.0, perceptual_weight=1.0, kl_weight=1e-6, sem_weight=1.0, disc_weight=0.5)
+                           rec_weight=1.0, perceptual_weight=1.0, kl_weight=1e-6, sem_weight=1.0, disc_weight=0.1)
     grid = args.img_size // 16
     teacher = models.load_teacher("dinov3_vitl16", None, args.teacher_size, grid).to(device)
     model = models.Tokenizer(args.img_size, 16, 128, args.tok_size, args.tok_size, teacher_dim=teacher.dim).to(device)
     step = train_tokenizer.TokenizerStep(opts, model, plumbing.EMA(model, 0.999), teacher, device, 1)
     step.autocast = autocast  # --dtype fp32 compares against full precision
     x = torch.rand(args.batch_size, 3, args.img_size, args.img_size, device=device) * 2 - 1
-    measure(f"tokenizer step ({args.tok_size}, {args.img_size}px)", lambda: step([x], 1e-4, True),
-            args.batch_size, args, device)
+    for opts.bf16_losses in (False, True) if args.dtype == "bf16" else (False,):
+        measure(f"tokenizer step ({args.tok_size}, {args.img_size}px, {'bf16' if opts.bf16_losses else 'fp32'} losses)",
+                lambda: step([x], 1e-4, True), args.batch_size, args, device)
 
 
 def bench_dit(args, device, autocast):

@@ -5,6 +5,7 @@
   python sample.py --demo                      # reads out/demo/dit.pt and out/demo/tokenizer_ft.pt
 """
 import argparse
+import json
 import math
 import os
 import time
@@ -14,8 +15,9 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+import evaluate
 import models
-from plumbing import barrier, bf16, log, parse_args, save_grid, setup, to_uint8
+from plumbing import barrier, bf16, log, parse_args, rank_world, save_grid, setup, to_uint8
 
 
 def time_grid(steps, latent_shape):
@@ -63,6 +65,39 @@ def generate(dit, tokenizer, stats, idx, steps, cfg=1.0, guide=None, seed=0):
         return tokenizer.decode(z.float() * stats["std"][:, None, None] + stats["mean"][:, None, None]).float()
 
 
+def sample_metrics(dit, tokenizer, stats, inception, ref, n, steps, cfg=1.0, guide=None, batch_size=125):
+    """gFID / IS (+ precision / recall when ref has pool features) of n images generated in memory, split
+    over ranks (the same images for any number of ranks); a dict on rank 0, else None."""
+    rank, world = rank_world()
+    per = -(-n // world)  # every rank the same count; the last rank's extras are cut
+    ids = range(rank * per, (rank + 1) * per)
+    batches = (to_uint8(generate(dit, tokenizer, stats, ids[i:i + batch_size], steps, cfg, guide))
+               for i in range(0, per, batch_size))
+    (mu, sigma), pool = ref  # evaluate.reference's answer
+    return evaluate.generation_metrics(inception, batches, mu, sigma, pool, n=n)
+
+
+def search_cfg(args, dit, guide, tokenizer, stats, device):
+    """The release's --cfg_list: FID of --search_images samples at each scale against --ref; the best scale,
+    the same on every rank. The scores go to <out_dir>/cfg_search.json."""
+    inception = evaluate.load_inception(args.inception).to(device)
+    ref = evaluate.reference(inception, args.ref, args.per_proc_batch)
+    fids = {}
+    for cfg in args.cfg_list:
+        res = sample_metrics(dit, tokenizer, stats, inception, ref, args.search_images, args.steps, cfg, guide,
+                             args.per_proc_batch)
+        fids[cfg] = res and res["fid"]  # rank 0 only
+        log.info(f"guidance {cfg}: FID {fids[cfg]} on {args.search_images} samples")
+    best = [min(fids, key=fids.get) if rank_world()[0] == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(best)
+    if rank_world()[0] == 0:
+        with open(os.path.join(args.out_dir, "cfg_search.json"), "w") as f:
+            json.dump({"images": args.search_images, "fid": fids, "best": best[0]}, f, indent=1)
+    log.info(f"best guidance scale {best[0]}: sampling {args.num_images} images with it")
+    return best[0]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p = parser.add_argument
@@ -80,6 +115,11 @@ def main():
     p("--png", action="store_true", help="also write one PNG per image into <out>_png/")
     p("--compile", action="store_true", help="torch.compile the blocks of the DiT^DH (and of --guide)")
     p("--demo", action="store_true", help="sample the demo DiT from --out_dir; other flags still override")
+    p("--cfg_list", type=float, nargs="+", help="guidance search: FID of --search_images samples per scale, then "
+      "--num_images at the best (the release's --cfg_list); needs --ref")
+    p("--search_images", type=int, default=10_000)
+    p("--ref", help="FID reference for --cfg_list: ADM's VIRTUAL_imagenet256_labeled.npz (mu, sigma)")
+    p("--inception", help="FID Inception .pth (default: pytorch-fid's release, downloaded once)")
     args = parse_args(parser, dict(num_images=100, steps=10, per_proc_batch=50))
     rank, world, device = setup(args, "sample")
     dit, extra = models.load_dit(args.dit or os.path.join(args.out_dir, "dit.pt"))
@@ -98,6 +138,8 @@ def main():
             models.compile_blocks(net.blocks)
     stats = {k: v.to(device) for k, v in stats.items()}
     size = tokenizer.grid * tokenizer.decoder.patch_size
+    if args.cfg_list:
+        args.cfg = search_cfg(args, dit, guide, tokenizer, stats, device)
 
     # One memory-mapped array shared by all ranks plus a `done` flag per image, so a rerun finishes the job.
     out = args.out or os.path.join(args.out_dir, "samples.npz")

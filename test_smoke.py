@@ -271,6 +271,34 @@ def test_resume_follows_the_same_trajectory(tmp_path, monkeypatch):
     assert os.path.exists(tmp_path / "a" / "tokenizer_recon_epoch0002.png")
 
 
+def test_loss_networks_run_in_fp32_unless_asked(tmp_path):
+    import train_tokenizer as tt
+    from types import SimpleNamespace
+    m = tiny_tokenizer(img=32, patch_size=8, teacher_dim=0)
+    x = torch.stack([data.Shapes(2, 32)[i][0] for i in range(2)])
+    for bf16_losses, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        args = SimpleNamespace(compile=False, blr=1e-4, global_batch=2, convnext_weight=0.0, random_frozen_nets=True,
+                               weight_decay=0.0, grad_clip=3.0, rec_weight=1.0, perceptual_weight=1.0, kl_weight=0.0,
+                               sem_weight=0.0, disc_weight=0.1, bf16_losses=bf16_losses)
+        step = tt.TokenizerStep(args, m, plumbing.EMA(m, 0.9), None, torch.device("cpu"), 1)
+        step.autocast = torch.autocast("cpu", torch.bfloat16)  # as on a GPU
+        seen = []
+        for net in (step.perceptual.lpips.net.slice1, step.disc):  # lpips calls its VGG's forward(), not the module
+            net.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+        step([x], 1e-4, True)
+        assert len(seen) == 5 and set(seen) == {dtype}  # VGG on x and x_hat; D(x_hat) for G; D(x), D(x_hat) for D
+
+
+def test_release_defaults_and_milestones(tmp_path, monkeypatch):
+    import train_tokenizer as tt
+    parser = __import__("argparse").ArgumentParser()
+    tt.common_args(parser)  # both stages' flags
+    assert parser.parse_args([]).disc_weight == 0.1  # the GAN weight the release trains with
+    main_of(tt, TINY_TRAIN + ["--epochs", "3", "--save_every", "2", "--out_dir", str(tmp_path)], monkeypatch)
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".pt")) == ["tokenizer.pt", "tokenizer_epoch0001.pt"]
+    assert models.read_checkpoint(str(tmp_path / "tokenizer_epoch0001.pt"))["epoch"] == 2
+
+
 def test_finetune_changes_only_the_pixel_decoder(tmp_path, monkeypatch):
     import finetune_decoder as fd
     import train_tokenizer as tt
@@ -535,6 +563,21 @@ def test_sampling_is_rank_independent_and_resumes(tmp_path):
     r3 = run("sample.py", *argv, "--out", str(tmp_path / "part.npz"))
     assert r3.returncode == 0 and "7 of 12 images left" in r3.stderr
     assert np.array_equal(np.load(tmp_path / "part.npz")["arr_0"], one)
+
+
+def test_guidance_search_picks_the_best_scale(tmp_path, monkeypatch):
+    import sample
+    argv = tiny_pipeline(tmp_path)
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(8), sigma=np.eye(8))
+    monkeypatch.setattr(ev, "load_inception", lambda path: StandInInception(dim=8))
+    scores = iter([3.0, 1.0, 2.0])  # one FID per scale, in --cfg_list order
+    monkeypatch.setattr(ev, "frechet_distance", lambda *a: next(scores))
+    main_of(sample, argv + ["--cfg_list", "2.0", "1.25", "1.0", "--search_images", "10", "--ref",  # argv: --cfg 1.5
+                            str(tmp_path / "ref.npz"), "--out", str(tmp_path / "best.npz")], monkeypatch)
+    search = json.load(open(tmp_path / "cfg_search.json"))
+    assert search == {"images": 10, "fid": {"2.0": 3.0, "1.25": 1.0, "1.0": 2.0}, "best": 1.25}
+    main_of(sample, argv + ["--cfg", "1.25", "--out", str(tmp_path / "direct.npz")], monkeypatch)
+    assert np.array_equal(np.load(tmp_path / "best.npz")["arr_0"], np.load(tmp_path / "direct.npz")["arr_0"])
 
 
 def test_train_dit_stats_cache_and_resume(tmp_path, monkeypatch):
@@ -892,7 +935,7 @@ def test_compiled_tokenizer_step_matches_eager():
         teacher = models.load_teacher("dinov2_vitl14", None, "tiny", grid=4)
         args = SimpleNamespace(compile=compile, blr=1e-4, global_batch=8, convnext_weight=0.0, random_frozen_nets=True,
                                weight_decay=1e-4, grad_clip=3.0, rec_weight=1.0, perceptual_weight=1.0, kl_weight=1e-6,
-                               sem_weight=1.0, disc_weight=0.5)
+                               sem_weight=1.0, disc_weight=0.5, bf16_losses=False)
         step = tt.TokenizerStep(args, m, plumbing.EMA(m, 0.9), teacher, torch.device("cpu"), 1)
         torch.manual_seed(1)  # three steps with the GAN on: three different RAD mask ratios through one graph
         runs.append(([step([x], 1e-3, True)[0] for _ in range(3)], m.state_dict()))

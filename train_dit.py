@@ -23,7 +23,7 @@ import models
 from plumbing import (EMA, Metrics, adamw, barrier, bf16, check_ranks_agree, ddp, dit_lr, gather_rows,
                       grad_accum_steps, log, parse_args, random_flip, reduce_for_log, rng_state, save_checkpoint,
                       save_grid, set_rng_state, setup, sync_grads_if, to_uint8)
-from sample import generate
+from sample import generate, sample_metrics
 
 
 @torch.no_grad()
@@ -148,6 +148,8 @@ def main():
     p("--log_every", type=int, default=50)
     p("--vis_every", type=int, default=5)
     p("--compile", action="store_true")
+    p("--save_every", type=int, default=0, help="also keep dit_epoch{E:04d}.pt every N epochs (E counts from 0: "
+      "the paper's 600-epoch model is dit_epoch0599.pt, as the release's ditdhxl_epoch_0599)")
     p("--wandb", metavar="PROJECT", help="also send metrics and image grids to this Weights & Biases project")
     p("--eval_every", type=int, default=0, help="every N epochs: gFID + IS of EMA samples (--cfg, --sample_steps)")
     p("--eval_images", type=int, default=10_000)
@@ -210,13 +212,13 @@ def main():
         inception = evaluate.load_inception("random" if args.demo and not args.inception else args.inception)
         inception.to(device)
         if args.fid_ref:
-            ref = evaluate.reference(inception, args.fid_ref, args.batch_size)[0]
+            ref = evaluate.reference(inception, args.fid_ref, args.batch_size)
         else:
             real = data.make_dataset(args)
             real = torch.utils.data.Subset(real, evaluate.spread(len(real), args.eval_images))
             real = data.make_loader(real, args.batch_size, False, args.workers, world, rank)
             pool = evaluate.inception_features(inception, (to_uint8(x) for x, _ in real))[0]
-            ref = evaluate.feature_stats(gather_rows(pool, len(real.dataset), strided=True))
+            ref = evaluate.feature_stats(gather_rows(pool, len(real.dataset), strided=True)), None
     classes = [207, 360, 387, 974, 88, 979, 417, 279] if num_classes == 1000 else list(range(min(num_classes, 10)))
     metrics = Metrics(args.out_dir, "dit", rank)
     log.info(f"{len(dataset)} images, {steps_per_epoch} steps/epoch, global batch {args.global_batch} = "
@@ -251,11 +253,8 @@ def main():
                 t0, n, sums = time.time(), 0, 0
         epoch += 1
         if args.eval_every and epoch % args.eval_every == 0:
-            per = -(-args.eval_images // world)  # every rank the same count; the last rank's extras are cut
-            ids = range(rank * per, (rank + 1) * per)
-            batches = (to_uint8(generate(train_step.ema.model, tokenizer, stats_d, ids[i:i + args.batch_size],
-                                                  args.sample_steps, args.cfg)) for i in range(0, per, args.batch_size))
-            res = evaluate.generation_metrics(inception, batches, *ref, n=args.eval_images)
+            res = sample_metrics(train_step.ema.model, tokenizer, stats_d, inception, ref, args.eval_images,
+                                 args.sample_steps, args.cfg, batch_size=args.batch_size)
             if res:
                 metrics.write(step=step, epoch=epoch, eval_images=res["n"], eval_gfid=res["fid"], eval_is=res["is_mean"])
         check_ranks_agree(dit, train_step.ema.model)
@@ -263,6 +262,8 @@ def main():
                  "epoch": epoch, "step": step, "rng": rng_state(device), "latent_stats": stats, "args": vars(args)}
         if rank == 0:
             save_checkpoint(ckpt_path, state)
+            if args.save_every and epoch % args.save_every == 0:  # the release's naming: epoch_0599 = 600 epochs
+                save_checkpoint(ckpt_path.replace(".pt", f"_epoch{epoch - 1:04d}.pt"), state)
             if epoch % args.vis_every == 0 or epoch == args.epochs:
                 images = generate(train_step.ema.model, tokenizer, stats_d, classes, args.sample_steps, args.cfg)
                 save_grid(os.path.join(args.out_dir, f"dit_samples_epoch{epoch:04d}.png"), [images])

@@ -83,6 +83,8 @@ class TokenizerStep:
         for group in self.opt.param_groups + self.opt_d.param_groups:
             group["lr"] = lr
         sums = {}
+        # the release runs LPIPS, ConvNeXt-S and both GAN terms with autocast off; --bf16_losses trades that for speed
+        loss_precision = self.autocast if self.args.bf16_losses else torch.autocast(self.autocast.device, enabled=False)
         for i, x in enumerate(batches):
             last = i == len(batches) - 1
             with self.autocast, sync_grads_if(last, self.ddp_model):
@@ -92,11 +94,12 @@ class TokenizerStep:
                     with torch.inference_mode():
                         target = self.teacher(x)
                     target = target.clone()  # inference tensors cannot enter autograd
-                terms = generator_losses(self.args, x, x_hat, kl, pred, target, ids_keep, self.perceptual,
-                                         self.disc, use_gan)
+                with loss_precision:
+                    terms = generator_losses(self.args, x, x_hat, kl, pred, target, ids_keep, self.perceptual,
+                                             self.disc, use_gan)
                 (sum(terms.values()) / len(batches)).backward()
             if use_gan:  # discriminator step on the same reconstructions, [0, 1] inputs
-                with self.autocast, sync_grads_if(last, self.ddp_disc):
+                with loss_precision, sync_grads_if(last, self.ddp_disc):
                     real, fake = (x.float() + 1) / 2, (x_hat.detach().float() + 1) / 2
                     terms["disc"] = hinge_d_loss(self.ddp_disc(real), self.ddp_disc(fake))
                     (terms["disc"] / len(batches)).backward()
@@ -184,6 +187,8 @@ def train(args, stage, model, ema, teacher, rank, world, device):
         state = dict(train_step.state_dict(), epoch=epoch, step=step, rng=rng_state(device), args=vars(args))
         if rank == 0:
             save_checkpoint(ckpt_path, state)
+            if args.save_every and epoch % args.save_every == 0:  # the release's naming: epoch_0599 = 600 epochs
+                save_checkpoint(ckpt_path.replace(".pt", f"_epoch{epoch - 1:04d}.pt"), state)
             if epoch % args.vis_every == 0 or epoch == args.epochs:
                 save_grid(os.path.join(args.out_dir, f"{stage}_recon_epoch{epoch:04d}.png"), [held_out, recon])
     log.info(f"done: {ckpt_path}")
@@ -210,7 +215,10 @@ def common_args(parser):
     p("--rec_weight", type=float, default=1.0)
     p("--perceptual_weight", type=float, default=1.0)
     p("--convnext_weight", type=float, default=0.1, help="ConvNeXt-S term of the released code; 0 = LPIPS only")
-    p("--disc_weight", type=float, default=0.5)
+    p("--disc_weight", type=float, default=0.1, help="the release's effective weight (its run scripts' 0.5 never "
+      "reaches the loss); the paper's 0.5 is --disc_weight 0.5")
+    p("--bf16_losses", action="store_true", help="LPIPS, ConvNeXt-S and PatchGAN under bf16 autocast (the release: fp32)")
+    p("--save_every", type=int, default=0, help="also keep <stage>_epoch{E:04d}.pt every N epochs (E counts from 0)")
     p("--disc_start_epoch", type=int, default=100)
     p("--random_frozen_nets", action="store_true", help="random teacher / VGG / ConvNeXt weights (demo, tests)")
     p("--workers", type=int, default=8)
