@@ -263,6 +263,8 @@ def main(argv=None):
     a("--data", help="image folder with class sub-folders: ImageNet val (train for --linear_probe)")
     a("--num_images", type=int, default=50000, help="reconstruct this many --data images, evenly spread")
     a("--grid", metavar="PNG", help="save 8 originals vs reconstructions")
+    a("--weights", nargs="+", default=["ema"], choices=["raw", "ema"], help="tokenizer weights to reconstruct with "
+      "(the release evaluates `raw ema`); the JSON has one entry each")
     a("--linear_probe", action="store_true", help="linear probe of --tokenizer's features: --data, --val_data")
     a("--val_data", help="ImageNet val folder for --linear_probe")
     a("--probe_images", type=int, help="train the probe on this many --data images, evenly spread (default all)")
@@ -312,7 +314,9 @@ def main(argv=None):
         if mode == "recon":
             ref = reference(inception, args.ref, args.batch_size, crop)[0] if args.ref else None
             sub = torch.utils.data.Subset(ds, spread(len(ds), args.num_images))
-            res = reconstruction_metrics(tokenizer, loader(sub), inception, device, ref)
+            res = {w: reconstruction_metrics(models.load_tokenizer(args.tokenizer, w == "ema", gamma=0.0, mask_ratio=0.0)
+                                             .to(device), loader(sub), inception, device, ref) for w in args.weights}
+            res = res if rank == 0 else None
             if args.grid and rank == 0:
                 with torch.no_grad(), bf16(device):
                     save_grid(args.grid, [few, tokenizer.decode(tokenizer.encode(few))])

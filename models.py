@@ -134,12 +134,13 @@ class ViT(nn.Module):
 
 
 class Encoder(ViT):
-    """Patchify -> + position -> keep a random subset of tokens (RAD) -> trunk -> (mean, logvar) per token."""
+    """Patchify -> + position -> keep a random subset of tokens (RAD) -> trunk -> (mean, logvar) per token
+    (out = 2 * dim), or z itself for the plain-AE ablation (out = dim)."""
 
-    def __init__(self, size, grid, patch_size, dim):
+    def __init__(self, size, grid, patch_size, out):
         super().__init__(size, grid)
         self.patch_embed = nn.Conv2d(3, self.width, patch_size, stride=patch_size)
-        self.latent_head = nn.Linear(self.width, 2 * dim)
+        self.latent_head = nn.Linear(self.width, out)
 
     def forward(self, x, ids_keep=None):
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.positional_embedding
@@ -207,7 +208,7 @@ def init_weights(module):
 class Tokenizer(nn.Module):
     def __init__(self, img_size=256, patch_size=16, dim=128, enc_size="base", dec_size="base",
                  sem_size="tiny", sem_type="transformer", teacher_dim=1024, mask_ratio=0.4,
-                 mask_ratio_min=-0.1, gamma=1.0, noise_schedule="shift", sem_noisy=True):
+                 mask_ratio_min=-0.1, gamma=1.0, noise_schedule="shift", sem_noisy=True, kl=True):
         super().__init__()
         for name, size in (("enc_size", enc_size), ("dec_size", dec_size), ("sem_size", sem_size)):
             if size not in SIZES:
@@ -218,10 +219,10 @@ class Tokenizer(nn.Module):
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         self.grid = img_size // patch_size
         self.dim, self.mask_ratio, self.mask_ratio_min = dim, mask_ratio, mask_ratio_min
-        self.gamma, self.noise_schedule, self.sem_noisy = gamma, noise_schedule, sem_noisy
+        self.gamma, self.noise_schedule, self.sem_noisy, self.kl = gamma, noise_schedule, sem_noisy, kl
         # t-shift of the `shift` schedule: s = sqrt(N_tokens * dim / 4096) (released code; the paper prints 1/s)
         self.shift = math.sqrt(self.grid ** 2 * dim / 4096)
-        self.encoder = Encoder(enc_size, self.grid, patch_size, dim)
+        self.encoder = Encoder(enc_size, self.grid, patch_size, 2 * dim if kl else dim)
         self.decoder = PixelDecoder(dec_size, self.grid, patch_size, dim)
         self.apply(init_weights)
         self.sem_decoder = None
@@ -252,8 +253,12 @@ class Tokenizer(nn.Module):
         return u if self.noise_schedule == "uniform" else self.shift * u / (1 + (self.shift - 1) * u)
 
     def posterior(self, x, ids_keep=None):
-        """(mean, logvar) tokens (B, N, dim) in fp32, logvar clamped to [-30, 20]."""
-        mean, logvar = self.encoder(x, ids_keep).float().chunk(2, dim=-1)
+        """(mean, logvar) tokens (B, N, dim) in fp32, logvar clamped to [-30, 20]. Without the KL (--no_kl, the
+        paper's plain-AE ablation) the encoder outputs z itself: a posterior of zero variance (logvar -inf)."""
+        h = self.encoder(x, ids_keep).float()
+        if not self.kl:
+            return h, torch.full_like(h, -math.inf)
+        mean, logvar = h.chunk(2, dim=-1)
         return mean, logvar.clamp(-30.0, 20.0)
 
     def encode(self, x, sample=False):
@@ -278,7 +283,7 @@ class Tokenizer(nn.Module):
             t = self.sample_t(len(x), x.device)
             z_t = (1 - t) * z + t * self.gamma * torch.randn_like(z)
         x_hat = self.decoder(z_t, ids_keep)
-        kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2)).mean()
+        kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2)).mean() if self.kl else mean.new_zeros(())
         pred = None
         if self.sem_decoder is not None:  # --no_fsd aligns the clean latent instead (Tab. 4)
             pred = self.sem_decoder(z_t if self.sem_noisy else z, ids_keep)
@@ -345,17 +350,17 @@ def load_tokenizer(path, ema=True, **overrides):
     sd = _release_to_ours(ckpt[key])
     if "encoder.latent_head.weight" not in sd:
         raise SystemExit(f"{path}: not a tokenizer checkpoint (no encoder.latent_head.weight)")
-    patch = sd["encoder.patch_embed.weight"].shape[-1]
-    kw = dict(img_size=math.isqrt(sd["encoder.positional_embedding"].shape[1]) * patch, patch_size=patch,
-              dim=sd["encoder.latent_head.weight"].shape[0] // 2, enc_size=_size_of(sd, "encoder."),
+    patch, args = sd["encoder.patch_embed.weight"].shape[-1], ckpt.get("args", {})
+    kl = not args.get("no_kl", False)
+    kw = dict(img_size=math.isqrt(sd["encoder.positional_embedding"].shape[1]) * patch, patch_size=patch, kl=kl,
+              dim=sd["encoder.latent_head.weight"].shape[0] // (2 if kl else 1), enc_size=_size_of(sd, "encoder."),
               dec_size=_size_of(sd, "decoder."), teacher_dim=0)
     if "sem_decoder.out.weight" in sd:
         kw.update(sem_type="transformer", sem_size=_size_of(sd, "sem_decoder."),
                   teacher_dim=sd["sem_decoder.out.weight"].shape[0])
     elif "sem_decoder.mlp.2.weight" in sd:
         kw.update(sem_type="mlp", teacher_dim=sd["sem_decoder.mlp.2.weight"].shape[0])
-    args = ckpt.get("args", {})
-    for name in ("mask_ratio", "mask_ratio_min", "gamma", "noise_schedule", "sem_noisy"):
+    for name in ("mask_ratio", "mask_ratio_min", "gamma", "noise_schedule"):
         if name in args:
             kw[name] = args[name]
     kw.update(overrides)
@@ -416,7 +421,7 @@ class DinoBlock(nn.Module):
 class DinoTeacher(nn.Module):
     """x in [-1, 1] (B, 3, H, W) -> final-norm patch tokens (B, grid * grid, dim); CLS/storage dropped."""
 
-    def __init__(self, name, size="large", grid=16):
+    def __init__(self, name, size="large", grid=16, release_input=True, rope_rescale=1.0):
         super().__init__()
         if name not in ("dinov2_vitl14", "dinov3_vitl16"):
             raise ValueError(f"unknown teacher {name!r}; expected dinov2_vitl14 or dinov3_vitl16")
@@ -425,6 +430,7 @@ class DinoTeacher(nn.Module):
         width, depth, heads = TEACHER_SIZES[size]
         self.v3, self.dim, self.heads = name == "dinov3_vitl16", width, heads
         self.patch, self.grid = (16 if self.v3 else 14), grid
+        self.release_input, self.rope_rescale = release_input, rope_rescale
         self.n_storage = 4 if self.v3 else 0
         eps = 1e-5 if self.v3 else 1e-6  # DINOv3 ViT-L uses norm_layer "layernormbf16" (eps 1e-5)
         self.cls_token = nn.Parameter(torch.randn(1, 1, width) * 0.02)
@@ -447,30 +453,48 @@ class DinoTeacher(nn.Module):
         return super().train(False)
 
     def pos_embed_for(self, gh, gw):
-        """DINOv2 interpolate_pos_encoding: bicubic with the +0.1 scale-factor offset, in float32."""
+        """DINOv2 position embedding resampled to gh x gw in float32: Meta's interpolate_pos_encoding (bicubic,
+        +0.1 scale-factor offset) or, on the release's input path, timm's (bicubic, antialiased, exact size)."""
         pos = self.pos_embed.float()
         M = math.isqrt(pos.shape[1] - 1)
         if gh == gw == M:
             return pos
         grid = pos[:, 1:].reshape(1, M, M, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, scale_factor=((gh + 0.1) / M, (gw + 0.1) / M), mode="bicubic", antialias=False)
+        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", antialias=True) if self.release_input else \
+            F.interpolate(grid, scale_factor=((gh + 0.1) / M, (gw + 0.1) / M), mode="bicubic", antialias=False)
         return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)], 1)
 
     def rope(self, gh, gw):
-        """DINOv3 RoPE sin/cos (gh*gw, head_dim): patch-centre coords in [-1, 1] per axis ("separate")."""
+        """DINOv3 RoPE sin/cos (gh*gw, head_dim): patch-centre coords in [-1, 1] per axis ("separate").
+        rope_rescale r > 1 multiplies the coords by one log-uniform draw from [1/r, r] per call, for the whole
+        batch: what Hugging Face's DINOv3 does in train mode, where the release's training loop puts it."""
         dev = self.rope_embed.periods.device
         ch, cw = (torch.arange(0.5, gh, device=dev) / gh, torch.arange(0.5, gw, device=dev) / gw)
         coords = 2 * torch.stack(torch.meshgrid(ch, cw, indexing="ij"), -1).flatten(0, 1) - 1  # (HW, 2)
+        if self.rope_rescale > 1:
+            log_r = math.log(self.rope_rescale)
+            coords = coords * torch.empty((), device=dev).uniform_(-log_r, log_r).exp()
         angles = (2 * math.pi * coords[:, :, None] / self.rope_embed.periods.float()).flatten(1).tile(2)
         return angles.sin(), angles.cos()
 
+    def preprocess(self, x):
+        """x in [-1, 1] -> normalised input at grid * patch px (DINOv2: 224 for a 16 x 16 grid; DINOv3: 256).
+        Meta's inference path normalises and resizes (bilinear). The release's path (release_input) first
+        goes, for DINOv3, through uint8 (truncated, as .to(torch.uint8) does) and Hugging Face's processor
+        (bilinear, antialiased, to 224), then back up; for DINOv2, through timm's transform (bicubic,
+        antialiased, to 518), then down (bilinear)."""
+        x = (x.float() + 1) / 2
+        if self.release_input and self.v3:
+            x = F.interpolate((x * 255).to(torch.uint8) * (1 / 255), size=(224, 224), mode="bilinear", antialias=True)
+        elif self.release_input:
+            x = F.interpolate(x, size=(518, 518), mode="bicubic", antialias=True)
+        x = (x - self.mean) / self.std
+        side = self.grid * self.patch
+        return x if x.shape[-1] == side else F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+
     @torch.no_grad()
     def forward(self, x):
-        x = ((x + 1) / 2 - self.mean) / self.std
-        side = self.grid * self.patch  # DINOv2 (patch 14) sees 224 px for a 16x16 grid; DINOv3 at 256 is untouched
-        if x.shape[-1] != side or x.shape[-2] != side:
-            x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
-        x = self.patch_embed.proj(x)
+        x = self.patch_embed.proj(self.preprocess(x))
         B, _, gh, gw = x.shape
         x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x.flatten(2).transpose(1, 2)], 1)
         rope = None
@@ -484,10 +508,10 @@ class DinoTeacher(nn.Module):
         return self.norm(x[:, 1 + self.n_storage:])  # LayerNorm is per token: norm after slicing is the same
 
 
-def load_teacher(name, path=None, size="large", grid=16):
+def load_teacher(name, path=None, size="large", grid=16, release_input=True, rope_rescale=1.0):
     """Frozen, eval-mode teacher whose patch grid matches the tokenizer's `grid`. path=None gives random
     weights (tests and demos only, logged loudly); otherwise Meta's release .pth, keys checked strictly."""
-    model = DinoTeacher(name, size, grid)
+    model = DinoTeacher(name, size, grid, release_input, rope_rescale)
     if path is None:
         log.warning(f"!!! teacher {name} ({size}) has RANDOM weights: its features are meaningless (tests/demos only) !!!")
     else:

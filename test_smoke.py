@@ -112,6 +112,37 @@ def test_encode_deterministic_in_both_modes_and_stochastic_when_sampling():
     assert not torch.equal(m.encode(x, sample=True), m.encode(x, sample=True))
 
 
+def test_no_kl_is_a_deterministic_autoencoder(tmp_path):
+    torch.manual_seed(0)
+    m = tiny_tokenizer(dim=8, kl=False).train()
+    assert m.encoder.latent_head.out_features == 8  # no logvar half
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert torch.equal(m.encode(x, sample=True), m.encode(x))
+    m.gamma, m.mask_ratio = 0.0, 0.0
+    x_hat, kl, _, _ = m(x)
+    assert kl.item() == 0 and torch.equal(x_hat, m.decode(m.encode(x)))
+    torch.save({"model": m.state_dict(), "model_ema": m.state_dict(), "args": {"no_kl": True}}, tmp_path / "ae.pt")
+    loaded = models.load_tokenizer(str(tmp_path / "ae.pt"))
+    assert loaded.dim == 8 and not loaded.kl and torch.equal(loaded.encode(x), m.encode(x))
+
+
+def test_masked_semantic_target_counts_only_masked_tokens():
+    import train_tokenizer as tt
+    target = torch.randn(2, 6, 4)
+    pred = torch.randn(2, 6, 4, requires_grad=True)
+    ids_keep = torch.tensor([[0, 2, 4, 5], [1, 2, 3, 5]])
+    loss = tt.semantic_loss(pred, target, ids_keep, masked_only=True)
+    cos = 1 - torch.nn.functional.cosine_similarity(pred, target, dim=-1)
+    assert torch.allclose(loss, (cos[0, [1, 3]].sum() + cos[1, [0, 4]].sum()) / 4)
+    loss.backward()
+    kept = torch.zeros(2, 6, dtype=torch.bool).scatter(1, ids_keep, True)
+    assert (pred.grad[kept] == 0).all() and (pred.grad[~kept] != 0).all()
+    everything = torch.arange(6).expand(2, 6)  # nothing masked: zero loss, still in the graph (DDP)
+    zero = tt.semantic_loss(pred, target, everything, masked_only=True)
+    assert zero.item() == 0 and zero.requires_grad
+    assert torch.allclose(tt.semantic_loss(pred, target, ids_keep), cos.mean())  # the release: every position
+
+
 def test_kl_matches_closed_form():
     torch.manual_seed(0)
     m = tiny_tokenizer(gamma=0.0, mask_ratio=0.0).train()
@@ -189,6 +220,47 @@ def test_teacher_shapes_frozen_and_round_trip(name, tmp_path):
         models.load_teacher(name, str(tmp_path / "bad.pth"), "tiny", grid=4)
 
 
+def test_teacher_release_input_truncates_to_uint8_and_resizes():
+    v3 = models.load_teacher("dinov3_vitl16", None, "tiny", grid=16)  # release_input by default
+    x = torch.stack([data.to_tensor(np.full((256, 256, 3), k, np.uint8)) for k in range(256)])
+    level = (x[:, 0, 0, 0] + 1) / 2 * 255
+    truncated, rounded = level.to(torch.uint8).float(), level.round()
+    assert (truncated != rounded).sum() > 0  # some grey levels come back one lower through .to(torch.uint8)
+    out = v3.preprocess(x)  # constant images stay constant through both resizes
+    assert out.shape == (256, 3, 256, 256)
+    expected = (truncated / 255 - v3.mean[0, 0, 0, 0]) / v3.std[0, 0, 0, 0]
+    torch.testing.assert_close(out[:, 0, 100, 37], expected, atol=1e-5, rtol=0)
+    direct = models.load_teacher("dinov3_vitl16", None, "tiny", grid=16, release_input=False)
+    edge = torch.zeros(1, 3, 256, 256).index_fill_(3, torch.arange(128), 1.0) - 0.5  # a sharp vertical edge
+    blurred, sharp = v3.preprocess(edge)[0, 0, 0], direct.preprocess(edge)[0, 0, 0]
+    assert len(sharp.unique()) == 2  # a sharp edge, and the blurred one is flat away from it:
+    assert torch.allclose(blurred[:124], blurred[0]) and torch.allclose(blurred[132:], blurred[-1])
+    between = (blurred - blurred[0]).abs().gt(1e-3) & (blurred - blurred[-1]).abs().gt(1e-3)
+    assert between.sum() == 4  # the 224-px round trip softens the edge over 4 pixels
+    v2 = models.load_teacher("dinov2_vitl14", None, "tiny", grid=16)
+    assert v2.preprocess(edge).shape == (1, 3, 224, 224) and v2(edge).shape == (1, 256, v2.dim)
+
+
+def test_teacher_rope_rescale_is_one_log_uniform_draw_per_forward():
+    teacher = models.load_teacher("dinov3_vitl16", None, "tiny", grid=16)
+    sin, cos = teacher.rope(16, 16)
+    base = torch.atan2(sin[-1, 7], cos[-1, 7])  # a low frequency: the angle never wraps
+    assert torch.equal(teacher.rope(16, 16)[0], sin)  # rope_rescale 1 (evaluation): deterministic
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    teacher.rope_rescale = 2.0  # what train_tokenizer.py sets by default (--teacher_rope_rescale)
+    scales = []
+    for _ in range(2000):
+        s, c = teacher.rope(16, 16)
+        scales.append((torch.atan2(s[-1, 7], c[-1, 7]) / base).item())
+        assert torch.allclose(torch.atan2(s[:, 7], c[:, 7]), scales[-1] * torch.atan2(sin[:, 7], cos[:, 7]), atol=1e-5)
+    log_s = np.log(scales)  # one scalar for every token and both axes, log-uniform on [-ln 2, ln 2]
+    assert -math.log(2) - 1e-4 < log_s.min() < -0.6 and 0.6 < log_s.max() < math.log(2) + 1e-4
+    assert abs(log_s.mean()) < 0.03 and abs(log_s.std() - math.log(2) / math.sqrt(3)) < 0.02
+    same = x[:1].expand(2, -1, -1, -1)
+    out = teacher(same)
+    assert torch.equal(out[0], out[1]) and not torch.equal(out, teacher(same))  # per forward, not per sample
+
+
 def test_teacher_key_names_are_metas():
     with torch.device("meta"):
         v2 = models.load_teacher("dinov2_vitl14").state_dict()
@@ -230,7 +302,8 @@ def test_tokenizer_loss_falls_on_a_fixed_batch():
     m = tiny_tokenizer(img=32, patch_size=8, teacher_dim=64).train()
     teacher = models.load_teacher("dinov2_vitl14", None, "tiny", grid=4)
     perceptual, disc = models.Perceptual(0.0, True), models.patchgan()
-    args = type("A", (), dict(rec_weight=1.0, perceptual_weight=1.0, kl_weight=1e-6, sem_weight=1.0, disc_weight=0.5))
+    args = type("A", (), dict(rec_weight=1.0, perceptual_weight=1.0, kl_weight=1e-6, sem_weight=1.0, disc_weight=0.5,
+                              sem_target="all"))
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     x = torch.stack([data.Shapes(4, 32)[i][0] for i in range(4)])
     losses = []
@@ -758,13 +831,18 @@ def shapes_folder(root, per_class, classes, seed=0, size=32):
 
 def test_reconstruction_mode_with_the_random_inception(tmp_path, monkeypatch):
     tok, val = tokenizer_file(tmp_path / "tok.pt"), shapes_folder(tmp_path / "val", 2, 2)  # 4 images
+    ckpt = torch.load(tok)
+    ckpt["model"] = {k: v + 0.01 * torch.randn_like(v) for k, v in ckpt["model"].items()}  # raw weights != EMA
+    torch.save(ckpt, tok)
     seen = []  # sqrtm at 2048 dims takes a minute on 2 cores: FID itself is tested above; here what reaches it
     monkeypatch.setattr(ev, "frechet_distance", lambda *a: seen.append(a) or 1.0)
     ev.main(["--tokenizer", tok, "--data", val, "--inception", "random", "--batch_size", "3", "--workers", "0",
-             "--out_dir", str(tmp_path), "--grid", str(tmp_path / "grid.png")])
+             "--out_dir", str(tmp_path), "--grid", str(tmp_path / "grid.png"), "--weights", "raw", "ema"])
     res = json.load(open(tmp_path / "recon.json"))
+    assert res.keys() == {"raw", "ema"} and res["raw"]["psnr"] != res["ema"]["psnr"]  # two weight sets, both scored
+    res = res["ema"]
     assert res["n"] == 4 and np.isfinite(res["psnr"]) and 0 < res["psnr"] < 100 and res["rfid"] == 1.0
-    (mu_fake, sigma_fake, mu_real, _), = seen
+    (mu_fake, sigma_fake, mu_real, _), _ = seen
     assert mu_fake.shape == (2048,) and sigma_fake.shape == (2048, 2048) and np.isfinite(sigma_fake).all()
     assert not np.allclose(mu_fake, mu_real)  # reconstructions of a random tokenizer differ from the images
     assert Image.open(tmp_path / "grid.png").size == (4 * 128, 2 * 128)  # originals over reconstructions, x4
@@ -935,7 +1013,7 @@ def test_compiled_tokenizer_step_matches_eager():
         teacher = models.load_teacher("dinov2_vitl14", None, "tiny", grid=4)
         args = SimpleNamespace(compile=compile, blr=1e-4, global_batch=8, convnext_weight=0.0, random_frozen_nets=True,
                                weight_decay=1e-4, grad_clip=3.0, rec_weight=1.0, perceptual_weight=1.0, kl_weight=1e-6,
-                               sem_weight=1.0, disc_weight=0.5, bf16_losses=False)
+                               sem_weight=1.0, disc_weight=0.5, bf16_losses=False, sem_target="all")
         step = tt.TokenizerStep(args, m, plumbing.EMA(m, 0.9), teacher, torch.device("cpu"), 1)
         torch.manual_seed(1)  # three steps with the GAN on: three different RAD mask ratios through one graph
         runs.append(([step([x], 1e-3, True)[0] for _ in range(3)], m.state_dict()))

@@ -7,6 +7,7 @@ Read top to bottom: the loss terms, one optimiser step (TokenizerStep), the epoc
 finetune_decoder.py reuses for stage 2), the flags, main.
 """
 import argparse
+import contextlib
 import os
 import time
 
@@ -30,11 +31,17 @@ def hinge_d_loss(logits_real, logits_fake):
     return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
 
 
-def semantic_loss(pred, target, ids_keep=None):
-    """1 - cos(pred, target) per token, averaged (SPEC 2). A per-token MLP decoder only sees kept tokens."""
+def semantic_loss(pred, target, ids_keep=None, masked_only=False):
+    """1 - cos(pred, target) per token (SPEC 2), averaged over every position (the release's "rec+align"), or
+    with masked_only over the masked positions alone (RAD as the paper writes it, the release's
+    sem_target "reconstruction": zero when nothing is masked). A per-token MLP decoder only sees kept tokens."""
     if ids_keep is not None and pred.shape[1] != target.shape[1]:
         target = target.gather(1, ids_keep[..., None].expand(-1, -1, target.shape[-1]))
-    return (1 - F.cosine_similarity(pred.float(), target.float(), dim=-1)).mean()
+    cos = 1 - F.cosine_similarity(pred.float(), target.float(), dim=-1)  # (B, N)
+    if not masked_only:
+        return cos.mean()
+    masked = torch.ones_like(cos).scatter(1, ids_keep, 0.0)
+    return (cos * masked).sum() / masked.sum().clamp_min(1)
 
 
 def generator_losses(args, x, x_hat, kl, pred, target, ids_keep, perceptual, disc, use_gan):
@@ -45,7 +52,7 @@ def generator_losses(args, x, x_hat, kl, pred, target, ids_keep, perceptual, dis
     if args.kl_weight > 0:
         terms["kl"] = args.kl_weight * kl
     if pred is not None:
-        terms["sem"] = args.sem_weight * semantic_loss(pred, target, ids_keep)
+        terms["sem"] = args.sem_weight * semantic_loss(pred, target, ids_keep, args.sem_target == "masked")
     if use_gan:
         disc.requires_grad_(False)  # the generator's GAN term must not train the discriminator
         terms["gan"] = args.disc_weight * -disc((x_hat + 1) / 2).mean()
@@ -84,16 +91,17 @@ class TokenizerStep:
             group["lr"] = lr
         sums = {}
         # the release runs LPIPS, ConvNeXt-S and both GAN terms with autocast off; --bf16_losses trades that for speed
-        loss_precision = self.autocast if self.args.bf16_losses else torch.autocast(self.autocast.device, enabled=False)
+        loss_precision = self.autocast if self.args.bf16_losses else contextlib.nullcontext()
         for i, x in enumerate(batches):
             last = i == len(batches) - 1
-            with self.autocast, sync_grads_if(last, self.ddp_model):
-                x_hat, kl, pred, ids_keep = self.ddp_model(x)
-                target = None
-                if self.teacher is not None:
-                    with torch.inference_mode():
-                        target = self.teacher(x)
-                    target = target.clone()  # inference tensors cannot enter autograd
+            with sync_grads_if(last, self.ddp_model):
+                with self.autocast:
+                    x_hat, kl, pred, ids_keep = self.ddp_model(x)
+                    target = None
+                    if self.teacher is not None:
+                        with torch.inference_mode():
+                            target = self.teacher(x)
+                        target = target.clone()  # inference tensors cannot enter autograd
                 with loss_precision:
                     terms = generator_losses(self.args, x, x_hat, kl, pred, target, ids_keep, self.perceptual,
                                              self.disc, use_gan)
@@ -256,20 +264,30 @@ def main():
     p("--gamma", type=float, default=1.0, help="FSD noise scale; 0 = no forward-flow noise")
     p("--noise_schedule", default="shift", choices=["shift", "uniform", "lognorm"])
     p("--no_fsd", action="store_true", help="ablation: the semantic decoder reads the clean latent z, not z_t")
+    p("--sem_target", default="all", choices=["all", "masked"], help="semantic loss on every position (the release) "
+      "or on the masked ones only (the paper's RAD text; the release's sem_target=reconstruction)")
+    p("--teacher_input", default="release", choices=["release", "direct"], help="the release's teacher preprocessing "
+      "(DINOv3: uint8, 224 px and back) or Meta's direct path")
+    p("--teacher_rope_rescale", type=float, default=2.0, help="DINOv3 RoPE coords x log-uniform [1/r, r] per forward, "
+      "as the release's teacher runs (Hugging Face train mode); 1 = deterministic")
+    p("--no_kl", action="store_true", help="ablation: plain autoencoder, deterministic z and no KL (the paper's AE)")
     p("--kl_weight", type=float, default=1e-6)
     p("--sem_weight", type=float, default=1.0)
     args = parse_args(parser, dict(DEMO, img_size=32, dim=32, patch_size=4, enc_size="tiny", dec_size="tiny",
                                    teacher_size="tiny"))
+    if args.sem_target == "masked" and (args.sem_type == "mlp" or args.mask_ratio <= 0):
+        parser.error("--sem_target masked needs --sem_type transformer and --mask_ratio > 0")
     rank, world, device = setup(args, "tokenizer")
     teacher_name = args.teacher or ("dinov2_vitl14" if args.dim < 64 else "dinov3_vitl16")
     teacher = None
     if args.sem_weight > 0:
         path = None if args.random_frozen_nets else models.teacher_file(teacher_name, args.teacher_ckpt)
-        teacher = models.load_teacher(teacher_name, path, args.teacher_size, args.img_size // args.patch_size)
+        teacher = models.load_teacher(teacher_name, path, args.teacher_size, args.img_size // args.patch_size,
+                                      args.teacher_input == "release", args.teacher_rope_rescale)
         teacher.to(device)
     model = models.Tokenizer(args.img_size, args.patch_size, args.dim, args.enc_size, args.dec_size, args.sem_size,
                              args.sem_type, teacher.dim if teacher else 0, args.mask_ratio, args.mask_ratio_min,
-                             args.gamma, args.noise_schedule, sem_noisy=not args.no_fsd).to(device)
+                             args.gamma, args.noise_schedule, sem_noisy=not args.no_fsd, kl=not args.no_kl).to(device)
     train(args, "tokenizer", model, EMA(model, args.ema), teacher, rank, world, device)
     if dist.is_initialized():
         dist.destroy_process_group()
