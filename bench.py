@@ -96,7 +96,8 @@ def bench_tokenizer(args, device, autocast):
     optimisers, EMA. Under --dtype bf16, once with the loss networks in fp32 (the release) and once in bf16."""
     opts = SimpleNamespace(blr=1e-4, global_batch=args.batch_size, convnext_weight=args.convnext_weight,
                            random_frozen_nets=True, weight_decay=1e-4, grad_clip=3.0, compile=args.compile,
-                           rec_weight=1.0, perceptual_weight=1.0, kl_weight=1e-6, sem_weight=1.0, disc_weight=0.1)
+                           rec_weight=1.0, perceptual_weight=1.0, kl_weight=1e-6, sem_weight=1.0, disc_weight=0.1,
+                           sem_target="all")
     grid = args.img_size // 16
     teacher = models.load_teacher("dinov3_vitl16", None, args.teacher_size, grid).to(device)
     model = models.Tokenizer(args.img_size, 16, 128, args.tok_size, args.tok_size, teacher_dim=teacher.dim).to(device)

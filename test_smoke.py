@@ -1034,6 +1034,16 @@ def test_dit_compile_and_bf16_stay_within_tolerance():
     assert err_loss < 2e-2 and 0 < err_grad < 2e-2 and 0 < err_x < 2e-2  # bf16 really ran, within its tolerance
 
 
+def test_bench_tokenizer_times_fp32_and_bf16_losses(monkeypatch, capsys):
+    import bench
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--only", "tokenizer", "--tok_size", "tiny", "--img_size", "32",
+                                      "--dtype", "bf16", "--repeats", "1", "--convnext_weight", "0"])
+    bench.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tokenizer step")]
+    assert len(rows) == 2 and "fp32 losses" in rows[0] and "bf16 losses" in rows[1]
+    assert all(float(row.split("|")[2]) > 0 for row in rows)
+
+
 def test_every_size_has_a_flash_attention_head_dim():
     # flash SDPA takes head dims that are multiples of 8 up to 256; any other silently runs a slower kernel
     dims = [w // h for w, _, h in list(models.SIZES.values()) + list(models.TEACHER_SIZES.values())]
