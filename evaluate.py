@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 import data
 import models
-from plumbing import bf16, gather_rows, log, rank_world, save_grid, setup, to_uint8, wandb_summary
+from plumbing import (bf16, gather_rows, log, rank_world, save_checkpoint, save_grid, setup, to_uint8,
+                      wandb_summary)
 FID_WEIGHTS = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 PROBE_TS, VIZ_TS = (0.0, 0.5), (0.0, 0.25, 0.5, 0.75)
 
@@ -137,8 +138,9 @@ def n_images(loader):  # a loader not sharded by data.make_loader(..., world, ra
         raise ValueError("the loader must be sharded over the ranks: data.make_loader(dataset, ..., world, rank)")
     return len(loader.dataset)
 
-def generation_metrics(inception, batches, ref_mu, ref_sigma, ref_pool=None, n=None):
-    """FID / IS / precision-recall of uint8 (B, 3, H, W) batches, n in all (default: ranks x this rank's count)."""
+def generation_metrics(inception, batches, ref_mu, ref_sigma, ref_pool=None, n=None, labels=None):
+    """FID / IS / precision-recall of uint8 (B, 3, H, W) batches, n in all (default: ranks x this rank's count);
+    with the images' labels, also the share classified as their label (the demo judge's class accuracy)."""
     pool, logits = inception_features(inception, batches)
     n = n or len(pool) * rank_world()[1]
     pool, logits = gather_rows(pool, n), gather_rows(logits, n)
@@ -147,6 +149,8 @@ def generation_metrics(inception, batches, ref_mu, ref_sigma, ref_pool=None, n=N
     res = {"n": n, "fid": fid_from_feats(pool, ref_mu, ref_sigma)}
     res["is_mean"], res["is_std"] = inception_score(logits)
     res["precision"], res["recall"] = precision_recall(ref_pool, pool) if ref_pool is not None else (None, None)
+    if labels is not None:
+        res["class_accuracy"] = (logits.argmax(1).cpu() == labels).float().mean().item()
     return res
 
 @torch.no_grad()
@@ -228,29 +232,72 @@ def save_maps(tokenizer, x, out_dir, seed=0):
 def spread(n, k):  # k indices evenly spread over range(n), all if k >= n: class-balanced on class-sorted folders
     return np.linspace(0, n - 1, min(k, n)).round().astype(int).tolist()
 
-def demo(args, inception, device):
-    """The demo pipeline's <out_dir>/samples.npz against Shapes(500, seed 2) images (FID, IS, P/R); its tokenizer
-    (stage 2, else stage 1) on Shapes(200, seed 1): PSNR, rFID against the same images, latent maps."""
+def demo_judge(out_dir, size, grid, device, n_train=640, seed=0):
+    """The demo judge (models.DemoJudge), trained once on the demo training images (data.Shapes, seed 0) and
+    their labels, deterministically, then cached in <out_dir>/judge.pt; its accuracy on held-out Shapes
+    (seed 1) is logged and kept. Every rank trains the same net or reads the same file."""
+    path = os.path.join(out_dir, "judge.pt")
+    judge = models.DemoJudge(grid).to(device)
+    if os.path.isfile(path) and models.read_checkpoint(path)["size"] == size:
+        ckpt = models.read_checkpoint(path)
+        judge.load_state_dict(ckpt["model"])
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            shapes = data.Shapes(n_train, size)
+            x, y = (torch.stack(t) for t in zip(*[(im, torch.tensor(lab)) for im, lab in map(shapes.__getitem__, range(n_train))]))
+            opt = torch.optim.AdamW(judge.parameters(), 3e-3, weight_decay=0.05)
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=15 * -(-n_train // 64))
+            for epoch in range(15):
+                for idx in torch.randperm(len(x)).split(64):
+                    flip = torch.rand(len(idx)) < 0.5  # flips keep the class; the training stages flip too
+                    xb = torch.where(flip[:, None, None, None], x[idx].flip(-1), x[idx]).to(device)
+                    loss = F.cross_entropy(judge(to_uint8(xb))[1], y[idx].to(device))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+        judge.eval()
+        val = data.Shapes(500, size, seed=1)
+        with torch.no_grad():
+            logits = judge(to_uint8(torch.stack([val[i][0] for i in range(len(val))]).to(device)))[1]
+        accuracy = (logits.argmax(1).cpu() == torch.tensor([val[i][1] for i in range(len(val))])).float().mean().item()
+        ckpt = {"model": judge.state_dict(), "size": size, "accuracy": accuracy}
+        if rank_world()[0] == 0:
+            save_checkpoint(path, ckpt)
+    log.info(f"demo judge: {ckpt['accuracy']:.1%} held-out accuracy on the demo classes ({path})")
+    return judge.eval().requires_grad_(False), ckpt["accuracy"]
+
+
+def demo(args, device):
+    """The demo pipeline's outputs in --out_dir, judged by the demo judge (its features for FID / precision /
+    recall, its logits for IS and class accuracy): samples.npz (image i has label i % 10) against Shapes(500,
+    seed 2); the tokenizer (stage 2, else stage 1) on Shapes(200, seed 1): PSNR, rFID, latent maps, and the
+    linear probe of z_t at t = 0 and 0.5 (train: the 640 demo training images; val: those 200)."""
     toks = [p for p in (os.path.join(args.out_dir, f) for f in ("tokenizer_ft.pt", "tokenizer.pt")) if os.path.isfile(p)]
     samples = os.path.join(args.out_dir, "samples.npz")
     if not toks:
         raise SystemExit(f"no {args.out_dir}/tokenizer.pt: run `python train_tokenizer.py --demo` first")
     if not os.path.isfile(samples):
         raise SystemExit(f"no {samples}: run `python train_dit.py --demo`, then `python sample.py --demo` first")
-    inception, bs = inception.to(memory_format=torch.channels_last), 10  # NHWC, small batches: 2x faster on CPU
     rank, world = rank_world()
-    n, read = data.open_images(samples)
-    size = read(0, 1).shape[1]
-    ref = [to_uint8(x) for x, _ in data.make_loader(data.Shapes(500, size, seed=2), bs, False, 0, world, rank)]
-    ref_pool = gather_rows(inception_features(inception, ref)[0], 500, strided=True)
-    gen = generation_metrics(inception, image_batches(n, read, bs), *feature_stats(ref_pool), ref_pool, n)
     tokenizer = models.load_tokenizer(toks[0], gamma=0.0, mask_ratio=0.0).to(device)
-    shapes = data.Shapes(200, tokenizer.grid * tokenizer.decoder.patch_size, seed=1)
-    rec = reconstruction_metrics(tokenizer, data.make_loader(shapes, bs, False, 0, world, rank), inception, device)
+    size, bs = tokenizer.grid * tokenizer.decoder.patch_size, 50
+    judge, judge_accuracy = demo_judge(args.out_dir, size, tokenizer.grid, device)
+    loader = lambda ds: data.make_loader(ds, bs, False, 0, world, rank)
+    n, read = data.open_images(samples)
+    ref_pool = gather_rows(inception_features(judge, (to_uint8(x) for x, _ in loader(data.Shapes(500, size, seed=2))))[0],
+                           500, strided=True)
+    gen = generation_metrics(judge, image_batches(n, read, bs), *feature_stats(ref_pool), ref_pool, n,
+                             labels=torch.arange(n) % 10)
+    shapes = data.Shapes(200, size, seed=1)
+    rec = reconstruction_metrics(tokenizer, loader(shapes), judge, device)
+    (tx, ty), (vx, vy) = (probe_features(tokenizer, loader(ds), device) for ds in (data.Shapes(640, size), shapes))
     if rank == 0:
         save_maps(tokenizer, torch.stack([shapes[i][0] for i in range(8)]).to(device), args.out_dir)
-        return {"inception": "RANDOM weights: FID / IS / precision / recall are meaningless", "samples": samples,
-                "generation": gen, "tokenizer": toks[0], "reconstruction": rec}
+        probe = {k: train_probe(tx[k], ty, vx[k], vy, 10, epochs=100, lr=1e-2, batch_size=64) for k in tx}
+        return {"judge": {"held_out_accuracy": judge_accuracy}, "tokenizer": toks[0], "reconstruction": rec,
+                "samples": samples, "generation": gen, "linear_probe_top1": probe}
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -290,12 +337,12 @@ def main(argv=None):
             raise SystemExit(f"--{flag}: no such file or folder: {getattr(args, flag)}")
     rank, world, device = setup(args, "evaluate")
     loader = lambda ds: data.make_loader(ds, args.batch_size, False, args.workers, world, rank)
-    if mode in ("samples", "recon", "demo"):
-        inception = load_inception("random" if args.demo else args.inception).to(device)
+    if mode in ("samples", "recon"):
+        inception = load_inception(args.inception).to(device)
     crop = functools.partial(data.center_crop, size=args.image_size) if args.image_size else None
     res, out = None, args.out or os.path.join(args.out_dir, "eval.json" if args.demo else f"{mode}.json")
     if mode == "demo":
-        res = demo(args, inception, device)
+        res = demo(args, device)
     elif mode == "samples" and args.save_stats:
         pool = features(inception, args.samples, args.batch_size, crop)
         if rank == 0:

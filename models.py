@@ -600,9 +600,10 @@ def patchgan(ndf=64, n_layers=3):
 # DiT^DH: a LightningDiT encoder plus a wide, shallow head (SPEC 4). Module and parameter names
 # follow the authors' release so `ditdhxl_epoch_0599.pth` / `ditdhs_epoch_0029.pth` load strictly.
 
-# name: (width, depth, heads, head width, head depth, head heads); "tiny" is for tests and demos
+# name: (width, depth, heads, head width, head depth, head heads); "tiny" is for tests, "demo" for the CPU demo
 DIT_SIZES = {
     "tiny": (32, 2, 2, 48, 2, 2),
+    "demo": (96, 4, 4, 128, 2, 4),
     "S": (384, 12, 6, 2048, 2, 16),
     "B": (768, 12, 12, 2048, 2, 16),
     "L": (1024, 24, 16, 2048, 2, 16),
@@ -874,3 +875,29 @@ class InceptionV3(nn.Module):
                 x = getattr(self, "Mixed_" + name)(x)
             pool = x.mean((2, 3))
         return pool, (pool.double() @ self.fc.weight.double().T).float()  # an fp64 matmul cannot fall to TF32
+
+
+# ----------------------------------------------------------------------------------------------
+# The demo judge: a small CNN trained in seconds on the demo images' labels (evaluate.demo_judge), standing in
+# for the pretrained networks at demo scale, where random weights would make FSD and every metric meaningless.
+
+class DemoJudge(nn.Module):
+    """Float images in [-1, 1] -> patch features (B, grid * grid, dim) on the tokenizer's token grid: the
+    teachers' interface (FSD distils them). uint8 images -> (pooled features (B, dim), class logits): the FID
+    Inception's interface (demo FID, precision / recall, IS, class accuracy)."""
+
+    def __init__(self, grid, num_classes=10, dim=64):
+        super().__init__()
+        self.grid, self.dim = grid, dim
+        layers, ch = [], 3
+        for out, stride in ((32, 1), (dim, 2), (dim, 1), (dim, 2), (dim, 1)):
+            layers += [nn.Conv2d(ch, out, 3, stride, 1), nn.BatchNorm2d(out), nn.GELU()]
+            ch = out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        if x.dtype == torch.uint8:
+            pool = self(x.float() / 127.5 - 1).mean(1)
+            return pool, self.head(pool)
+        return F.adaptive_avg_pool2d(self.features(x.float()), self.grid).flatten(2).transpose(1, 2)

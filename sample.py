@@ -120,7 +120,7 @@ def main():
     p("--search_images", type=int, default=10_000)
     p("--ref", help="FID reference for --cfg_list: ADM's VIRTUAL_imagenet256_labeled.npz (mu, sigma)")
     p("--inception", help="FID Inception .pth (default: pytorch-fid's release, downloaded once)")
-    args = parse_args(parser, dict(num_images=100, steps=10, per_proc_batch=50))
+    args = parse_args(parser, dict(num_images=100, steps=25, cfg=3.0, per_proc_batch=50))
     rank, world, device = setup(args, "sample")
     dit, extra = models.load_dit(args.dit or os.path.join(args.out_dir, "dit.pt"))
     guide = models.load_dit(args.guide)[0].to(device) if args.guide else None

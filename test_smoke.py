@@ -287,8 +287,9 @@ def test_semantic_loss_trains_encoder_never_teacher():
 # ---------------------------------------------------------------------------------------------
 # Training stages 1 and 2 (issue: train_tokenizer.py, finetune_decoder.py, data.py)
 
-TINY_FT = ["--demo", "--demo_images", "16", "--batch_size", "4", "--global_batch", "8", "--log_every", "1"]
-TINY_TRAIN = TINY_FT + ["--img_size", "32"]
+TINY_FT = ["--demo", "--demo_images", "16", "--batch_size", "4", "--global_batch", "8", "--log_every", "1",
+           "--perceptual_weight", "1"]
+TINY_TRAIN = TINY_FT + ["--img_size", "32", "--teacher", "dinov3_vitl16", "--teacher_size", "tiny"]  # not the judge
 
 
 def main_of(module, argv, monkeypatch):
@@ -912,19 +913,37 @@ def test_viz_mode_writes_pca_and_cosine_grids(tmp_path):
         assert (tile == np.repeat(np.repeat(tile[::32, ::32], 32, 0), 32, 1)).all()
 
 
+def test_demo_judge_learns_the_demo_classes_and_is_cached(tmp_path):
+    judge, accuracy = ev.demo_judge(str(tmp_path), 32, 8, torch.device("cpu"))
+    assert accuracy >= 0.95  # held-out Shapes (seed 1), after a few seconds of training
+    x = torch.stack([data.Shapes(4, 32, seed=5)[i][0] for i in range(4)])
+    assert judge(x).shape == (4, 64, judge.dim)  # the teachers' interface: patch features on the 8 x 8 token grid
+    pool, logits = judge(plumbing.to_uint8(x))  # the FID Inception's interface
+    assert pool.shape == (4, judge.dim) and logits.shape == (4, 10)
+    mtime = os.path.getmtime(tmp_path / "judge.pt")
+    again, accuracy2 = ev.demo_judge(str(tmp_path), 32, 8, torch.device("cpu"))  # read back, not retrained
+    assert os.path.getmtime(tmp_path / "judge.pt") == mtime and accuracy2 == accuracy
+    assert torch.equal(again(x), judge(x)) and not any(p.requires_grad for p in again.parameters())
+
+
 def test_demo_mode(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="train_tokenizer.py --demo"):
         ev.main(["--demo", "--out_dir", str(tmp_path)])
-    tokenizer_file(tmp_path / "tokenizer.pt", img_size=64)
+    tokenizer_file(tmp_path / "tokenizer.pt", img_size=32)
     with pytest.raises(SystemExit, match="sample.py --demo"):
         ev.main(["--demo", "--out_dir", str(tmp_path)])
-    np.savez(tmp_path / "samples.npz", arr_0=np.stack([data.Shapes(20, 64, seed=3).render(i)[0] for i in range(20)]))
-    monkeypatch.setattr(ev, "load_inception", lambda path: StandInInception(dim=16))
+    real = data.Shapes(20, 32, seed=3)  # "samples" that are real images of their class i % 10
+    np.savez(tmp_path / "samples.npz", arr_0=np.stack([real.render(i)[0] for i in range(20)]))
     ev.main(["--demo", "--out_dir", str(tmp_path)])
     res = json.load(open(tmp_path / "eval.json"))
-    assert "RANDOM" in res["inception"] and res["tokenizer"].endswith("tokenizer.pt")
-    assert res["generation"]["n"] == 20 and res["generation"]["fid"] > 0 and 0 <= res["generation"]["recall"] <= 1
-    assert res["reconstruction"]["n"] == 200 and np.isfinite(res["reconstruction"]["psnr"])
+    assert res["judge"]["held_out_accuracy"] >= 0.95 and res["tokenizer"].endswith("tokenizer.pt")
+    gen = res["generation"]
+    assert gen["n"] == 20 and gen["class_accuracy"] >= 0.9 and gen["fid"] > 0 and gen["is_mean"] > 1
+    assert 0 <= gen["precision"] <= 1 and 0 <= gen["recall"] <= 1
+    rec = res["reconstruction"]
+    assert rec["n"] == 200 and np.isfinite(rec["psnr"]) and rec["rfid"] > 0
+    assert set(res["linear_probe_top1"]) == {"z_t0.0", "z_t0.5", "encoder_block-2"}
+    assert all(0 <= v <= 1 for v in res["linear_probe_top1"].values())
     assert (tmp_path / "latent_pca.png").exists() and (tmp_path / "latent_cos.png").exists()
 
 

@@ -129,7 +129,7 @@ def main():
     p("--out_dir", default="out/demo")
     p("--demo", action="store_true", help="small DiT on built-in data, CPU-friendly; other flags still override")
     p("--demo_images", type=int, default=640)
-    p("--model", default="XL", choices=list(models.DIT_SIZES), help="DiT^DH size ('tiny' is for tests and demos)")
+    p("--model", default="XL", choices=list(models.DIT_SIZES), help="DiT^DH size ('tiny': tests, 'demo': --demo)")
     p("--epochs", type=int, default=800)
     p("--decay_start_epoch", type=int, default=40)
     p("--decay_end_epoch", type=int, default=800)
@@ -155,9 +155,9 @@ def main():
     p("--eval_images", type=int, default=10_000)
     p("--fid_ref", help="gFID reference: ADM's VIRTUAL_imagenet256_labeled.npz; default: training images")
     p("--inception", help="FID Inception .pth (default: pytorch-fid's release, downloaded once); 'random' for demos")
-    args = parse_args(parser, dict(model="tiny", epochs=6, decay_start_epoch=2, decay_end_epoch=6, lr=1e-3, ema=0.99,
-                                   min_lr=1e-4, batch_size=16, global_batch=32, workers=0, log_every=10,
-                                   vis_every=2, sample_steps=10))
+    args = parse_args(parser, dict(model="demo", demo_images=2000, epochs=12, decay_start_epoch=4, decay_end_epoch=12,
+                                   lr=1e-3, min_lr=1e-4, ema=0.995, batch_size=32, global_batch=32, workers=0,
+                                   log_every=25, vis_every=4, sample_steps=25, cfg=3.0, eval_images=200))
     rank, world, device = setup(args, "dit")
     args.img_size = None  # set from the tokenizer below; make_dataset reads it
     tokenizer = models.load_tokenizer(args.tokenizer or os.path.join(args.out_dir, "tokenizer_ft.pt"), gamma=0.0,
@@ -209,8 +209,8 @@ def main():
         log.info(f"resumed from {ckpt_path} at epoch {epoch}, step {step}")
     autocast = train_step.autocast
     if args.eval_every:  # gFID / IS against --fid_ref, or against a class-spread part of the training images
-        inception = evaluate.load_inception("random" if args.demo and not args.inception else args.inception)
-        inception.to(device)
+        inception = evaluate.demo_judge(args.out_dir, args.img_size, tokenizer.grid, device)[0] if args.demo and \
+            not args.inception else evaluate.load_inception(args.inception).to(device)
         if args.fid_ref:
             ref = evaluate.reference(inception, args.fid_ref, args.batch_size)
         else:
