@@ -1,4 +1,5 @@
 """Smoke tests on tiny shapes, CPU only, no network: `python -m pytest -q test_smoke.py`."""
+import importlib
 import json
 import math
 import os
@@ -394,6 +395,74 @@ def test_bad_input_is_a_one_line_error(argv, needle):
     r = run("train_tokenizer.py", *argv, timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert needle in r.stderr.strip().splitlines()[-1]
+
+
+def one_line_exit(script, argv, monkeypatch, capsys):
+    """The message of a script that must stop in one line (its own SystemExit, or argparse's last line)."""
+    with pytest.raises(SystemExit) as e:
+        main_of(importlib.import_module(script), argv, monkeypatch)
+    msg = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err.strip().splitlines()[-1]
+    assert "\n" not in msg
+    return msg
+
+
+@pytest.mark.parametrize("script,argv,needle", [
+    ("train_tokenizer", ["--dim", "7"], "argument --dim: invalid choice: 7"),
+    ("train_tokenizer", ["--dim", "0"], "argument --dim: invalid choice: 0"),
+    ("train_tokenizer", ["--batch_size", "0"], "--batch_size 0: must be >= 1"),
+    ("train_tokenizer", ["--batch_size", "-4"], "--batch_size -4: must be >= 1"),
+    ("train_tokenizer", ["--global_batch", "0"], "--global_batch 0: must be >= 1"),
+    ("train_tokenizer", ["--epochs", "0"], "--epochs 0: must be >= 1"),
+    ("train_tokenizer", ["--blr", "-1"], "--blr -1.0: must be >= 0"),
+    ("train_tokenizer", ["--warmup_rate", "2"], "--warmup_rate 2.0: must be in [0, 1]"),
+    ("train_tokenizer", ["--ema", "1.5"], "--ema 1.5: must be in [0, 1]"),
+    ("train_tokenizer", ["--img_size", "30"], "--img_size 30 is not a multiple of --patch_size 4"),
+    ("train_tokenizer", ["--eval_images", "0"], "--eval_images 0: must be >= 1"),
+    ("finetune_decoder", ["--epochs", "-1"], "--epochs -1: must be >= 1"),
+    ("train_dit", ["--epochs", "-1"], "--epochs -1: must be >= 0"),
+    ("train_dit", ["--lr", "-0.1"], "--lr -0.1: must be >= 0"),
+    ("train_dit", ["--cfg", "0.5"], "--cfg 0.5: must be >= 1"),
+    ("train_dit", ["--sample_steps", "1"], "--sample_steps 1: must be >= 2"),
+    ("sample", ["--num_images", "0"], "--num_images 0: must be >= 1"),
+    ("sample", ["--steps", "1"], "--steps 1: must be >= 2"),
+    ("sample", ["--per_proc_batch", "0"], "--per_proc_batch 0: must be >= 1"),
+    ("evaluate", ["--batch_size", "0"], "--batch_size 0: must be >= 1")])
+def test_bad_numeric_flag_is_one_line_naming_it(script, argv, needle, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert needle in one_line_exit(script, ["--demo"] + argv, monkeypatch, capsys)
+
+
+def test_missing_inputs_are_reported_together_before_any_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    msg = one_line_exit("train_tokenizer", ["--dim", "128", "--batch_size", "0"], monkeypatch, capsys)
+    for needle in ("--batch_size 0", "--out_dir is needed outside --demo", "--data is required", "--teacher_ckpt"):
+        assert needle in msg
+    msg = one_line_exit("sample", ["--out_dir", "run"], monkeypatch, capsys)
+    assert "--dit run/dit.pt: should be a DiT^DH checkpoint; it is missing" in msg and "--tokenizer run/tokenizer_ft.pt" in msg
+    assert not os.path.exists(tmp_path / "run")  # stopped before setup made the folder
+
+
+def test_file_flags_say_what_the_file_should_be_and_is(tmp_path, monkeypatch, capsys):
+    tok = tokenizer_file(tmp_path / "tokenizer_ft.pt")
+    (tmp_path / "cut.pt").write_bytes(open(tok, "rb").read()[:5000])  # a truncated copy
+    demo = ["--demo", "--out_dir", str(tmp_path)]
+    for script, argv, needle in (
+            ("train_dit", ["--latent_stats", tok], f"--latent_stats {tok}: should be latent statistics; it is a tokenizer"),
+            ("sample", ["--latent_stats", tok], f"--latent_stats {tok}: should be latent statistics; it is a tokenizer"),
+            ("train_dit", ["--inception", "/missing.pth"], "--inception /missing.pth: should be FID Inception weights; it is missing"),
+            ("train_dit", ["--fid_ref", tok], f"--fid_ref {tok}: should be an .npz or a folder; it is a tokenizer"),
+            ("train_tokenizer", ["--teacher_ckpt", tok], f"--teacher_ckpt {tok}: should be DINOv2/v3 weights; it is a tokenizer"),
+            ("finetune_decoder", ["--tokenizer", str(tmp_path / "cut.pt")], "corrupt or truncated"),
+            ("evaluate", ["--tokenizer", str(tmp_path / "cut.pt"), "--data", str(tmp_path)], "delete it")):
+        assert needle in one_line_exit(script, argv + demo, monkeypatch, capsys), script
+
+
+def test_resume_refuses_another_model_configuration(tmp_path, monkeypatch):
+    import train_tokenizer as tt
+    torch.save({"args": {"dim": 16, "img_size": 32, "enc_size": "tiny"}}, tmp_path / "tokenizer.pt")
+    with pytest.raises(SystemExit, match=r"tokenizer.pt was trained with other model settings: --dim 16 \(checkpoint\) "
+                                         r"vs 32; give another --out_dir"):
+        main_of(tt, TINY_TRAIN + ["--out_dir", str(tmp_path)], monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------------
