@@ -349,11 +349,10 @@ def file_kinds(path):
         return ["an .npz"]
     with open(path, "rb") as f:  # zip-format files are memory-mapped, so a multi-GB checkpoint is not read twice
         ckpt = read_checkpoint(path, mmap=f.read(2) == b"PK")
-    if not isinstance(ckpt, dict):
-        return [f"a {type(ckpt).__name__}"]
+    ckpt = ckpt if isinstance(ckpt, dict) else {}
     sd = ckpt.get("model_ema", ckpt.get("model", ckpt))
     found = [kind for kind, key in KINDS.items() if key in sd or key in (ckpt.get("latent_stats") or {})]
-    return found or [f"a file of {', '.join(list(ckpt)[:4])}{', ...' if len(ckpt) > 4 else ''}"]
+    return found or [f"a file of {', '.join(list(sd)[:3]) or 'no named entries'}, ..."]
 
 
 def file_problem(flag, path, *wanted):

@@ -64,18 +64,6 @@ def generate(dit, tokenizer, stats, idx, steps, cfg=1.0, guide=None, seed=0):
         return tokenizer.decode(z.float() * stats["std"][:, None, None] + stats["mean"][:, None, None]).float()
 
 
-def earlier_run(out):
-    """(settings, finished) of an earlier run into `out`: unfinished (its .npy files and .settings.json) or
-    finished (the settings are stored in the .npz); (None, False) if there is none."""
-    if os.path.exists(out + ".settings.json"):
-        with open(out + ".settings.json") as f:
-            return json.load(f), False
-    if os.path.exists(out):
-        with np.load(out) as f:
-            return (json.loads(str(f["settings"])) if "settings" in f else {}), True
-    return None, False
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p = parser.add_argument
@@ -98,9 +86,8 @@ def main():
     paths = {"dit": args.dit or args.out_dir and os.path.join(args.out_dir, "dit.pt"), "guide": args.guide,
              "tokenizer": args.tokenizer or args.out_dir and os.path.join(args.out_dir, "tokenizer_ft.pt"),
              "latent_stats": args.latent_stats}
-    kinds = {"dit": "a DiT^DH checkpoint", "guide": "a DiT^DH checkpoint", "tokenizer": "a tokenizer checkpoint",
-             "latent_stats": "latent statistics"}
-    check_args(args, [v and models.file_problem(f"--{k}", v, kinds[k]) for k, v in paths.items()])
+    kinds = dict(dit="a DiT^DH checkpoint", guide="a DiT^DH checkpoint", tokenizer="a tokenizer checkpoint")
+    check_args(args, [v and models.file_problem(f"--{k}", v, kinds.get(k, "latent statistics")) for k, v in paths.items()])
     rank, world, device = setup(args, "sample")
     dit, extra = models.load_dit(paths["dit"])
     guide = models.load_dit(args.guide)[0].to(device) if args.guide else None
@@ -124,7 +111,11 @@ def main():
     settings = dict({k: v and os.path.abspath(v) for k, v in paths.items()}, cfg=args.cfg, steps=args.steps,
                     seed=args.seed, num_images=args.num_images)
     settings["dit"] += f" (step {extra.get('step')})"  # a DiT trained further makes other images
-    old, finished = earlier_run(out)
+    finished = os.path.exists(out) and not os.path.exists(out + ".done.npy")  # the .npy files: a run under way
+    old = {} if finished else None  # what an earlier run into `out` was asked for ({}: not recorded)
+    if os.path.exists(out + ".settings.json"):
+        with open(out + ".settings.json") as f:
+            old = json.load(f)
     if old is not None:
         extend = finished and args.num_images > old.get("num_images", args.num_images)
         differ = [f"--{k} {old.get(k)} (now {v})" for k, v in settings.items()
@@ -167,11 +158,11 @@ def main():
         rows = [images[r * 10:(r + 1) * 10] for r in range(max(1, min(4, args.num_images // 10)))]  # up to 4 rows of 10
         save_grid(os.path.join(os.path.dirname(out) or ".", "samples_grid.png"),
                   [torch.from_numpy(np.array(r)).permute(0, 3, 1, 2).float() / 127.5 - 1 for r in rows])
-        np.savez(out + ".tmp.npz", arr_0=images, settings=json.dumps(settings))
+        np.savez(out + ".tmp.npz", arr_0=images)
         os.replace(out + ".tmp.npz", out)
         del images, done
-        for name in ("images.npy", "done.npy", "settings.json"):
-            os.remove(f"{out}.{name}")
+        for name in ("images", "done"):
+            os.remove(f"{out}.{name}.npy")
         log.info(f"wrote {out} ({args.num_images} images)")
     if dist.is_initialized():
         dist.destroy_process_group()
