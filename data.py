@@ -143,12 +143,15 @@ class Shapes(torch.utils.data.Dataset):
 
 def make_loader(dataset, batch_size, train, workers=4, world=1, rank=0, seed=0):
     """DistributedSampler (call loader.sampler.set_epoch(epoch) each epoch) + a DataLoader that keeps
-    its workers alive between epochs and pins memory for asynchronous host-to-device copies."""
+    its workers alive between epochs and pins memory for asynchronous host-to-device copies. The workers'
+    base seed comes from the loader's own generator: drawn from the global RNG, it would shift the training
+    process's masks, noise and flips by one draw on the first epoch of a run, so a resumed run would differ."""
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=train,
                                                   seed=seed, drop_last=train)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                                        pin_memory=torch.cuda.is_available(), drop_last=train,
-                                       persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+                                       persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+                                       generator=torch.Generator().manual_seed(seed + rank))
 
 
 def make_dataset(args, train=True):

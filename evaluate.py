@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 import data
 import models
-from plumbing import (bf16, gather_rows, log, rank_world, save_checkpoint, save_grid, setup, to_uint8,
-                      wandb_summary)
+from plumbing import (bf16, check_args, gather_rows, log, rank_world, save_checkpoint, save_grid, setup,
+                      to_uint8, wandb_summary)
 FID_WEIGHTS = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 PROBE_TS, VIZ_TS = (0.0, 0.5), (0.0, 0.25, 0.5, 0.75)
 
@@ -46,15 +46,14 @@ def load_inception(path=None):
     if path == "random":
         log.warning("!!! RANDOM Inception weights: FID / IS / precision / recall are MEANINGLESS !!!")
         return model
-    if path and not os.path.isfile(path):
-        raise ValueError(f"--inception: no such file {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True) if path else \
-        torch.hub.load_state_dict_from_url(FID_WEIGHTS, map_location="cpu")
+    try:
+        state = models.read_checkpoint(path) if path else torch.hub.load_state_dict_from_url(FID_WEIGHTS, map_location="cpu")
+    except Exception as e:  # offline: urllib's URLError
+        raise models.download_error(f"FID Inception ({FID_WEIGHTS})", e)
     keys = lambda d: {k for k in d if not k.endswith("num_batches_tracked")}  # a BN training counter, unused here
-    for k in sorted(keys(model.state_dict()) - keys(state)):
-        raise ValueError(f"{path or FID_WEIGHTS}: missing key {k}")
-    for k in sorted(keys(state) - keys(model.state_dict())):
-        raise ValueError(f"{path or FID_WEIGHTS}: unexpected key {k}")
+    for k in sorted(keys(model.state_dict()) ^ keys(state)):
+        raise SystemExit(f"--inception {path or FID_WEIGHTS}: should be pytorch-fid's FID Inception weights; it has "
+                         f"{'an unexpected' if k in state else 'no'} key {k}")
     model.load_state_dict(state, strict=False)
     return model
 
@@ -319,7 +318,7 @@ def main(argv=None):
     a("--probe_lr", type=float, default=1e-3)
     a("--viz", action="store_true", help="PCA / cosine maps of --tokenizer's z_t on 8 --data images")
     a("--demo", action="store_true", help="evaluate the demo pipeline's outputs in --out_dir, random Inception")
-    a("--out_dir", default="out/demo", help="JSON, PNGs and evaluate.log")
+    a("--out_dir", help="JSON, PNGs and evaluate.log (default: out/eval; --demo: out/demo)")
     a("--out", help="JSON path (default: next to --samples, else <out_dir>/<mode>.json)")
     a("--inception", help="FID Inception .pth (default: pytorch-fid's release); 'random' for demos")
     a("--batch_size", type=int, default=100)
@@ -327,14 +326,15 @@ def main(argv=None):
     a("--seed", type=int, default=0)
     a("--wandb", metavar="PROJECT", help="also send the results to this Weights & Biases project")
     args = p.parse_args(argv)
+    args.out_dir = args.out_dir or ("out/demo" if args.demo else "out/eval")
     mode = next((m for m in ("demo", "linear_probe", "viz") if getattr(args, m)), "recon" if args.tokenizer else "samples")
     needs = {"linear_probe": "tokenizer data val_data", "viz": "tokenizer data", "recon": "data", "samples": "samples"}
-    missing = [flag for flag in needs.get(mode, "").split() if not getattr(args, flag)]
-    if missing or mode == "samples" and (args.ref is None) == (args.save_stats is None):
-        p.error(f"{mode} mode needs --{missing[0]}" if missing else "give exactly one of --ref and --save_stats")
-    for flag in ("samples", "ref", "tokenizer", "data", "val_data", "inception"):
-        if getattr(args, flag) not in (None, "random") and not os.path.exists(getattr(args, flag)):
-            raise SystemExit(f"--{flag}: no such file or folder: {getattr(args, flag)}")
+    kinds = {"samples": ("an .npz", "a folder"), "ref": ("an .npz", "a folder"), "tokenizer": ("a tokenizer checkpoint",),
+             "inception": ("FID Inception weights",)}
+    check_args(args, [f"{mode} mode needs --{flag}" for flag in needs.get(mode, "").split() if not getattr(args, flag)] + [
+        mode == "samples" and (args.ref is None) == (args.save_stats is None) and "give one of --ref and --save_stats"] +
+        [getattr(args, k) not in (None, "random") and models.file_problem(f"--{k}", getattr(args, k), *v)
+         for k, v in kinds.items()])
     rank, world, device = setup(args, "evaluate")
     loader = lambda ds: data.make_loader(ds, args.batch_size, False, args.workers, world, rank)
     if mode in ("samples", "recon"):

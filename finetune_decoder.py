@@ -11,8 +11,8 @@ import os
 import torch.distributed as dist
 
 import models
-from plumbing import EMA, parse_args, setup
-from train_tokenizer import DEMO, common_args, train
+from plumbing import EMA, check_args, parse_args, setup
+from train_tokenizer import DEMO, common_args, input_problems, train
 
 
 def main():
@@ -23,8 +23,9 @@ def main():
     parser.set_defaults(epochs=100, blr=5e-5, warmup_rate=0.05, disc_start_epoch=0)
     args = parse_args(parser, dict(DEMO, epochs=8, disc_start_epoch=7))  # the GAN in the last demo epoch
     args.kl_weight = args.sem_weight = 0.0  # stage 2 has neither term
+    path = args.tokenizer or args.out_dir and os.path.join(args.out_dir, "tokenizer.pt")
+    check_args(args, input_problems(args) + [path and models.file_problem("--tokenizer", path, "a tokenizer checkpoint")])
     rank, world, device = setup(args, "tokenizer_ft")
-    path = args.tokenizer or os.path.join(args.out_dir, "tokenizer.pt")
     # Like the released code: the model starts from the raw stage-1 weights, its EMA from the stage-1 EMA
     # decoder; the frozen encoder is the raw one in both (the authors' EMA copies frozen weights).
     model = models.load_tokenizer(path, ema=False, gamma=0.0, mask_ratio=0.0)
@@ -33,7 +34,7 @@ def main():
     model.requires_grad_(False)
     model.decoder.requires_grad_(True)
     model.decoder.mask_token.requires_grad_(False)  # unused without masking; keeps DDP free of unused params
-    args.img_size = model.grid * model.decoder.patch_size
+    args.img_size, args.dim = model.grid * model.decoder.patch_size, model.dim  # what a resume must match
     model.to(device)
     ema = EMA(model, args.ema)
     ema.model.decoder.load_state_dict(ema_decoder)

@@ -330,13 +330,46 @@ def load_state(model, sd, path):
     model.load_state_dict(sd)
 
 
-def read_checkpoint(path):
+def read_checkpoint(path, mmap=False):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise SystemExit(f"checkpoint not found: {path}")
     except Exception as e:
-        raise SystemExit(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}")
+        raise SystemExit(f"{path} is corrupt or truncated ({str(e).splitlines()[0]}): delete it to start its stage "
+                         "again, or point at the previous milestone (an earlier copy of it)")
+
+
+# what a file given to a flag holds, told by a key that only that kind has (in the checkpoint's model state dict)
+KINDS = {"a tokenizer checkpoint": "encoder.latent_head.weight", "a DiT^DH checkpoint": "s_embedder.proj.weight",
+         "DINOv2/v3 weights": "cls_token", "FID Inception weights": "Conv2d_1a_3x3.conv.weight",
+         "latent statistics": "std"}
+
+
+def file_kinds(path):
+    """What `path` is, as a list of KINDS (a DiT^DH checkpoint also holds latent statistics), or in words."""
+    if not os.path.isfile(path):
+        return ["a folder" if os.path.isdir(path) else "missing"]
+    if path.endswith(".npz"):
+        return ["an .npz"]
+    with open(path, "rb") as f:  # zip-format files are memory-mapped, so a multi-GB checkpoint is not read twice
+        ckpt = read_checkpoint(path, mmap=f.read(2) == b"PK")
+    ckpt = ckpt if isinstance(ckpt, dict) else {}
+    sd = ckpt.get("model_ema", ckpt.get("model", ckpt))
+    found = [kind for kind, key in KINDS.items() if key in sd or key in (ckpt.get("latent_stats") or {})]
+    return found or [f"a file of {', '.join(list(sd)[:3]) or 'no named entries'}, ..."]
+
+
+def file_problem(flag, path, *wanted):
+    """None if `path`, given to `flag`, is one of the `wanted` kinds, else one line: what it should be, what it is."""
+    kinds = file_kinds(path)
+    return None if set(kinds) & set(wanted) else f"{flag} {path}: should be {' or '.join(wanted)}; it is {' + '.join(kinds)}"
+
+
+def load_latent_stats(path):
+    """{"mean", "std"} from train_dit.py's latent_stats.pt or a DiT^DH checkpoint that holds them."""
+    src = read_checkpoint(path)
+    return src.get("latent_stats", src)
 
 
 def load_tokenizer(path, ema=True, **overrides):
@@ -521,9 +554,11 @@ def load_teacher(name, path=None, size="large", grid=16, release_input=True, rop
 
 def download_error(what, e):
     return SystemExit(f"could not load pretrained {what} ({str(e).splitlines()[0]}); offline, place the file in "
-                      f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}, or pass --random_frozen_nets for a demo")
+                      f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}, or run --demo (random weights)")
 
 
+DINOV3_GATED = ("--teacher_ckpt: DINOv3 weights are gated; request dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth at "
+                "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/ and pass its path")
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth"
 
 
@@ -532,8 +567,7 @@ def teacher_file(name, path):
     if path:
         return path
     if name == "dinov3_vitl16":
-        raise SystemExit("--teacher_ckpt: DINOv3 weights are gated; request dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth "
-                         "at https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/ and pass its path")
+        raise SystemExit(DINOV3_GATED)
     path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(DINOV2_URL))
     if not os.path.exists(path):
         try:

@@ -22,10 +22,36 @@ wandb = None  # the wandb module, imported by setup() on rank 0 when --wandb is 
 
 # ---- Processes
 def parse_args(parser, demo_defaults):
-    """--demo swaps in small defaults; any flag given explicitly still wins."""
+    """--demo swaps in small defaults and the folder out/demo; any flag given explicitly still wins. Outside
+    --demo, check_args asks for --out_dir: a shared default would resume (or overwrite) another run."""
     if "--demo" in sys.argv[1:]:
-        parser.set_defaults(**demo_defaults)
+        parser.set_defaults(**demo_defaults, out_dir="out/demo")
     return parser.parse_args()
+
+
+INF = float("inf")
+RANGES = {  # closed intervals of the numeric flags; check_args applies the ones a script has
+    **dict.fromkeys(("img_size", "patch_size", "image_size", "batch_size", "global_batch", "per_proc_batch", "epochs",
+                     "probe_epochs", "demo_images", "num_images", "eval_images", "probe_images", "log_every",
+                     "vis_every", "search_images", "teacher_rope_rescale"), (1, INF)),
+    **dict.fromkeys(("workers", "eval_every", "disc_start_epoch", "decay_start_epoch", "decay_end_epoch", "blr", "lr",
+                     "min_lr", "probe_lr", "weight_decay", "grad_clip", "gamma", "rec_weight", "perceptual_weight",
+                     "convnext_weight", "disc_weight", "kl_weight", "sem_weight", "save_every"), (0, INF)),
+    "warmup_rate": (0, 1), "ema": (0, 1), "mask_ratio": (0, 1), "mask_ratio_min": (-1, 1), "cfg": (1, INF),
+    "steps": (2, INF), "sample_steps": (2, INF)}
+
+
+def check_args(args, problems=(), ranges=RANGES):
+    """Every out-of-range numeric flag, missing folder and given problem (None: no problem) in one line, before
+    any model is built, so that one run of the command shows everything there is to fix."""
+    bad = [f"--{k} {v}: must be " + (f">= {lo}" if hi == INF else f"in [{lo}, {hi}]") for k, (lo, hi) in ranges.items()
+           if (v := getattr(args, k, None)) is not None and not lo <= v <= hi]
+    bad += [f"--{k} {v}: no such folder" for k in ("data", "val_data") if (v := getattr(args, k, None))
+            and not os.path.isdir(v)]
+    bad += ["--out_dir is needed outside --demo (the run's folder; the same one again resumes the run)"] * (
+        "out_dir" in vars(args) and not args.out_dir)
+    if bad + [p for p in problems if p]:
+        raise SystemExit("; ".join(bad + [p for p in problems if p]))
 
 
 def rank_world():
@@ -43,8 +69,6 @@ def setup(args, stage):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if getattr(args, "data", None) and not os.path.isdir(args.data):
-        raise SystemExit(f"--data: no such folder: {args.data}")
     os.makedirs(args.out_dir, exist_ok=True)
     handlers = [logging.StreamHandler()] + ([logging.FileHandler(os.path.join(args.out_dir, f"{stage}.log"))]
                                             if rank == 0 else [])
@@ -196,6 +220,15 @@ def set_rng_state(states, rank, device):
         torch.cuda.set_rng_state(states[rank]["cuda"], device)
 
 
+def check_resume(path, saved_args, args, keys):
+    """Refuse, in one line, to resume a checkpoint whose model settings (`keys`) differ from the command's."""
+    differ = [f"--{k} {saved_args[k]} (checkpoint) vs {getattr(args, k)}" for k in keys
+              if k in saved_args and saved_args[k] != getattr(args, k)]
+    if differ:
+        raise SystemExit(f"{path} was trained with other model settings: {', '.join(differ)}; give another "
+                         "--out_dir for a new run, or the checkpoint's settings to resume it")
+
+
 def save_checkpoint(path, state):
     """Atomic: write a temporary file, then rename, so a crash never leaves a half-written checkpoint."""
     torch.save(state, path + ".tmp")
@@ -208,8 +241,16 @@ class Metrics:
     """One log line and one JSON object in <out_dir>/metrics.jsonl (the source of truth) per record; the same
     record goes to Weights & Biases when --wandb is on."""
 
-    def __init__(self, out_dir, stage, rank):
+    def __init__(self, out_dir, stage, rank, step=0):
+        """The run starts or resumes at `step`: this stage's rows past it, from an interrupted run, are dropped
+        (the steps are trained again) so that the log has one row per step."""
         self.path, self.stage, self.rank = os.path.join(out_dir, "metrics.jsonl"), stage, rank
+        if rank == 0 and os.path.exists(self.path):
+            with open(self.path) as f:
+                rows = [json.loads(line) for line in f]
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows if r["stage"] != stage or r.get("step", 0) <= step)
+            os.replace(self.path + ".tmp", self.path)
 
     def write(self, **record):
         if self.rank != 0:

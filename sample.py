@@ -17,7 +17,7 @@ from PIL import Image
 
 import evaluate
 import models
-from plumbing import barrier, bf16, log, parse_args, rank_world, save_grid, setup, to_uint8
+from plumbing import barrier, bf16, check_args, log, parse_args, rank_world, save_grid, setup, to_uint8
 
 
 def time_grid(steps, latent_shape):
@@ -110,7 +110,7 @@ def main():
     p("--num_images", type=int, default=50_000, help="class-balanced: image i has label i %% num_classes")
     p("--per_proc_batch", type=int, default=125)
     p("--seed", type=int, default=0, help="image i's noise is seeded by (seed, i): any number of ranks, same images")
-    p("--out_dir", default="out/demo")
+    p("--out_dir", help="folder of dit.pt, tokenizer_ft.pt and samples.npz unless given; default: --out's folder")
     p("--out", help="ADM-format .npz (arr_0: uint8 N x H x W x 3); default <out_dir>/samples.npz")
     p("--png", action="store_true", help="also write one PNG per image into <out>_png/")
     p("--compile", action="store_true", help="torch.compile the blocks of the DiT^DH (and of --guide)")
@@ -121,12 +121,18 @@ def main():
     p("--ref", help="FID reference for --cfg_list: ADM's VIRTUAL_imagenet256_labeled.npz (mu, sigma)")
     p("--inception", help="FID Inception .pth (default: pytorch-fid's release, downloaded once)")
     args = parse_args(parser, dict(num_images=100, steps=25, cfg=3.0, per_proc_batch=50))
+    args.out_dir = args.out_dir or args.out and os.path.dirname(os.path.abspath(args.out))
+    paths = {"dit": args.dit or args.out_dir and os.path.join(args.out_dir, "dit.pt"), "guide": args.guide,
+             "tokenizer": args.tokenizer or args.out_dir and os.path.join(args.out_dir, "tokenizer_ft.pt"),
+             "latent_stats": args.latent_stats}
+    kinds = dict(dit="a DiT^DH checkpoint", guide="a DiT^DH checkpoint", tokenizer="a tokenizer checkpoint")
+    check_args(args, [v and models.file_problem(f"--{k}", v, kinds.get(k, "latent statistics")) for k, v in paths.items()]
+               + [args.cfg_list and not args.ref and "--cfg_list needs --ref (the FID reference of the search)"])
     rank, world, device = setup(args, "sample")
-    dit, extra = models.load_dit(args.dit or os.path.join(args.out_dir, "dit.pt"))
+    dit, extra = models.load_dit(paths["dit"])
     guide = models.load_dit(args.guide)[0].to(device) if args.guide else None
-    tokenizer = models.load_tokenizer(args.tokenizer or os.path.join(args.out_dir, "tokenizer_ft.pt")).to(device).eval()
-    stats = models.read_checkpoint(args.latent_stats) if args.latent_stats else extra.get("latent_stats")
-    stats = stats.get("latent_stats", stats) if stats else None
+    tokenizer = models.load_tokenizer(paths["tokenizer"]).to(device).eval()
+    stats = models.load_latent_stats(args.latent_stats) if args.latent_stats else extra.get("latent_stats")
     if stats is None:
         raise SystemExit(f"--latent_stats: {args.dit} holds no latent statistics; compute them with "
                          "`train_dit.py --tokenizer ... --data ... --epochs 0` and pass latent_stats.pt")
@@ -141,17 +147,36 @@ def main():
     if args.cfg_list:
         args.cfg = search_cfg(args, dit, guide, tokenizer, stats, device)
 
-    # One memory-mapped array shared by all ranks plus a `done` flag per image, so a rerun finishes the job.
+    # One memory-mapped array shared by all ranks plus a `done` flag per image, so a rerun with the same settings
+    # finishes the job, and one with more --num_images extends a finished one (image i does not depend on the count).
     out = args.out or os.path.join(args.out_dir, "samples.npz")
-    if os.path.exists(out):
-        log.info(f"{out} already exists: nothing to do")
-        return
-    shape = (args.num_images, size, size, 3)
-    if rank == 0:
-        for name, dtype, s in (("images", np.uint8, shape), ("done", np.bool_, (args.num_images,))):
-            path = f"{out}.{name}.npy"
-            if not os.path.exists(path) or np.load(path, mmap_mode="r").shape != s:
-                np.lib.format.open_memmap(path, "w+", dtype, s).flush()
+    settings = dict({k: v and os.path.abspath(v) for k, v in paths.items()}, cfg=args.cfg, steps=args.steps,
+                    seed=args.seed, num_images=args.num_images)
+    settings["dit"] += f" (step {extra.get('step')})"  # a DiT trained further makes other images
+    finished = os.path.exists(out) and not os.path.exists(out + ".done.npy")  # the .npy files: a run under way
+    old = {} if finished else None  # what an earlier run into `out` was asked for ({}: not recorded)
+    if os.path.exists(out + ".settings.json"):
+        with open(out + ".settings.json") as f:
+            old = json.load(f)
+    if old is not None:
+        extend = finished and args.num_images > old.get("num_images", args.num_images)
+        differ = [f"--{k} {old.get(k)} (now {v})" for k, v in settings.items()
+                  if old.get(k) != v and not (k == "num_images" and extend)]
+        if differ:
+            raise SystemExit(f"{out} was sampled with other settings: {', '.join(differ)}; give the same ones to finish "
+                             "it (or more --num_images to extend it), or another --out")
+        if finished and not extend:
+            log.info(f"{out} already holds these {args.num_images} images: nothing to do")
+            return
+    if rank == 0 and (old is None or finished):  # a new run, or the extension of a finished one
+        images, done = (np.lib.format.open_memmap(f"{out}.{name}.npy", "w+", dtype, s) for name, dtype, s in (
+            ("images", np.uint8, (args.num_images, size, size, 3)), ("done", np.bool_, (args.num_images,))))
+        if finished:
+            with np.load(out) as f:
+                images[:len(f["arr_0"])], done[:len(f["arr_0"])] = f["arr_0"], True
+        images.flush(), done.flush()
+        with open(out + ".settings.json", "w") as f:
+            json.dump(settings, f)
     barrier()
     images, done = (np.load(f"{out}.{n}.npy", mmap_mode="r+") for n in ("images", "done"))
     todo = [i for i in range(rank, args.num_images, world) if not done[i]]
@@ -172,7 +197,7 @@ def main():
     images.flush(), done.flush()
     barrier()
     if rank == 0:
-        rows = [images[r * 10:(r + 1) * 10] for r in range(min(4, args.num_images // 10))]
+        rows = [images[r * 10:(r + 1) * 10] for r in range(max(1, min(4, args.num_images // 10)))]  # up to 4 rows of 10
         save_grid(os.path.join(os.path.dirname(out) or ".", "samples_grid.png"),
                   [torch.from_numpy(np.array(r)).permute(0, 3, 1, 2).float() / 127.5 - 1 for r in rows])
         np.savez(out + ".tmp.npz", arr_0=images)

@@ -1,4 +1,5 @@
 """Smoke tests on tiny shapes, CPU only, no network: `python -m pytest -q test_smoke.py`."""
+import importlib
 import json
 import math
 import os
@@ -319,30 +320,57 @@ def test_tokenizer_loss_falls_on_a_fixed_batch():
     assert all(p.grad is None for p in disc.parameters())  # the generator step never trains the discriminator
 
 
-def test_resume_follows_the_same_trajectory(tmp_path, monkeypatch):
+def train_rank(rank, world, argv, crash):
+    """One rank of a tokenizer run (two under torch.multiprocessing.spawn); crash: die at the start of the second
+    step of epoch 2, after the epoch-1 checkpoint and the log row of the step past it."""
     import train_tokenizer as tt
-    argv = TINY_TRAIN + ["--epochs", "2", "--disc_start_epoch", "1"]  # 2 epochs x 2 steps, GAN in epoch 2
-    main_of(tt, argv + ["--out_dir", str(tmp_path / "a")], monkeypatch)
-    save = tt.save_checkpoint
+    if world > 1:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT="29534")
+    lr, argv0 = tt.cosine_lr, sys.argv
 
-    def crash_after_saving(path, state):
-        save(path, state)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(tt, "save_checkpoint", crash_after_saving)
-    with pytest.raises(KeyboardInterrupt):
-        main_of(tt, argv + ["--out_dir", str(tmp_path / "b")], monkeypatch)
-    monkeypatch.setattr(tt, "save_checkpoint", save)
+    def lr_or_crash(epoch_frac, *rest):
+        if crash and epoch_frac >= 1.5:
+            raise KeyboardInterrupt
+        return lr(epoch_frac, *rest)
+    tt.cosine_lr, sys.argv = lr_or_crash, ["train_tokenizer.py"] + argv
+    try:
+        tt.main()
+    except KeyboardInterrupt:
+        assert crash
+    finally:
+        tt.cosine_lr, sys.argv = lr, argv0
+
+
+@pytest.mark.parametrize("workers,world", [(0, 1), (2, 1), (2, 2)])
+def test_resume_follows_the_same_trajectory(workers, world, tmp_path):
+    argv = TINY_TRAIN + ["--epochs", "2", "--disc_start_epoch", "1", "--workers", str(workers)]  # 2 x 2 steps, GAN in epoch 2
+
+    def train(out, crash=False):
+        args = (world, argv + ["--out_dir", str(tmp_path / out)], crash)
+        torch.multiprocessing.spawn(train_rank, args, nprocs=world) if world > 1 else train_rank(0, *args)
+    train("a")
+    train("b", crash=True)
     assert models.read_checkpoint(str(tmp_path / "b" / "tokenizer.pt"))["step"] == 2
-    main_of(tt, argv + ["--out_dir", str(tmp_path / "b")], monkeypatch)
+    assert '"step": 3' in (tmp_path / "b" / "metrics.jsonl").read_text()  # logged, then lost in the crash
+    train("b")
     a, b = (models.read_checkpoint(str(tmp_path / d / "tokenizer.pt")) for d in "ab")
     assert a["step"] == b["step"] == 4
     for key in ("model", "model_ema", "disc"):
         for k in a[key]:
             assert torch.equal(a[key][k], b[key][k]), (key, k)
-    records = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
-    assert {"step", "epoch", "loss", "rec", "perceptual", "kl", "sem", "lr", "grad_norm", "img_per_sec"} <= set(records[0])
-    assert "gan" in records[-2] and "disc" in records[-2]
+    records = {d: [json.loads(line) for line in open(tmp_path / d / "metrics.jsonl")] for d in "ab"}
+    for rows in records.values():
+        for r in rows:
+            r.pop("img_per_sec", None)
+    assert records["a"] == records["b"]  # one row per step, every loss the uninterrupted run's
+    assert [r["step"] for r in records["a"]] == [1, 2, 2, 3, 4, 4]  # the epoch-end rows: held-out PSNR
+    assert {"step", "epoch", "loss", "rec", "perceptual", "kl", "sem", "lr", "grad_norm"} <= set(records["a"][0])
+    assert "gan" in records["a"][-2] and "disc" in records["a"][-2]
     assert os.path.exists(tmp_path / "a" / "tokenizer_recon_epoch0002.png")
+    assert f"{world} process(es)" in (tmp_path / "b" / "tokenizer.log").read_text()
+    if world > 1:
+        assert "weights identical on 2 ranks" in (tmp_path / "b" / "tokenizer.log").read_text()
 
 
 def test_loss_networks_run_in_fp32_unless_asked(tmp_path):
@@ -388,13 +416,6 @@ def test_finetune_changes_only_the_pixel_decoder(tmp_path, monkeypatch):
     assert ft.sem_decoder is None and ft.encode(torch.zeros(1, 3, 32, 32)).shape == (1, 32, 8, 8)
 
 
-def test_two_process_ddp_ranks_agree(tmp_path):
-    r = run("train_tokenizer.py", *TINY_TRAIN, "--epochs", "1", "--out_dir", str(tmp_path), nproc=2)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "weights identical on 2 ranks" in r.stderr
-    assert "2 process(es)" in r.stderr
-
-
 class StubWandb:
     """Records what the training scripts send to Weights & Biases, without the package or a network."""
 
@@ -431,6 +452,7 @@ def test_wandb_gets_the_metrics_records_and_grids(tmp_path, monkeypatch):
 def test_wandb_without_the_package_is_a_one_line_error(tmp_path, monkeypatch):
     import train_dit
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError
+    tokenizer_file(tmp_path / "tokenizer_ft.pt")
     with pytest.raises(SystemExit, match="--wandb: the wandb package is not installed"):
         main_of(train_dit, ["--demo", "--out_dir", str(tmp_path), "--wandb", "p"], monkeypatch)
 
@@ -475,6 +497,74 @@ def test_bad_input_is_a_one_line_error(argv, needle):
     r = run("train_tokenizer.py", *argv, timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert needle in r.stderr.strip().splitlines()[-1]
+
+
+def one_line_exit(script, argv, monkeypatch, capsys):
+    """The message of a script that must stop in one line (its own SystemExit, or argparse's last line)."""
+    with pytest.raises(SystemExit) as e:
+        main_of(importlib.import_module(script), argv, monkeypatch)
+    msg = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err.strip().splitlines()[-1]
+    assert "\n" not in msg
+    return msg
+
+
+@pytest.mark.parametrize("script,argv,needle", [
+    ("train_tokenizer", ["--dim", "7"], "argument --dim: invalid choice: 7"),
+    ("train_tokenizer", ["--dim", "0"], "argument --dim: invalid choice: 0"),
+    ("train_tokenizer", ["--batch_size", "0"], "--batch_size 0: must be >= 1"),
+    ("train_tokenizer", ["--batch_size", "-4"], "--batch_size -4: must be >= 1"),
+    ("train_tokenizer", ["--global_batch", "0"], "--global_batch 0: must be >= 1"),
+    ("train_tokenizer", ["--epochs", "0"], "--epochs 0: must be >= 1"),
+    ("train_tokenizer", ["--blr", "-1"], "--blr -1.0: must be >= 0"),
+    ("train_tokenizer", ["--warmup_rate", "2"], "--warmup_rate 2.0: must be in [0, 1]"),
+    ("train_tokenizer", ["--ema", "1.5"], "--ema 1.5: must be in [0, 1]"),
+    ("train_tokenizer", ["--img_size", "30"], "--img_size 30 is not a multiple of --patch_size 4"),
+    ("train_tokenizer", ["--eval_images", "0"], "--eval_images 0: must be >= 1"),
+    ("finetune_decoder", ["--epochs", "-1"], "--epochs -1: must be >= 1"),
+    ("train_dit", ["--epochs", "-1"], "--epochs -1: must be >= 0"),
+    ("train_dit", ["--lr", "-0.1"], "--lr -0.1: must be >= 0"),
+    ("train_dit", ["--cfg", "0.5"], "--cfg 0.5: must be >= 1"),
+    ("train_dit", ["--sample_steps", "1"], "--sample_steps 1: must be >= 2"),
+    ("sample", ["--num_images", "0"], "--num_images 0: must be >= 1"),
+    ("sample", ["--steps", "1"], "--steps 1: must be >= 2"),
+    ("sample", ["--per_proc_batch", "0"], "--per_proc_batch 0: must be >= 1"),
+    ("evaluate", ["--batch_size", "0"], "--batch_size 0: must be >= 1")])
+def test_bad_numeric_flag_is_one_line_naming_it(script, argv, needle, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert needle in one_line_exit(script, ["--demo"] + argv, monkeypatch, capsys)
+
+
+def test_missing_inputs_are_reported_together_before_any_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    msg = one_line_exit("train_tokenizer", ["--dim", "128", "--batch_size", "0"], monkeypatch, capsys)
+    for needle in ("--batch_size 0", "--out_dir is needed outside --demo", "--data is required", "--teacher_ckpt"):
+        assert needle in msg
+    msg = one_line_exit("sample", ["--out_dir", "run"], monkeypatch, capsys)
+    assert "--dit run/dit.pt: should be a DiT^DH checkpoint; it is missing" in msg and "--tokenizer run/tokenizer_ft.pt" in msg
+    assert not os.path.exists(tmp_path / "run")  # stopped before setup made the folder
+
+
+def test_file_flags_say_what_the_file_should_be_and_is(tmp_path, monkeypatch, capsys):
+    tok = tokenizer_file(tmp_path / "tokenizer_ft.pt")
+    (tmp_path / "cut.pt").write_bytes(open(tok, "rb").read()[:5000])  # a truncated copy
+    demo = ["--demo", "--out_dir", str(tmp_path)]
+    for script, argv, needle in (
+            ("train_dit", ["--latent_stats", tok], f"--latent_stats {tok}: should be latent statistics; it is a tokenizer"),
+            ("sample", ["--latent_stats", tok], f"--latent_stats {tok}: should be latent statistics; it is a tokenizer"),
+            ("train_dit", ["--inception", "/missing.pth"], "--inception /missing.pth: should be FID Inception weights; it is missing"),
+            ("train_dit", ["--fid_ref", tok], f"--fid_ref {tok}: should be an .npz or a folder; it is a tokenizer"),
+            ("train_tokenizer", ["--teacher_ckpt", tok], f"--teacher_ckpt {tok}: should be DINOv2/v3 weights; it is a tokenizer"),
+            ("finetune_decoder", ["--tokenizer", str(tmp_path / "cut.pt")], "corrupt or truncated"),
+            ("evaluate", ["--tokenizer", str(tmp_path / "cut.pt"), "--data", str(tmp_path)], "delete it")):
+        assert needle in one_line_exit(script, argv + demo, monkeypatch, capsys), script
+
+
+def test_resume_refuses_another_model_configuration(tmp_path, monkeypatch):
+    import train_tokenizer as tt
+    torch.save({"args": {"dim": 16, "img_size": 32, "enc_size": "tiny"}}, tmp_path / "tokenizer.pt")
+    with pytest.raises(SystemExit, match=r"tokenizer.pt was trained with other model settings: --dim 16 \(checkpoint\) "
+                                         r"vs 32; give another --out_dir"):
+        main_of(tt, TINY_TRAIN + ["--out_dir", str(tmp_path)], monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -629,14 +719,24 @@ def test_sampling_is_rank_independent_and_resumes(tmp_path):
     one, two = (np.load(tmp_path / f)["arr_0"] for f in ("one.npz", "two.npz"))
     assert one.shape == (12, 32, 32, 3) and one.dtype == np.uint8 and one.std() > 0
     assert np.array_equal(one, two)
-    # a partly filled output (5 of 12 images done) is finished, not restarted
-    part = np.lib.format.open_memmap(tmp_path / "part.npz.images.npy", "w+", np.uint8, one.shape)
-    done = np.lib.format.open_memmap(tmp_path / "part.npz.done.npy", "w+", np.bool_, (12,))
+    # a finished run is extended to more images; an unfinished one (5 of 12 done) is finished, not restarted
+    ext = argv + ["--out", str(tmp_path / "ext.npz"), "--num_images"]
+    assert run("sample.py", *ext, "5").returncode == 0
+    r3 = run("sample.py", *ext, "12")
+    assert r3.returncode == 0 and "7 of 12 images left" in r3.stderr
+    assert np.array_equal(np.load(tmp_path / "ext.npz")["arr_0"], one)
+    part = np.lib.format.open_memmap(tmp_path / "ext.npz.images.npy", "w+", np.uint8, one.shape)
+    done = np.lib.format.open_memmap(tmp_path / "ext.npz.done.npy", "w+", np.bool_, (12,))
     part[:5], done[:5] = one[:5], True
     part.flush(), done.flush()
-    r3 = run("sample.py", *argv, "--out", str(tmp_path / "part.npz"))
-    assert r3.returncode == 0 and "7 of 12 images left" in r3.stderr
-    assert np.array_equal(np.load(tmp_path / "part.npz")["arr_0"], one)
+    os.remove(tmp_path / "ext.npz")
+    r4 = run("sample.py", *ext, "12")
+    assert r4.returncode == 0 and "7 of 12 images left" in r4.stderr
+    assert np.array_equal(np.load(tmp_path / "ext.npz")["arr_0"], one)
+    # other settings, or fewer images, are refused with one line that names them
+    for flags, needle in ((["12", "--cfg", "2.0"], "--cfg 1.5 (now 2.0)"), (["6"], "--num_images 12 (now 6)")):
+        r = run("sample.py", *ext, *flags)
+        assert r.returncode == 1 and "Traceback" not in r.stderr and needle in r.stderr.splitlines()[-1]
 
 
 def test_guidance_search_picks_the_best_scale(tmp_path, monkeypatch):
@@ -739,13 +839,28 @@ def test_load_inception_refuses_missing_and_unexpected_keys(tmp_path):
     state = models.InceptionV3().state_dict()
     state.pop("Mixed_6c.branch7x7dbl_3.bn.running_var")
     torch.save(state, tmp_path / "w.pth")
-    with pytest.raises(ValueError, match="missing key Mixed_6c.branch7x7dbl_3.bn.running_var"):
+    with pytest.raises(SystemExit, match="--inception .*: should be .* it has no key Mixed_6c.branch7x7dbl_3.bn.running_var"):
         ev.load_inception(str(tmp_path / "w.pth"))
     state = models.InceptionV3().state_dict()
     state["AuxLogits.fc.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "w.pth")
-    with pytest.raises(ValueError, match="unexpected key AuxLogits.fc.weight"):
+    with pytest.raises(SystemExit, match="it has an unexpected key AuxLogits.fc.weight"):
         ev.load_inception(str(tmp_path / "w.pth"))
+
+
+def test_inception_download_offline_is_one_line(tmp_path, monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise OSError("network blocked by the test")
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))  # an empty cache: the weights must be downloaded
+    with pytest.raises(SystemExit) as e:
+        ev.load_inception()
+    msg = str(e.value)
+    assert "\n" not in msg and "could not load pretrained FID Inception" in msg and "network blocked" in msg
+    assert os.path.join(str(tmp_path), "checkpoints") in msg
 
 
 def test_random_inception_shapes_and_warning(caplog):

@@ -20,9 +20,9 @@ import torch.nn as nn
 import data
 import evaluate
 import models
-from plumbing import (EMA, Metrics, adamw, barrier, bf16, check_ranks_agree, ddp, dit_lr, gather_rows,
-                      grad_accum_steps, log, parse_args, random_flip, reduce_for_log, rng_state, save_checkpoint,
-                      save_grid, set_rng_state, setup, sync_grads_if, to_uint8)
+from plumbing import (EMA, INF, RANGES, Metrics, adamw, barrier, bf16, check_args, check_ranks_agree, check_resume,
+                      ddp, dit_lr, gather_rows, grad_accum_steps, log, parse_args, random_flip, reduce_for_log,
+                      rng_state, save_checkpoint, save_grid, set_rng_state, setup, sync_grads_if, to_uint8)
 from sample import generate, sample_metrics
 
 
@@ -126,7 +126,7 @@ def main():
     p("--data", help="ImageNet-style train folder (class sub-folders); omit with --demo")
     p("--data_list", help="optional `relative/path label` file list")
     p("--jpeg_draft", action="store_true", help="faster JPEG decode at reduced scale (not bit-identical to ADM)")
-    p("--out_dir", default="out/demo")
+    p("--out_dir", help="the run's folder (rerun with it to resume); --demo: out/demo")
     p("--demo", action="store_true", help="small DiT on built-in data, CPU-friendly; other flags still override")
     p("--demo_images", type=int, default=640)
     p("--model", default="XL", choices=list(models.DIT_SIZES), help="DiT^DH size ('tiny': tests, 'demo': --demo)")
@@ -158,21 +158,28 @@ def main():
     args = parse_args(parser, dict(model="demo", demo_images=2000, epochs=12, decay_start_epoch=4, decay_end_epoch=12,
                                    lr=1e-3, min_lr=1e-4, ema=0.995, batch_size=32, global_batch=32, workers=0,
                                    log_every=25, vis_every=4, sample_steps=25, cfg=3.0, eval_images=200))
+    tok_path = args.tokenizer or args.out_dir and os.path.join(args.out_dir, "tokenizer_ft.pt")
+    check_args(args, [not (args.data or args.demo) and "--data is required (an ImageNet-style train folder), or use --demo",
+                      tok_path and models.file_problem("--tokenizer", tok_path, "a tokenizer checkpoint"),
+                      args.latent_stats and models.file_problem("--latent_stats", args.latent_stats, "latent statistics"),
+                      args.inception not in (None, "random") and
+                      models.file_problem("--inception", args.inception, "FID Inception weights"),
+                      args.fid_ref and models.file_problem("--fid_ref", args.fid_ref, "an .npz", "a folder")],
+               dict(RANGES, epochs=(0, INF)))  # --epochs 0: the latent statistics only
     rank, world, device = setup(args, "dit")
     args.img_size = None  # set from the tokenizer below; make_dataset reads it
-    tokenizer = models.load_tokenizer(args.tokenizer or os.path.join(args.out_dir, "tokenizer_ft.pt"), gamma=0.0,
-                                      mask_ratio=0.0).to(device).eval()
+    tokenizer = models.load_tokenizer(tok_path, gamma=0.0, mask_ratio=0.0).to(device).eval()
     tokenizer.sem_decoder = None
     args.img_size = tokenizer.grid * tokenizer.decoder.patch_size
     dataset = data.make_dataset(args)
     ckpt_path = os.path.join(args.out_dir, "dit.pt")
     ckpt = models.read_checkpoint(ckpt_path) if os.path.exists(ckpt_path) else {}
+    check_resume(ckpt_path, ckpt.get("args", {}), args, ("model", "img_size"))
 
     # 1. latent statistics (SPEC 4): posterior means, no flip, whole training set
     stats = ckpt.get("latent_stats")
     if stats is None and args.latent_stats:
-        src = models.read_checkpoint(args.latent_stats)
-        stats = src.get("latent_stats", src)
+        stats = models.load_latent_stats(args.latent_stats)
     if stats is None:
         stats = latent_stats(tokenizer, data.make_loader(dataset, args.batch_size, False, args.workers, world, rank),
                              device)
@@ -220,7 +227,7 @@ def main():
             pool = evaluate.inception_features(inception, (to_uint8(x) for x, _ in real))[0]
             ref = evaluate.feature_stats(gather_rows(pool, len(real.dataset), strided=True)), None
     classes = [207, 360, 387, 974, 88, 979, 417, 279] if num_classes == 1000 else list(range(min(num_classes, 10)))
-    metrics = Metrics(args.out_dir, "dit", rank)
+    metrics = Metrics(args.out_dir, "dit", rank, step)
     log.info(f"{len(dataset)} images, {steps_per_epoch} steps/epoch, global batch {args.global_batch} = "
                     f"{args.batch_size}/GPU x {world} x {accum} accumulation")
     t0, n, sums = time.time(), 0, 0

@@ -19,9 +19,11 @@ import torch.nn.functional as F
 import data
 import evaluate
 import models
-from plumbing import (EMA, Metrics, adamw, bf16, check_ranks_agree, cosine_lr, ddp, grad_accum_steps, log,
-                      parse_args, random_flip, reduce_for_log, rng_state, save_checkpoint, save_grid, set_rng_state,
-                      setup, sync_grads_if)
+from plumbing import (EMA, Metrics, adamw, bf16, check_args, check_ranks_agree, check_resume, cosine_lr, ddp,
+                      grad_accum_steps, log, parse_args, random_flip, reduce_for_log, rng_state, save_checkpoint,
+                      save_grid, set_rng_state, setup, sync_grads_if)
+# the settings that shape the model (stage 2 has dim and img_size, from its tokenizer): a checkpoint resumes only with these
+MODEL_FLAGS = ("dim", "img_size", "patch_size", "enc_size", "dec_size", "sem_size", "sem_type", "teacher", "teacher_size")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,7 +146,7 @@ def train(args, stage, model, ema, teacher, rank, world, device):
     if len(loader) < accum:
         raise SystemExit(f"{len(loader.dataset)} images are too few for one global batch of {args.global_batch}")
     val = data.make_dataset(args, train=False)
-    held_out = next(iter(data.make_loader(val, 8, False, 0)))[0].to(device)
+    held_out = torch.stack([val[i][0] for i in evaluate.spread(len(val), 8)]).to(device)  # across a sorted folder's classes
     train_step = TokenizerStep(args, model, ema, teacher, device, world)
     if args.eval_every:  # PSNR + rFID of the EMA weights on a fixed, class-spread part of --val_data
         inception = evaluate.demo_judge(args.out_dir, args.img_size, model.grid, device)[0] if args.demo else \
@@ -158,13 +160,14 @@ def train(args, stage, model, ema, teacher, rank, world, device):
     epoch, step = 0, 0
     if os.path.exists(ckpt_path):
         ckpt = models.read_checkpoint(ckpt_path)
+        check_resume(ckpt_path, ckpt["args"], args, MODEL_FLAGS)
         train_step.load_state_dict(ckpt)
         epoch, step = ckpt["epoch"], ckpt["step"]
         set_rng_state(ckpt["rng"], rank, device)
         log.info(f"resumed from {ckpt_path} at epoch {epoch}, step {step}")
     log.info(f"{len(loader.dataset)} images, {steps_per_epoch} steps/epoch, global batch {args.global_batch} = "
              f"{args.batch_size}/GPU x {world} x {accum} accumulation, lr {train_step.base_lr:.2e}")
-    metrics = Metrics(args.out_dir, stage, rank)
+    metrics = Metrics(args.out_dir, stage, rank, step)
     t0, n, sums = time.time(), 0, {}
     while epoch < args.epochs:
         model.train(), train_step.disc.train()
@@ -212,7 +215,7 @@ def common_args(parser):
     p("--data_list", help="optional `relative/path label` file list, like the authors' train.txt")
     p("--jpeg_draft", action="store_true", help="faster JPEG decode at reduced scale (not bit-identical to ADM)")
     p("--val_data", help="ImageNet val folder for the held-out PSNR batch (default: a train batch)")
-    p("--out_dir", default="out/demo")
+    p("--out_dir", help="the run's folder (rerun with it to resume); --demo: out/demo")
     p("--demo", action="store_true", help="tiny model on built-in data, CPU-friendly; other flags still override")
     p("--demo_images", type=int, default=640, help="size of the built-in dataset for --demo")
     p("--epochs", type=int, default=200)
@@ -244,6 +247,15 @@ def common_args(parser):
     p("--inception", help="FID Inception .pth (default: pytorch-fid's release, downloaded once)")
 
 
+def input_problems(args):
+    """The inputs both tokenizer stages may lack (for check_args, which reports all problems at once)."""
+    return [not (args.data or args.demo) and "--data is required (an ImageNet-style train folder), or use --demo",
+            args.inception and models.file_problem("--inception", args.inception, "FID Inception weights"),
+            args.fid_ref and models.file_problem("--fid_ref", args.fid_ref, "an .npz", "a folder"),
+            args.batch_size > 0 and args.global_batch % args.batch_size and
+            f"--global_batch {args.global_batch} is not a multiple of --batch_size {args.batch_size}"]
+
+
 # --demo (both stages): 2,000 built-in 32-px images, lr 1e-3 at batch 16; no perceptual term (its VGG would be
 # random: a demo downloads nothing) and no GAN in stage 1 (at this scale it costs PSNR and time), so the
 # reconstructions visibly sharpen within minutes on 2 CPU cores (README, quick start).
@@ -256,7 +268,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common_args(parser)
     p = parser.add_argument
-    p("--dim", type=int, default=128, help="latent channels per token")
+    p("--dim", type=int, default=128, choices=[16, 32, 64, 128], help="latent channels per token (the paper's)")
     p("--img_size", type=int, default=256)
     p("--patch_size", type=int, default=16)
     p("--enc_size", default="base", choices=sorted(models.SIZES))
@@ -285,8 +297,13 @@ def main():
                                    teacher="judge"))
     if args.sem_target == "masked" and (args.sem_type == "mlp" or args.mask_ratio <= 0):
         parser.error("--sem_target masked needs --sem_type transformer and --mask_ratio > 0")
-    rank, world, device = setup(args, "tokenizer")
     teacher_name = args.teacher or ("dinov2_vitl14" if args.dim < 64 else "dinov3_vitl16")
+    gated = args.sem_weight > 0 and not args.random_frozen_nets and teacher_name == "dinov3_vitl16"
+    check_args(args, input_problems(args) + [
+        args.patch_size > 0 and args.img_size % args.patch_size and f"--img_size {args.img_size} is not a multiple of --patch_size {args.patch_size}",
+        gated and not args.teacher_ckpt and models.DINOV3_GATED,
+        args.teacher_ckpt and models.file_problem("--teacher_ckpt", args.teacher_ckpt, "DINOv2/v3 weights")])
+    rank, world, device = setup(args, "tokenizer")
     teacher = None
     if args.sem_weight > 0 and teacher_name == "judge":
         teacher = evaluate.demo_judge(args.out_dir, args.img_size, args.img_size // args.patch_size, device)[0]
