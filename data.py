@@ -60,8 +60,6 @@ class ImageFolder(torch.utils.data.Dataset):
     but not bit-identical to the ADM crop of the full-resolution image."""
 
     def __init__(self, root, size=256, list_file=None, draft=False):
-        if not os.path.isdir(root):
-            raise SystemExit(f"--data: no such folder: {root}")
         self.size, self.draft, self.skipped = size, draft, 0
         if list_file:
             with open(list_file) as f:
@@ -157,9 +155,7 @@ def make_loader(dataset, batch_size, train, workers=4, world=1, rank=0, seed=0):
 def make_dataset(args, train=True):
     """The training scripts' data: --demo's built-in shapes, or an ImageNet-style folder / file list
     (held-out images: --val_data, else the training folder)."""
-    if args.data is None:
-        if not args.demo:
-            raise SystemExit("--data is required (an ImageNet-style train folder), or use --demo")
+    if args.data is None:  # the scripts' check_args asked for --data outside --demo
         return Shapes(args.demo_images if train else 64, args.img_size, seed=0 if train else 1)
     if train:
         return ImageFolder(args.data, args.img_size, list_file=args.data_list, draft=args.jpeg_draft)

@@ -366,12 +366,6 @@ def file_problem(flag, path, *wanted):
     return None if set(kinds) & set(wanted) else f"{flag} {path}: should be {' or '.join(wanted)}; it is {' + '.join(kinds)}"
 
 
-def load_latent_stats(path):
-    """{"mean", "std"} from train_dit.py's latent_stats.pt or a DiT^DH checkpoint that holds them."""
-    src = read_checkpoint(path)
-    return src.get("latent_stats", src)
-
-
 def load_tokenizer(path, ema=True, **overrides):
     """A Tokenizer from our checkpoints or the authors' release (dict with `model` and `model_ema`).
     Sizes, dim and the semantic decoder are inferred from the tensors; training hyper-parameters come

@@ -31,12 +31,11 @@ def parse_args(parser, demo_defaults):
 
 INF = float("inf")
 RANGES = {  # closed intervals of the numeric flags; check_args applies the ones a script has
-    **dict.fromkeys(("img_size", "patch_size", "image_size", "batch_size", "global_batch", "per_proc_batch", "epochs",
-                     "probe_epochs", "demo_images", "num_images", "eval_images", "probe_images", "log_every",
-                     "vis_every", "search_images", "teacher_rope_rescale"), (1, INF)),
-    **dict.fromkeys(("workers", "eval_every", "disc_start_epoch", "decay_start_epoch", "decay_end_epoch", "blr", "lr",
-                     "min_lr", "probe_lr", "weight_decay", "grad_clip", "gamma", "rec_weight", "perceptual_weight",
-                     "convnext_weight", "disc_weight", "kl_weight", "sem_weight", "save_every"), (0, INF)),
+    **dict.fromkeys("img_size patch_size image_size batch_size global_batch per_proc_batch epochs probe_epochs demo_images "
+                    "num_images eval_images probe_images log_every vis_every search_images teacher_rope_rescale".split(), (1, INF)),
+    **dict.fromkeys("workers eval_every disc_start_epoch decay_start_epoch decay_end_epoch blr lr min_lr probe_lr "
+                    "grad_clip weight_decay gamma rec_weight perceptual_weight convnext_weight disc_weight kl_weight "
+                    "sem_weight save_every".split(), (0, INF)),
     "warmup_rate": (0, 1), "ema": (0, 1), "mask_ratio": (0, 1), "mask_ratio_min": (-1, 1), "cfg": (1, INF),
     "steps": (2, INF), "sample_steps": (2, INF)}
 
@@ -46,12 +45,12 @@ def check_args(args, problems=(), ranges=RANGES):
     any model is built, so that one run of the command shows everything there is to fix."""
     bad = [f"--{k} {v}: must be " + (f">= {lo}" if hi == INF else f"in [{lo}, {hi}]") for k, (lo, hi) in ranges.items()
            if (v := getattr(args, k, None)) is not None and not lo <= v <= hi]
-    bad += [f"--{k} {v}: no such folder" for k in ("data", "val_data") if (v := getattr(args, k, None))
-            and not os.path.isdir(v)]
-    bad += ["--out_dir is needed outside --demo (the run's folder; the same one again resumes the run)"] * (
-        "out_dir" in vars(args) and not args.out_dir)
-    if bad + [p for p in problems if p]:
-        raise SystemExit("; ".join(bad + [p for p in problems if p]))
+    bad += [f"--{k} {v}: no such folder" for k in ("data", "val_data")
+            if (v := getattr(args, k, None)) and not os.path.isdir(v)]
+    bad += ["--out_dir is needed outside --demo (the run's folder; the same one again resumes it)"] * (
+        "out_dir" in vars(args) and not args.out_dir) + [p for p in problems if p]
+    if bad:
+        raise SystemExit("; ".join(bad))
 
 
 def rank_world():

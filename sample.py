@@ -132,7 +132,8 @@ def main():
     dit, extra = models.load_dit(paths["dit"])
     guide = models.load_dit(args.guide)[0].to(device) if args.guide else None
     tokenizer = models.load_tokenizer(paths["tokenizer"]).to(device).eval()
-    stats = models.load_latent_stats(args.latent_stats) if args.latent_stats else extra.get("latent_stats")
+    stats = models.read_checkpoint(args.latent_stats) if args.latent_stats else extra
+    stats = stats.get("latent_stats", stats if args.latent_stats else None)  # latent_stats.pt, or a DiT holding them
     if stats is None:
         raise SystemExit(f"--latent_stats: {args.dit} holds no latent statistics; compute them with "
                          "`train_dit.py --tokenizer ... --data ... --epochs 0` and pass latent_stats.pt")

@@ -179,7 +179,8 @@ def main():
     # 1. latent statistics (SPEC 4): posterior means, no flip, whole training set
     stats = ckpt.get("latent_stats")
     if stats is None and args.latent_stats:
-        stats = models.load_latent_stats(args.latent_stats)
+        src = models.read_checkpoint(args.latent_stats)  # latent_stats.pt, or a DiT^DH checkpoint that holds them
+        stats = src.get("latent_stats", src)
     if stats is None:
         stats = latent_stats(tokenizer, data.make_loader(dataset, args.batch_size, False, args.workers, world, rank),
                              device)

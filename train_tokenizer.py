@@ -300,7 +300,8 @@ def main():
     teacher_name = args.teacher or ("dinov2_vitl14" if args.dim < 64 else "dinov3_vitl16")
     gated = args.sem_weight > 0 and not args.random_frozen_nets and teacher_name == "dinov3_vitl16"
     check_args(args, input_problems(args) + [
-        args.patch_size > 0 and args.img_size % args.patch_size and f"--img_size {args.img_size} is not a multiple of --patch_size {args.patch_size}",
+        args.patch_size > 0 and args.img_size % args.patch_size
+        and f"--img_size {args.img_size} is not a multiple of --patch_size {args.patch_size}",
         gated and not args.teacher_ckpt and models.DINOV3_GATED,
         args.teacher_ckpt and models.file_problem("--teacher_ckpt", args.teacher_ckpt, "DINOv2/v3 weights")])
     rank, world, device = setup(args, "tokenizer")
