@@ -114,9 +114,9 @@ class Shapes(torch.utils.data.Dataset):
         kind, warm = self.KINDS[label % 5], label >= 5
         s = self.size
         yy, xx = np.mgrid[0:s, 0:s] / s
-        angle, freq = rng.uniform(0, np.pi), rng.uniform(1.5, 4.5)
+        angle, freq = rng.uniform(0, np.pi), rng.uniform(1.5, 4)
         stripes = 0.5 + 0.5 * np.sin(2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle)))
-        bg = rng.uniform(0.2, 0.6, 3) * (0.7 + 0.3 * stripes[..., None]) + 0.02 * rng.standard_normal((s, s, 3))
+        bg = rng.uniform(0.2, 0.6, 3) * (0.7 + 0.3 * stripes[..., None])
         cx, cy, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.15, 0.28)
         dx, dy = xx - cx, yy - cy
         if kind == "disk":

@@ -6,7 +6,7 @@
     python evaluate.py --tokenizer tok.pt --data val/ --ref val256.npz --grid r.png  # PSNR, rFID
     python evaluate.py --linear_probe --tokenizer tok.pt --data train/ --val_data val/
     python evaluate.py --viz --tokenizer tok.pt --data val/                          # PCA / cosine maps of z_t
-    python evaluate.py --demo                                    # the demo pipeline's outputs, random Inception
+    python evaluate.py --demo                                    # the demo pipeline's outputs, judged by the demo judge
     torchrun --nproc_per_node 8 evaluate.py ...                                      # any of these, over ranks
 
 Linear probe (the paper gives no recipe; ours): frozen features of centre crops, average-pooled over tokens:
@@ -317,7 +317,7 @@ def main(argv=None):
     a("--probe_epochs", type=int, default=10)
     a("--probe_lr", type=float, default=1e-3)
     a("--viz", action="store_true", help="PCA / cosine maps of --tokenizer's z_t on 8 --data images")
-    a("--demo", action="store_true", help="evaluate the demo pipeline's outputs in --out_dir, random Inception")
+    a("--demo", action="store_true", help="evaluate the demo pipeline's outputs in --out_dir with the demo judge")
     a("--out_dir", help="JSON, PNGs and evaluate.log (default: out/eval; --demo: out/demo)")
     a("--out", help="JSON path (default: next to --samples, else <out_dir>/<mode>.json)")
     a("--inception", help="FID Inception .pth (default: pytorch-fid's release); 'random' for demos")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 log = logging.getLogger("rectok")
 
 # width, depth, heads of the tokenizer's transformers (SPEC 2)
-SIZES = {"tiny": (192, 3, 4), "small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}
+SIZES = {"demo": (128, 2, 4), "tiny": (192, 3, 4), "small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}
 
 
 def n_params(module):
@@ -352,8 +352,12 @@ def file_kinds(path):
         return ["a folder" if os.path.isdir(path) else "missing"]
     if path.endswith(".npz"):
         return ["an .npz"]
-    with open(path, "rb") as f:  # zip-format files are memory-mapped, so a multi-GB checkpoint is not read twice
-        ckpt = read_checkpoint(path, mmap=f.read(2) == b"PK")
+    try:
+        with open(path, "rb") as f:  # zip-format files are memory-mapped, so a multi-GB checkpoint is not read twice
+            ckpt = read_checkpoint(path, mmap=f.read(2) == b"PK")
+    except SystemExit:
+        return ["no PyTorch checkpoint, or a corrupt or truncated one (then delete it to start its stage again, or "
+                "point at the previous milestone)"]
     ckpt = ckpt if isinstance(ckpt, dict) else {}
     sd = ckpt.get("model_ema", ckpt.get("model", ckpt))
     found = [kind for kind, key in KINDS.items() if key in sd or key in (ckpt.get("latent_stats") or {})]
@@ -631,7 +635,7 @@ def patchgan(ndf=64, n_layers=3):
 # name: (width, depth, heads, head width, head depth, head heads); "tiny" is for tests, "demo" for the CPU demo
 DIT_SIZES = {
     "tiny": (32, 2, 2, 48, 2, 2),
-    "demo": (96, 4, 4, 128, 2, 4),
+    "demo": (96, 3, 4, 128, 2, 4),
     "S": (384, 12, 6, 2048, 2, 16),
     "B": (768, 12, 12, 2048, 2, 16),
     "L": (1024, 24, 16, 2048, 2, 16),

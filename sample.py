@@ -120,7 +120,7 @@ def main():
     p("--search_images", type=int, default=10_000)
     p("--ref", help="FID reference for --cfg_list: ADM's VIRTUAL_imagenet256_labeled.npz (mu, sigma)")
     p("--inception", help="FID Inception .pth (default: pytorch-fid's release, downloaded once)")
-    args = parse_args(parser, dict(num_images=100, steps=25, cfg=3.0, per_proc_batch=50))
+    args = parse_args(parser, dict(num_images=100, steps=10, cfg=4.0, per_proc_batch=50))
     args.out_dir = args.out_dir or args.out and os.path.dirname(os.path.abspath(args.out))
     paths = {"dit": args.dit or args.out_dir and os.path.join(args.out_dir, "dit.pt"), "guide": args.guide,
              "tokenizer": args.tokenizer or args.out_dir and os.path.join(args.out_dir, "tokenizer_ft.pt"),

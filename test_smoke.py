@@ -289,7 +289,7 @@ def test_semantic_loss_trains_encoder_never_teacher():
 # Training stages 1 and 2 (issue: train_tokenizer.py, finetune_decoder.py, data.py)
 
 TINY_FT = ["--demo", "--demo_images", "16", "--batch_size", "4", "--global_batch", "8", "--log_every", "1",
-           "--perceptual_weight", "1"]
+           "--perceptual_weight", "1", "--disc_weight", "0.1"]
 TINY_TRAIN = TINY_FT + ["--img_size", "32", "--teacher", "dinov3_vitl16", "--teacher_size", "tiny"]  # not the judge
 
 
@@ -413,7 +413,7 @@ def test_finetune_changes_only_the_pixel_decoder(tmp_path, monkeypatch):
     assert changed and all(k.startswith("decoder.") for k in changed)
     assert "decoder.conv_out.weight" in changed and "decoder.mask_token" not in changed
     ft = models.load_tokenizer(str(tmp_path / "tokenizer_ft.pt"))
-    assert ft.sem_decoder is None and ft.encode(torch.zeros(1, 3, 32, 32)).shape == (1, 32, 8, 8)
+    assert ft.sem_decoder is None and ft.encode(torch.zeros(1, 3, 32, 32)).shape == (1, 16, 4, 4)
 
 
 class StubWandb:
@@ -518,7 +518,7 @@ def one_line_exit(script, argv, monkeypatch, capsys):
     ("train_tokenizer", ["--blr", "-1"], "--blr -1.0: must be >= 0"),
     ("train_tokenizer", ["--warmup_rate", "2"], "--warmup_rate 2.0: must be in [0, 1]"),
     ("train_tokenizer", ["--ema", "1.5"], "--ema 1.5: must be in [0, 1]"),
-    ("train_tokenizer", ["--img_size", "30"], "--img_size 30 is not a multiple of --patch_size 4"),
+    ("train_tokenizer", ["--img_size", "30"], "--img_size 30 is not a multiple of --patch_size 8"),
     ("train_tokenizer", ["--eval_images", "0"], "--eval_images 0: must be >= 1"),
     ("finetune_decoder", ["--epochs", "-1"], "--epochs -1: must be >= 1"),
     ("train_dit", ["--epochs", "-1"], "--epochs -1: must be >= 0"),
@@ -561,9 +561,9 @@ def test_file_flags_say_what_the_file_should_be_and_is(tmp_path, monkeypatch, ca
 
 def test_resume_refuses_another_model_configuration(tmp_path, monkeypatch):
     import train_tokenizer as tt
-    torch.save({"args": {"dim": 16, "img_size": 32, "enc_size": "tiny"}}, tmp_path / "tokenizer.pt")
-    with pytest.raises(SystemExit, match=r"tokenizer.pt was trained with other model settings: --dim 16 \(checkpoint\) "
-                                         r"vs 32; give another --out_dir"):
+    torch.save({"args": {"dim": 32, "img_size": 32, "enc_size": "demo"}}, tmp_path / "tokenizer.pt")
+    with pytest.raises(SystemExit, match=r"tokenizer.pt was trained with other model settings: --dim 32 \(checkpoint\) "
+                                         r"vs 16; give another --out_dir"):
         main_of(tt, TINY_TRAIN + ["--out_dir", str(tmp_path)], monkeypatch)
 
 
@@ -1156,7 +1156,9 @@ def test_compiled_tokenizer_step_matches_eager():
         assert a.keys() == b.keys() == {"rec", "perceptual", "kl", "sem", "gan", "disc"}
         assert all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-6) for k in a), (a, b)
     assert w_eager.keys() == w_fast.keys()  # compiled in place: the checkpoint keys do not change
-    assert all(torch.allclose(w_eager[k], w_fast[k], atol=1e-3) for k in w_eager)
+    # Adam moves an element whose gradient is ~0 by up to lr = 1e-3 per step in either direction, whatever the
+    # rounding that decided its sign: two such steps apart is the bound (seen: 1.02e-3 on the Shapes of this version)
+    assert all(torch.allclose(w_eager[k], w_fast[k], atol=2e-3) for k in w_eager)
 
 
 def test_dit_compile_and_bf16_stay_within_tolerance():

@@ -155,9 +155,9 @@ def main():
     p("--eval_images", type=int, default=10_000)
     p("--fid_ref", help="gFID reference: ADM's VIRTUAL_imagenet256_labeled.npz; default: training images")
     p("--inception", help="FID Inception .pth (default: pytorch-fid's release, downloaded once); 'random' for demos")
-    args = parse_args(parser, dict(model="demo", demo_images=2000, epochs=12, decay_start_epoch=4, decay_end_epoch=12,
-                                   lr=1e-3, min_lr=1e-4, ema=0.995, batch_size=32, global_batch=32, workers=0,
-                                   log_every=25, vis_every=4, sample_steps=25, cfg=3.0, eval_images=200))
+    args = parse_args(parser, dict(model="demo", demo_images=2000, epochs=60, decay_start_epoch=30, decay_end_epoch=60,
+                                   lr=2e-3, min_lr=1e-4, ema=0.99, batch_size=64, global_batch=64, workers=0,
+                                   log_every=20, vis_every=20, sample_steps=10, cfg=4.0, eval_images=200))
     tok_path = args.tokenizer or args.out_dir and os.path.join(args.out_dir, "tokenizer_ft.pt")
     check_args(args, [not (args.data or args.demo) and "--data is required (an ImageNet-style train folder), or use --demo",
                       tok_path and models.file_problem("--tokenizer", tok_path, "a tokenizer checkpoint"),
