@@ -237,8 +237,8 @@ def demo_judge(out_dir, size, grid, device, n_train=640, seed=0):
     (seed 1) is logged and kept. Every rank trains the same net or reads the same file."""
     path = os.path.join(out_dir, "judge.pt")
     judge = models.DemoJudge(grid).to(device)
-    if os.path.isfile(path) and models.read_checkpoint(path)["size"] == size:
-        ckpt = models.read_checkpoint(path)
+    ckpt = models.read_checkpoint(path) if os.path.isfile(path) else {}
+    if ckpt.get("size") == size:
         judge.load_state_dict(ckpt["model"])
     else:
         with torch.random.fork_rng(devices=[]):
