@@ -79,7 +79,15 @@ def sample_metrics(dit, tokenizer, stats, inception, ref, n, steps, cfg=1.0, gui
 
 def search_cfg(args, dit, guide, tokenizer, stats, device):
     """The release's --cfg_list: FID of --search_images samples at each scale against --ref; the best scale,
-    the same on every rank. The scores go to <out_dir>/cfg_search.json."""
+    the same on every rank. The scores go to <out_dir>/cfg_search.json; a rerun of the same search reads them back
+    instead of sampling every scale again."""
+    path = os.path.join(args.out_dir, "cfg_search.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            done = json.load(f)
+        if done["images"] == args.search_images and list(map(float, done["fid"])) == args.cfg_list:
+            log.info(f"{path}: best guidance scale {done['best']} (search done before)")
+            return done["best"]
     inception = evaluate.load_inception(args.inception).to(device)
     ref = evaluate.reference(inception, args.ref, args.per_proc_batch)
     fids = {}
@@ -92,7 +100,7 @@ def search_cfg(args, dit, guide, tokenizer, stats, device):
     if dist.is_initialized():
         dist.broadcast_object_list(best)
     if rank_world()[0] == 0:
-        with open(os.path.join(args.out_dir, "cfg_search.json"), "w") as f:
+        with open(path, "w") as f:
             json.dump({"images": args.search_images, "fid": fids, "best": best[0]}, f, indent=1)
     log.info(f"best guidance scale {best[0]}: sampling {args.num_images} images with it")
     return best[0]

@@ -750,7 +750,10 @@ def test_guidance_search_picks_the_best_scale(tmp_path, monkeypatch):
                             str(tmp_path / "ref.npz"), "--out", str(tmp_path / "best.npz")], monkeypatch)
     search = json.load(open(tmp_path / "cfg_search.json"))
     assert search == {"images": 10, "fid": {"2.0": 3.0, "1.25": 1.0, "1.0": 2.0}, "best": 1.25}
+    main_of(sample, argv + ["--cfg_list", "2.0", "1.25", "1.0", "--search_images", "10", "--ref",  # read back:
+                            str(tmp_path / "ref.npz"), "--out", str(tmp_path / "again.npz")], monkeypatch)  # no FID call
     main_of(sample, argv + ["--cfg", "1.25", "--out", str(tmp_path / "direct.npz")], monkeypatch)
+    assert np.array_equal(np.load(tmp_path / "again.npz")["arr_0"], np.load(tmp_path / "direct.npz")["arr_0"])
     assert np.array_equal(np.load(tmp_path / "best.npz")["arr_0"], np.load(tmp_path / "direct.npz")["arr_0"])
 
 
