@@ -5,9 +5,8 @@
   python bench.py --data /data/imagenet/train --workers 8   # also the JPEG decode + ADM crop rate
   timeout 480 python bench.py --check --compile   # the prepared H200 run
 
-Each part: one eager call counts FLOPs (torch.utils.flop_counter), warm-up calls (compilation included,
-timed), then `--repeats` synchronised runs of `--steps` calls; reported: the median images/s per device,
-peak memory and, on CUDA, the model FLOP utilisation against --peak_tflops.
+Each part: one eager call counts FLOPs (torch.utils.flop_counter), timed warm-up calls (compilation included), then
+--repeats synchronised runs of --steps calls: median images/s per device, peak memory, on CUDA MFU vs --peak_tflops.
 """
 import argparse
 import resource
@@ -26,80 +25,61 @@ import train_dit
 import train_tokenizer
 from sample import euler_sample
 
-
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
-
 def measure(name, fn, images_per_call, args, device, calls=None):
-    """Median images/s over --repeats runs of --steps calls, peak memory, and MFU from the FLOPs of one call.
-    FLOPs are counted on an eager call, so nothing is compiled under the counter; the --warmup calls that
-    follow pay any compilation, and their time is printed too. `calls` replaces
-    both counts for parts whose one call is already long (a whole sampling run)."""
-    warmup, steps = (calls, calls) if calls else (args.warmup, args.steps)
+    """One table row (module docstring); FLOPs of an eager call, so that nothing compiles under the counter."""
+    warmup, steps = (calls, calls) if calls else (args.warmup, args.steps)  # calls: where one call is long
     with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
         fn()
     flops = counter.get_total_flops()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    warmup_s = time.perf_counter() - t0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    rates = []
-    for _ in range(args.repeats):
+    def seconds(n):  # of n calls, the device synchronised before and after
         sync(device)
         t0 = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(n):
             fn()
         sync(device)
-        rates.append(steps * images_per_call / (time.perf_counter() - t0))
-    rate = statistics.median(rates)
+        return time.perf_counter() - t0
+    warmup_s = seconds(warmup)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rate = statistics.median([steps * images_per_call / seconds(steps) for _ in range(args.repeats)])
     memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
     mfu = f"{100 * flops * rate / images_per_call / (args.peak_tflops * 1e12):5.1f}%" if device.type == "cuda" else "-"
     print(f"| {name:<42} | {rate:9.2f} | {memory:7.2f} | {flops / images_per_call / 1e9:9.1f} | {mfu:>6} | "
           f"{warmup_s:9.1f} |", flush=True)
 
-
 def check_precision(size, device, autocast, compile):
     """Relative errors of `autocast` (+ torch.compile) against fp32 eager on one DiT^DH: the loss and the
-    gradient of one training step (same t and eps), and one 8-point sampler run with CFG. bf16 on CPU works
-    too, only slower."""
+    gradient of one training step (same t and eps), and one 8-point sampler run with CFG (bf16 on CPU too)."""
     dit = models.DiTDH(size, 128, 16).to(device)
     with torch.no_grad():  # the zero-initialised output layers would make the comparison vacuous
         for p in dit.parameters():
             p.add_(0.02 * torch.randn_like(p))
     z, y = torch.randn(8, 128, 16, 16, device=device), torch.arange(8, device=device)
-
     def run(precision):
         torch.manual_seed(0)
         dit.zero_grad()
         with precision:
             loss = models.flow_loss(dit.train(), z, y)
             loss.backward()
-            with torch.no_grad():
-                x = euler_sample(dit.eval(), z, y, 8, cfg=1.5)
+            x = euler_sample(dit.eval(), z, y, 8, cfg=1.5)  # euler_sample runs under no_grad itself
         return loss.float(), torch.cat([p.grad.flatten() for p in dit.parameters() if p.grad is not None]), x.float()
     fp32 = run(torch.autocast(device.type, enabled=False))
     if compile:
         models.compile_blocks(dit.blocks)
-    fast = run(autocast)
-    return [((a - b).norm() / b.norm()).item() for a, b in zip(fast, fp32)]
-
+    return [((a - b).norm() / b.norm()).item() for a, b in zip(run(autocast), fp32)]
 
 def bench_tokenizer(args, device, autocast):
     """(a) One full stage-1 step: encoder + pixel and semantic decoders, teacher, LPIPS, PatchGAN, both
     optimisers, EMA. Under --dtype bf16, once with the loss networks in fp32 (the release) and once in bf16."""
-    opts = SimpleNamespace(blr=1e-4, global_batch=args.batch_size, convnext_weight=args.convnext_weight,
-                           random_frozen_nets=True, weight_decay=1e-4, grad_clip=3.0, compile=args.compile,
-                           rec_weight=1.0, perceptual_weight=1.0, kl_weight=1e-6, sem_weight=1.0, disc_weight=0.1,
-                           sem_target="all")
-    grid = args.img_size // 16
-    teacher = models.load_teacher("dinov3_vitl16", None, args.teacher_size, grid).to(device)
+    opts = SimpleNamespace(blr=1e-4, global_batch=args.batch_size, convnext_weight=args.convnext_weight, grad_clip=3.0,
+                           random_frozen_nets=True, weight_decay=1e-4, compile=args.compile, sem_target="all",
+                           rec_weight=1.0, perceptual_weight=1.0, kl_weight=1e-6, sem_weight=1.0, disc_weight=0.1)
+    teacher = models.load_teacher("dinov3_vitl16", None, args.teacher_size, args.img_size // 16).to(device)
     model = models.Tokenizer(args.img_size, 16, 128, args.tok_size, args.tok_size, teacher_dim=teacher.dim).to(device)
     step = train_tokenizer.TokenizerStep(opts, model, plumbing.EMA(model, 0.999), teacher, device, 1)
     step.autocast = autocast  # --dtype fp32 compares against full precision
@@ -108,12 +88,10 @@ def bench_tokenizer(args, device, autocast):
         measure(f"tokenizer step ({args.tok_size}, {args.img_size}px, {'bf16' if opts.bf16_losses else 'fp32'} losses)",
                 lambda: step([x], 1e-4, True), args.batch_size, args, device)
 
-
 def bench_dit(args, device, autocast):
     """(b) One DiT^DH training step; (c) Euler sampling, plain, CFG and AutoGuidance."""
-    opts = SimpleNamespace(lr=2e-4, ema=0.9995, grad_clip=1.0, compile=args.compile)
     dit = models.DiTDH(args.dit_size, 128, 16).to(device)
-    step = train_dit.DiTStep(opts, dit, device, 1)
+    step = train_dit.DiTStep(SimpleNamespace(lr=2e-4, ema=0.9995, grad_clip=1.0, compile=args.compile), dit, device, 1)
     step.autocast = autocast
     z = torch.randn(args.batch_size, 128, 16, 16, device=device)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
@@ -129,28 +107,23 @@ def bench_dit(args, device, autocast):
         measure(f"sample DiT^DH-{args.dit_size}, {args.sample_steps} pts, {name}", run, args.batch_size, args, device,
                 calls=1)  # one call is already sample_steps - 1 forwards
 
-
 def bench_inception(args, device, autocast):
     """(d) FID Inception features (fp32, TF32 off, as evaluate.py runs it)."""
     net = evaluate.load_inception("random").to(device)
     x = torch.randint(0, 256, (args.batch_size, 3, args.img_size, args.img_size), dtype=torch.uint8, device=device)
     measure("Inception-v3 features", lambda: evaluate.inception_features(net, [x]), args.batch_size, args, device)
 
-
 def bench_data(args):
-    """(e) JPEG decode + ADM centre crop per loader worker, exact and with --jpeg_draft."""
-    for draft in (False, True):
-        dataset = data.ImageFolder(args.data, args.img_size, draft=draft)
-        n = min(len(dataset), 200 * max(args.workers, 1))
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=50,
-                                             num_workers=args.workers)
-        t0 = time.perf_counter()
-        for _ in loader:
-            pass
-        rate = n / (time.perf_counter() - t0) / max(args.workers, 1)
-        name = f"data: decode + crop{', draft' if draft else ''}, per worker"
-        print(f"| {name:<42} | {rate:9.2f} | {'-':>7} | {'-':>9} | {'-':>6} | {'-':>9} |")
-
+    """(e) JPEG decode + ADM centre crop per loader worker."""
+    dataset = data.ImageFolder(args.data, args.img_size)
+    n = min(len(dataset), 200 * max(args.workers, 1))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=50,
+                                         num_workers=args.workers)
+    t0 = time.perf_counter()
+    for _ in loader:
+        pass
+    rate = n / (time.perf_counter() - t0) / max(args.workers, 1)
+    print(f"| {'data: decode + crop, per worker':<42} | {rate:9.2f} | {'-':>7} | {'-':>9} | {'-':>6} | {'-':>9} |")
 
 def main():
     cuda = torch.cuda.is_available()
@@ -196,7 +169,6 @@ def main():
     if args.data and args.only in (None, "data"):
         bench_data(args)
     print(f"\n{time.perf_counter() - start:.0f} s in all")
-
 
 if __name__ == "__main__":
     main()

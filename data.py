@@ -11,7 +11,6 @@ from PIL import Image
 log = logging.getLogger("rectok")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
-
 def center_crop(img, size):
     """ADM centre crop (SPEC 1): halve with BOX while the short side >= 2 * size, BICUBIC-resize the short
     side to size, crop the centre. Returns a uint8 array (size, size, 3)."""
@@ -22,7 +21,6 @@ def center_crop(img, size):
     arr = np.asarray(img)
     y, x = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
     return arr[y:y + size, x:x + size]
-
 
 def open_images(path, crop=None):
     """(n, read(i, j) -> uint8 (j - i, H, W, 3)) over an ADM .npz (arr_0, held in memory: 10 GB for 50k at 256)
@@ -46,21 +44,17 @@ def open_images(path, crop=None):
         return np.stack(imgs)
     return len(files), read
 
-
 def to_tensor(arr):
     """uint8 (H, W, 3) -> float (3, H, W) in [-1, 1]."""
     return torch.from_numpy(np.array(arr)).permute(2, 0, 1).float() / 127.5 - 1
 
-
 class ImageFolder(torch.utils.data.Dataset):
     """Class sub-folders (labels by sorted folder name), or a list file of `relative/path label` lines.
     Items are (x, label): x float (3, size, size) in [-1, 1]; the training scripts flip, not the dataset.
-    A corrupt or truncated file is skipped (the next image is returned) with a counted warning.
-    draft: let libjpeg decode at 1/2, 1/4 or 1/8 scale (still >= size): several times faster on ImageNet,
-    but not bit-identical to the ADM crop of the full-resolution image."""
+    A corrupt or truncated file is skipped (the next image is returned) with a counted warning."""
 
-    def __init__(self, root, size=256, list_file=None, draft=False):
-        self.size, self.draft, self.skipped = size, draft, 0
+    def __init__(self, root, size=256, list_file=None):
+        self.size, self.skipped = size, 0
         if list_file:
             with open(list_file) as f:
                 rows = [line.split() for line in f if line.strip()]
@@ -83,8 +77,6 @@ class ImageFolder(torch.utils.data.Dataset):
             path, label = self.samples[j % len(self)]
             try:
                 with Image.open(path) as img:
-                    if self.draft:
-                        img.draft("RGB", (self.size, self.size))
                     arr = center_crop(img.convert("RGB"), self.size)
                 break
             except (OSError, ValueError) as e:
@@ -93,7 +85,6 @@ class ImageFolder(torch.utils.data.Dataset):
         else:
             raise SystemExit(f"--data: 100 unreadable images in a row from {self.samples[i][0]}")
         return to_tensor(arr), label
-
 
 class Shapes(torch.utils.data.Dataset):
     """Built-in procedural dataset: 10 classes (5 shapes x 2 colour families) on striped, textured
@@ -119,16 +110,10 @@ class Shapes(torch.utils.data.Dataset):
         bg = rng.uniform(0.2, 0.6, 3) * (0.7 + 0.3 * stripes[..., None])
         cx, cy, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.15, 0.28)
         dx, dy = xx - cx, yy - cy
-        if kind == "disk":
-            mask = dx ** 2 + dy ** 2 < r ** 2
-        elif kind == "square":
-            mask = (abs(dx) < r * 0.8) & (abs(dy) < r * 0.8)
-        elif kind == "triangle":
-            mask = (dy < r * 0.7) & (dy > 2 * abs(dx) - r)
-        elif kind == "ring":
-            mask = (dx ** 2 + dy ** 2 < r ** 2) & (dx ** 2 + dy ** 2 > (0.55 * r) ** 2)
-        else:
-            mask = ((abs(dx) < r * 0.3) | (abs(dy) < r * 0.3)) & (abs(dx) < r) & (abs(dy) < r)
+        d2, ax, ay = dx ** 2 + dy ** 2, abs(dx), abs(dy)
+        mask = {"disk": d2 < r ** 2, "square": (ax < r * 0.8) & (ay < r * 0.8),
+                "triangle": (dy < r * 0.7) & (dy > 2 * ax - r), "ring": (d2 < r ** 2) & (d2 > (0.55 * r) ** 2),
+                "cross": ((ax < r * 0.3) | (ay < r * 0.3)) & (ax < r) & (ay < r)}[kind]
         hue = rng.uniform(0.7, 1.0), rng.uniform(0.0, 0.5), rng.uniform(0.0, 0.2)
         color = np.array(hue if warm else hue[::-1])
         img = np.where(mask[..., None], color, bg)
@@ -138,6 +123,9 @@ class Shapes(torch.utils.data.Dataset):
         arr, label = self.render(i)
         return to_tensor(arr), label
 
+def stack(dataset, idx=None):
+    """(images (N, 3, H, W), labels (N,)) of the dataset's items idx (default: all), in memory."""
+    return torch.utils.data.default_collate([dataset[i] for i in (range(len(dataset)) if idx is None else idx)])
 
 def make_loader(dataset, batch_size, train, workers=4, world=1, rank=0, seed=0):
     """DistributedSampler (call loader.sampler.set_epoch(epoch) each epoch) + a DataLoader that keeps
@@ -151,12 +139,11 @@ def make_loader(dataset, batch_size, train, workers=4, world=1, rank=0, seed=0):
                                        persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
                                        generator=torch.Generator().manual_seed(seed + rank))
 
-
 def make_dataset(args, train=True):
     """The training scripts' data: --demo's built-in shapes, or an ImageNet-style folder / file list
     (held-out images: --val_data, else the training folder)."""
     if args.data is None:  # the scripts' check_args asked for --data outside --demo
         return Shapes(args.demo_images if train else 64, args.img_size, seed=0 if train else 1)
     if train:
-        return ImageFolder(args.data, args.img_size, list_file=args.data_list, draft=args.jpeg_draft)
+        return ImageFolder(args.data, args.img_size, list_file=args.data_list)
     return ImageFolder(args.val_data or args.data, args.img_size)

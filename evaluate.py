@@ -9,10 +9,9 @@
     python evaluate.py --demo                                    # the demo pipeline's outputs, judged by the demo judge
     torchrun --nproc_per_node 8 evaluate.py ...                                      # any of these, over ranks
 
-Linear probe (the paper gives no recipe; ours): frozen features of centre crops, average-pooled over tokens:
-the posterior mean z (t = 0), z_t = 0.5 z + 0.5 eps (t = 0.5, fixed seed), the second-last encoder block's
-output. Each kind trains its own BatchNorm1d(affine=False) + Linear with AdamW (weight decay 0.01, batch 1024,
-cosine decay from --probe_lr) for --probe_epochs on train, no augmentation; top-1 on val.
+Linear probe (the paper gives no recipe; ours): frozen features of centre crops, averaged over tokens: the posterior
+mean z (t = 0), z_t = 0.5 z + 0.5 eps (t = 0.5, fixed seed), the second-last encoder block. Each trains its own
+BatchNorm1d(affine=False) + Linear with AdamW (weight decay 0.01, batch 1024, cosine from --probe_lr), no augmentation.
 """
 import argparse
 import functools
@@ -35,8 +34,7 @@ FID_WEIGHTS = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_wei
 PROBE_TS, VIZ_TS = (0.0, 0.5), (0.0, 0.25, 0.5, 0.75)
 
 def load_inception(path=None):
-    """The FID Inception, frozen. path: a .pth in pytorch-fid's layout; None: pytorch-fid's release, downloaded
-    once into the torch hub cache; "random": random weights, for tests / demos."""
+    """The frozen FID Inception: a .pth in pytorch-fid's layout, its release (None; cached by torch hub) or "random"."""
     with torch.random.fork_rng(devices=[]):  # CPU init; "random" is then the same net in every process
         torch.manual_seed(0)
         model = models.InceptionV3().eval().requires_grad_(False)
@@ -66,11 +64,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
         log.warning("FID: singular covariance product, adding 1e-6 to the diagonals")
         eps = 1e-6 * np.eye(len(mu1))
         covmean = scipy.linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps))
-    if np.iscomplexobj(covmean):  # rounding leaves a small imaginary part; a large one means broken input
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"FID: imaginary component {np.abs(covmean.imag).max():.3g} in sqrtm(S1 S2)")
-        covmean = covmean.real
-    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    if np.iscomplexobj(covmean) and not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):  # beyond rounding
+        raise ValueError(f"FID: imaginary component {np.abs(covmean.imag).max():.3g} in sqrtm(S1 S2)")
+    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
 
 def feature_stats(feats):
     f = torch.as_tensor(feats).double().cpu().numpy()
@@ -81,9 +77,8 @@ def fid_from_feats(feats, ref_mu, ref_sigma):
 
 def inception_score(logits, splits=10):
     """(mean, std) over splits of exp(E_x KL(p(y|x) || p(y))), fp64; torch-fidelity's shuffle and splits."""
-    logits = torch.as_tensor(logits).double().cpu()
     n = len(logits)
-    logits = logits[np.random.RandomState(2020).permutation(n)]
+    logits = torch.as_tensor(logits).double().cpu()[np.random.RandomState(2020).permutation(n)]
     p, log_p, scores = logits.softmax(1), logits.log_softmax(1), []
     for s in (slice(i * n // splits, (i + 1) * n // splits) for i in range(splits)):
         scores.append((p[s] * (log_p[s] - p[s].mean(0).log())).sum(1).mean().exp().item())
@@ -91,8 +86,7 @@ def inception_score(logits, splits=10):
 
 def precision_recall(real_feats, fake_feats, k=3, batch=10000):
     """Kynkaanniemi et al. 2019 as in the ADM suite: a set's manifold is the union of balls reaching each point's
-    k-th nearest neighbour (self excluded); precision = share of fakes inside the real manifold, recall = share
-    of reals inside the fake one. fp64 distances, `batch` rows at a time on the features' device."""
+    k-th nearest neighbour (self excluded); precision: share of fakes inside the real manifold, recall: vice versa."""
     real, fake = torch.as_tensor(real_feats).double(), torch.as_tensor(fake_feats).double()
     radii = lambda x: torch.cat([torch.cdist(b, x).kthvalue(k + 1, dim=1).values for b in x.split(batch)])
     inside = lambda x, y, r: torch.cat([(torch.cdist(b, y) <= r).any(1) for b in x.split(batch)]).double().mean().item()
@@ -138,8 +132,7 @@ def n_images(loader):  # a loader not sharded by data.make_loader(..., world, ra
     return len(loader.dataset)
 
 def generation_metrics(inception, batches, ref_mu, ref_sigma, ref_pool=None, n=None, labels=None):
-    """FID / IS / precision-recall of uint8 (B, 3, H, W) batches, n in all (default: ranks x this rank's count);
-    with the images' labels, also the share classified as their label (the demo judge's class accuracy)."""
+    """FID / IS / precision-recall (+ class accuracy, given the labels) of uint8 (B, 3, H, W) batches, n in all."""
     pool, logits = inception_features(inception, batches)
     n = n or len(pool) * rank_world()[1]
     pool, logits = gather_rows(pool, n), gather_rows(logits, n)
@@ -154,8 +147,7 @@ def generation_metrics(inception, batches, ref_mu, ref_sigma, ref_pool=None, n=N
 
 @torch.no_grad()
 def reconstruction_metrics(tokenizer, loader, inception, device, ref=None):
-    """PSNR and rFID of reconstructions (posterior mean, no noise, no mask) of a data.make_loader(train=False)
-    loader's images. ref: (mu, sigma) of the reference set; None: the features of the same real images."""
+    """PSNR and rFID (against ref's mu, sigma, else the real images) of a loader's posterior-mean reconstructions."""
     psnr, fake, real = [], [], []
     for x, _ in loader:
         x = x.to(device, non_blocking=True)
@@ -207,9 +199,8 @@ def train_probe(train_x, train_y, val_x, val_y, num_classes, epochs=10, lr=1e-3,
 
 @torch.no_grad()
 def latent_maps(tokenizer, x, ts=VIZ_TS, seed=0):
-    """Paper Fig. 4, 8, 9: per t, z_t's first three PCA components (fitted jointly over the batch's tokens) as
-    RGB, and each token's cosine similarity to the image's average-pooled z_t (min-max scaled per image).
-    Two lists of (B, 3, H, W) in [-1, 1]: [x, map at ts[0], ...], token maps upsampled (nearest)."""
+    """Paper Fig. 4, 8, 9, per t: z_t's first three PCA components (fitted over the batch's tokens) as RGB, and each
+    token's cosine similarity to the image's mean z_t. Two lists [x, map at ts[0], ...] of (B, 3, H, W) in [-1, 1]."""
     z = tokenizer.posterior(x)[0]
     eps = torch.randn(z.shape, generator=torch.Generator(z.device).manual_seed(seed), device=z.device)
     B, N, _ = z.shape
@@ -232,47 +223,39 @@ def spread(n, k):  # k indices evenly spread over range(n), all if k >= n: class
     return np.linspace(0, n - 1, min(k, n)).round().astype(int).tolist()
 
 def demo_judge(out_dir, size, grid, device, n_train=640, seed=0):
-    """The demo judge (models.DemoJudge), trained once on the demo training images (data.Shapes, seed 0) and
-    their labels, deterministically, then cached in <out_dir>/judge.pt; its accuracy on held-out Shapes
-    (seed 1) is logged and kept. Every rank trains the same net or reads the same file."""
+    """models.DemoJudge, trained deterministically on the demo training images (Shapes seed 0) and cached in
+    <out_dir>/judge.pt with its held-out accuracy (Shapes seed 1): every rank trains the same net or reads the file."""
     path = os.path.join(out_dir, "judge.pt")
-    judge = models.DemoJudge(grid).to(device)
     ckpt = models.read_checkpoint(path) if os.path.isfile(path) else {}
-    if ckpt.get("size") == size:
-        judge.load_state_dict(ckpt["model"])
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            shapes = data.Shapes(n_train, size)
-            x, y = (torch.stack(t) for t in zip(*[(im, torch.tensor(lab)) for im, lab in map(shapes.__getitem__, range(n_train))]))
+    with torch.random.fork_rng(devices=[]):  # the same net whatever the caller's RNG state, rank or stage
+        torch.manual_seed(seed)
+        judge = models.DemoJudge(grid).to(device)
+        if ckpt.get("size") == size:
+            judge.load_state_dict(ckpt["model"])
+        else:
+            x, y = data.stack(data.Shapes(n_train, size))
             opt = torch.optim.AdamW(judge.parameters(), 3e-3, weight_decay=0.05)
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=15 * -(-n_train // 64))
-            for epoch in range(15):
+            for _ in range(15):
                 for idx in torch.randperm(len(x)).split(64):
                     flip = torch.rand(len(idx)) < 0.5  # flips keep the class; the training stages flip too
                     xb = torch.where(flip[:, None, None, None], x[idx].flip(-1), x[idx]).to(device)
-                    loss = F.cross_entropy(judge(to_uint8(xb))[1], y[idx].to(device))
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    F.cross_entropy(judge(to_uint8(xb))[1], y[idx].to(device)).backward()
                     opt.step()
                     sched.step()
-        judge.eval()
-        val = data.Shapes(500, size, seed=1)
-        with torch.no_grad():
-            logits = judge(to_uint8(torch.stack([val[i][0] for i in range(len(val))]).to(device)))[1]
-        accuracy = (logits.argmax(1).cpu() == torch.tensor([val[i][1] for i in range(len(val))])).float().mean().item()
-        ckpt = {"model": judge.state_dict(), "size": size, "accuracy": accuracy}
-        if rank_world()[0] == 0:
-            save_checkpoint(path, ckpt)
+            vx, vy = data.stack(data.Shapes(500, size, seed=1))
+            with torch.no_grad():
+                accuracy = (judge.eval()(to_uint8(vx.to(device)))[1].argmax(1).cpu() == vy).float().mean().item()
+            ckpt = {"model": judge.state_dict(), "size": size, "accuracy": accuracy}
+            if rank_world()[0] == 0:
+                save_checkpoint(path, ckpt)
     log.info(f"demo judge: {ckpt['accuracy']:.1%} held-out accuracy on the demo classes ({path})")
     return judge.eval().requires_grad_(False), ckpt["accuracy"]
 
-
 def demo(args, device):
-    """The demo pipeline's outputs in --out_dir, judged by the demo judge (its features for FID / precision /
-    recall, its logits for IS and class accuracy): samples.npz (image i has label i % 10) against Shapes(500,
-    seed 2); the tokenizer (stage 2, else stage 1) on Shapes(200, seed 1): PSNR, rFID, latent maps, and the
-    linear probe of z_t at t = 0 and 0.5 (train: the 640 demo training images; val: those 200)."""
+    """The demo pipeline's outputs in --out_dir judged by the demo judge: samples.npz (image i has label i % 10) against
+    Shapes(500, seed 2); the tokenizer (stage 2, else 1) on Shapes(200, seed 1), its probe trained on Shapes(640)."""
     toks = [p for p in (os.path.join(args.out_dir, f) for f in ("tokenizer_ft.pt", "tokenizer.pt")) if os.path.isfile(p)]
     samples = os.path.join(args.out_dir, "samples.npz")
     if not toks:
@@ -329,16 +312,15 @@ def main(argv=None):
     args.out_dir = args.out_dir or ("out/demo" if args.demo else "out/eval")
     mode = next((m for m in ("demo", "linear_probe", "viz") if getattr(args, m)), "recon" if args.tokenizer else "samples")
     needs = {"linear_probe": "tokenizer data val_data", "viz": "tokenizer data", "recon": "data", "samples": "samples"}
-    kinds = {"samples": ("an .npz", "a folder"), "ref": ("an .npz", "a folder"), "tokenizer": ("a tokenizer checkpoint",),
-             "inception": ("FID Inception weights",)}
+    kinds = dict(samples=("an .npz", "a folder"), ref=("an .npz", "a folder"), tokenizer=("a tokenizer checkpoint",),
+                 inception=("FID Inception weights",))
     check_args(args, [f"{mode} mode needs --{flag}" for flag in needs.get(mode, "").split() if not getattr(args, flag)] + [
         mode == "samples" and (args.ref is None) == (args.save_stats is None) and "give one of --ref and --save_stats"] +
         [getattr(args, k) not in (None, "random") and models.file_problem(f"--{k}", getattr(args, k), *v)
          for k, v in kinds.items()])
     rank, world, device = setup(args, "evaluate")
     loader = lambda ds: data.make_loader(ds, args.batch_size, False, args.workers, world, rank)
-    if mode in ("samples", "recon"):
-        inception = load_inception(args.inception).to(device)
+    inception = load_inception(args.inception).to(device) if mode in ("samples", "recon") else None
     crop = functools.partial(data.center_crop, size=args.image_size) if args.image_size else None
     res, out = None, args.out or os.path.join(args.out_dir, "eval.json" if args.demo else f"{mode}.json")
     if mode == "demo":
@@ -363,7 +345,6 @@ def main(argv=None):
             sub = torch.utils.data.Subset(ds, spread(len(ds), args.num_images))
             res = {w: reconstruction_metrics(models.load_tokenizer(args.tokenizer, w == "ema", gamma=0.0, mask_ratio=0.0)
                                              .to(device), loader(sub), inception, device, ref) for w in args.weights}
-            res = res if rank == 0 else None
             if args.grid and rank == 0:
                 with torch.no_grad(), bf16(device):
                     save_grid(args.grid, [few, tokenizer.decode(tokenizer.encode(few))])
@@ -376,7 +357,7 @@ def main(argv=None):
                     tx[k], ty, vx[k], vy, ds.num_classes, args.probe_epochs, args.probe_lr, seed=args.seed) for k in tx}}
         elif rank == 0:
             save_maps(tokenizer, few, args.out_dir, args.seed)
-    if res:
+    if res and rank == 0:  # the other ranks' recon results are {weights: None}
         with open(out, "w") as f:
             json.dump(res, f, indent=1)
         print(json.dumps(res), "->", out)

@@ -14,7 +14,6 @@ import models
 from plumbing import EMA, check_args, parse_args, setup
 from train_tokenizer import DEMO, common_args, input_problems, train
 
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common_args(parser)
@@ -41,7 +40,6 @@ def main():
     train(args, "tokenizer_ft", model, ema, None, rank, world, device)
     if dist.is_initialized():
         dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()

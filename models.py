@@ -1,9 +1,6 @@
 """RecTok models: the tokenizer (ViT encoder, pixel decoder, semantic decoder), its frozen teachers, and DiT^DH.
-
-Names follow the paper: x (image in [-1, 1]), z (latent), t (flow time), eps (Gaussian noise),
-z_t = (1 - t) z + t eps (the forward flow, Eq. 1). Parameter names follow the authors' release so
-that RecTok.pth / RecTok_decft.pth / ditdh*.pth load with strict key checking.
-"""
+Names follow the paper: x (image in [-1, 1]), z (latent), t (flow time), eps (noise), z_t = (1 - t) z + t eps (Eq. 1).
+Parameter names follow the authors' release, so RecTok.pth / RecTok_decft.pth / ditdh*.pth load with strict keys."""
 import functools
 import logging
 import math
@@ -20,37 +17,28 @@ log = logging.getLogger("rectok")
 # width, depth, heads of the tokenizer's transformers (SPEC 2)
 SIZES = {"demo": (128, 2, 4), "tiny": (192, 3, 4), "small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}
 
-
 def n_params(module):
     return sum(p.numel() for p in module.parameters())
 
-
-# ----------------------------------------------------------------------------------------------
-# Transformer parts shared by the tokenizer and DiT^DH
+# ---- Transformer parts shared by the tokenizer and DiT^DH
 
 def compile_blocks(blocks, dynamic=None):
-    """torch.compile transformer blocks in place, one by one: blocks of one shape share one compiled graph,
-    so start-up takes a fraction of a whole-network compile, and the state-dict keys stay the same. The
-    blocks share one code object, whose variants (width x grad mode x sequence length ...) would pass
-    dynamo's default limit of 8 and fall back to eager, hence the higher limit."""
+    """torch.compile blocks one by one, in place: blocks of one shape share a graph (fast start-up, same state-dict
+    keys); their variants (width x grad mode x length ...) would pass dynamo's default limit of 8 and fall to eager."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for block in blocks:
         block.compile(dynamic=dynamic)
 
-
 def apply_rope(x, rope):
-    """Rotate adjacent channel pairs (2i, 2i+1) of x (B, heads, N, D); rope is (B or 1, N, 2D) = [cos | sin].
-    Each channel has its own angle, so a pair whose members carry different angles (the tokenizer's
-    quirk, see tokenizer_rope) is not a true rotation; with equal angles (DiT^DH) it is."""
+    """Rotate adjacent channel pairs (2i, 2i+1) of x (B, heads, N, D); rope is (B or 1, N, 2D) = [cos | sin]. Each
+    channel has its own angle: a true rotation only where a pair shares one (DiT^DH, not the tokenizer's quirk)."""
     cos, sin = rope.unsqueeze(1).chunk(2, dim=-1)
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     return x * cos + torch.stack((-x2, x1), dim=-1).flatten(-2) * sin
 
-
 def tokenizer_rope(head_dim, grid):
-    """The tokenizer's 2-D RoPE table (grid*grid, 2*head_dim), matched to the released weights (SPEC 2):
-    frequencies geometric from 7 down to 7e-4, CONCATENATED twice (not interleaved) over the row half
-    of the channels and again over the column half; coordinates are linspace(0, 1, grid)."""
+    """The tokenizer's 2-D RoPE table (grid*grid, 2*head_dim), as the released weights need (SPEC 2): frequencies 7
+    to 7e-4, CONCATENATED (not interleaved) over the row half, again over the column half; coords in [0, 1]."""
     assert head_dim % 4 == 0, f"head dim {head_dim} must be a multiple of 4 for 2-D RoPE"
     f = 7.0 * (7.0 / 7e-4) ** torch.linspace(0, -1, head_dim // 4)
     f = 2 * math.pi * torch.cat([f, f])                                 # (D/2,)
@@ -59,24 +47,19 @@ def tokenizer_rope(head_dim, grid):
     angle = torch.cat([rows[:, None] * f, cols[:, None] * f], dim=1)    # (N, D)
     return torch.cat([angle.cos(), angle.sin()], dim=1)
 
-
 class SwiGLU(nn.Module):
     def __init__(self, width, hidden):
         super().__init__()
-        self.w12 = nn.Linear(width, 2 * hidden)  # one fused input projection
-        self.w3 = nn.Linear(hidden, width)
+        self.w12, self.w3 = nn.Linear(width, 2 * hidden), nn.Linear(hidden, width)  # w12: both input projections
 
     def forward(self, x):
         x1, x2 = self.w12(x).chunk(2, dim=-1)
         return self.w3(F.silu(x1) * x2)
 
-
 class Attention(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
+        self.heads, self.qkv, self.proj = heads, nn.Linear(width, 3 * width), nn.Linear(width, width)
 
     def forward(self, x, rope):
         B, N, C = x.shape
@@ -86,10 +69,7 @@ class Attention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
-
 class Block(nn.Module):
-    """Pre-norm block: RMSNorm -> attention with RoPE -> residual; RMSNorm -> SwiGLU -> residual."""
-
     def __init__(self, width, heads):
         super().__init__()
         self.norm1, self.norm2 = nn.RMSNorm(width, eps=1e-6), nn.RMSNorm(width, eps=1e-6)
@@ -100,13 +80,10 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x), rope)
         return x + self.mlp(self.norm2(x))
 
-
-# ----------------------------------------------------------------------------------------------
-# Tokenizer (SPEC 2)
+# ---- Tokenizer (SPEC 2)
 
 class ViT(nn.Module):
     """Trunk shared by the encoder and both decoders: + learned position embedding, RMSNorm, blocks, RMSNorm."""
-
     def __init__(self, size, grid):
         super().__init__()
         width, depth, heads = SIZES[size]
@@ -124,19 +101,15 @@ class ViT(nn.Module):
         return self.ln_post(h)
 
     def unmask(self, h, ids_keep, mask_token):
-        """Put the kept tokens back at their grid positions and a learned mask token everywhere else (RAD),
-        then add the position embedding. Scattering onto the mask token keeps it in the graph even when
-        nothing is masked, so DDP needs no find_unused_parameters."""
+        """Kept tokens back at their grid positions, a learned mask token elsewhere (RAD), + position. Scattering onto
+        the mask token keeps it in the graph when nothing is masked, so DDP needs no find_unused_parameters."""
         if ids_keep is not None:
             full = mask_token.to(h.dtype).expand(h.shape[0], self.positional_embedding.shape[1], -1)
             h = full.scatter(1, ids_keep[..., None].expand(-1, -1, h.shape[-1]), h)
         return h + self.positional_embedding
 
-
 class Encoder(ViT):
-    """Patchify -> + position -> keep a random subset of tokens (RAD) -> trunk -> (mean, logvar) per token
-    (out = 2 * dim), or z itself for the plain-AE ablation (out = dim)."""
-
+    """Patchify, + position, keep the RAD subset, trunk -> (mean, logvar) per token, or z (plain-AE ablation)."""
     def __init__(self, size, grid, patch_size, out):
         super().__init__(size, grid)
         self.patch_embed = nn.Conv2d(3, self.width, patch_size, stride=patch_size)
@@ -150,11 +123,9 @@ class Encoder(ViT):
             rope = rope.expand(len(x), -1, -1).gather(1, ids_keep[..., None].expand(-1, -1, rope.shape[-1]))
         return self.latent_head(self.trunk(h, rope))
 
-
 class PixelDecoder(ViT):
     """Latent tokens -> width, mask tokens at dropped positions, trunk, 1x1 conv to 16x16x3 per token,
     depth-to-space (channel order p1, p2, c), 3x3 conv. Output in [-1, 1] scale, unclamped."""
-
     def __init__(self, size, grid, patch_size, dim):
         super().__init__(size, grid)
         self.patch_size = patch_size
@@ -165,16 +136,12 @@ class PixelDecoder(ViT):
 
     def forward(self, z, ids_keep=None):
         h = self.trunk(self.unmask(self.decoder_embed(z), ids_keep, self.mask_token), self.rope_tensor)
-        B, N, _ = h.shape
-        g, p = math.isqrt(N), self.patch_size
+        B, g, p = len(h), math.isqrt(h.shape[1]), self.patch_size
         h = self.to_pixels(h.transpose(1, 2).unflatten(2, (g, g)))  # (B, p*p*3, g, g)
-        h = h.view(B, p, p, 3, g, g).permute(0, 3, 4, 1, 5, 2).reshape(B, 3, g * p, g * p)
-        return self.conv_out(h)
-
+        return self.conv_out(h.view(B, p, p, 3, g, g).permute(0, 3, 4, 1, 5, 2).reshape(B, 3, g * p, g * p))
 
 class SemanticDecoder(ViT):
     """Predicts the teacher's patch features at every position (masked and visible) from z_t (FSD)."""
-
     def __init__(self, size, grid, dim, teacher_dim):
         super().__init__(size, grid)
         self.token_embedding = nn.Linear(dim, self.width)
@@ -185,11 +152,8 @@ class SemanticDecoder(ViT):
         return self.out(self.trunk(self.unmask(self.token_embedding(z), ids_keep, self.mask_embedding),
                                    self.rope_tensor))
 
-
 class MLPSemanticDecoder(nn.Module):
-    """Ablation (Tab. 7): a per-token MLP, which cannot see masked positions; it predicts only where
-    tokens are kept, so the semantic loss is taken over the kept tokens for this variant."""
-
+    """Ablation (Tab. 7): a per-token MLP, blind to masked positions: its semantic loss covers kept tokens only."""
     def __init__(self, dim, teacher_dim):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, teacher_dim))
@@ -197,26 +161,11 @@ class MLPSemanticDecoder(nn.Module):
     def forward(self, z, ids_keep=None):
         return self.mlp(z)
 
-
-def init_weights(module):
-    # the authors' init for encoder and pixel decoder (the semantic decoder keeps PyTorch defaults)
-    if isinstance(module, (nn.Linear, nn.Conv2d)):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        nn.init.zeros_(module.bias)
-
-
 class Tokenizer(nn.Module):
     def __init__(self, img_size=256, patch_size=16, dim=128, enc_size="base", dec_size="base",
                  sem_size="tiny", sem_type="transformer", teacher_dim=1024, mask_ratio=0.4,
                  mask_ratio_min=-0.1, gamma=1.0, noise_schedule="shift", sem_noisy=True, kl=True):
         super().__init__()
-        for name, size in (("enc_size", enc_size), ("dec_size", dec_size), ("sem_size", sem_size)):
-            if size not in SIZES:
-                raise ValueError(f"unknown {name} {size!r}; choose from {sorted(SIZES)}")
-        if noise_schedule not in ("shift", "uniform", "lognorm"):
-            raise ValueError(f"unknown noise_schedule {noise_schedule!r}; choose shift, uniform or lognorm")
-        if img_size % patch_size:
-            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         self.grid = img_size // patch_size
         self.dim, self.mask_ratio, self.mask_ratio_min = dim, mask_ratio, mask_ratio_min
         self.gamma, self.noise_schedule, self.sem_noisy, self.kl = gamma, noise_schedule, sem_noisy, kl
@@ -224,14 +173,12 @@ class Tokenizer(nn.Module):
         self.shift = math.sqrt(self.grid ** 2 * dim / 4096)
         self.encoder = Encoder(enc_size, self.grid, patch_size, 2 * dim if kl else dim)
         self.decoder = PixelDecoder(dec_size, self.grid, patch_size, dim)
-        self.apply(init_weights)
-        self.sem_decoder = None
-        if teacher_dim and sem_type == "transformer":
-            self.sem_decoder = SemanticDecoder(sem_size, self.grid, dim, teacher_dim)
-        elif teacher_dim and sem_type == "mlp":
-            self.sem_decoder = MLPSemanticDecoder(dim, teacher_dim)
-        elif teacher_dim:
-            raise ValueError(f"unknown sem_type {sem_type!r}; choose transformer or mlp")
+        for m in self.modules():  # authors' init for encoder and pixel decoder; the semantic decoder keeps PyTorch's
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.sem_decoder = None if not teacher_dim else SemanticDecoder(sem_size, self.grid, dim, teacher_dim) \
+            if sem_type == "transformer" else MLPSemanticDecoder(dim, teacher_dim)
         log.info(f"tokenizer: encoder+pixel decoder {n_params(self.encoder) + n_params(self.decoder):,} params, "
                  f"semantic decoder {n_params(self.sem_decoder) if self.sem_decoder else 0:,} params, dim {dim}")
 
@@ -242,8 +189,7 @@ class Tokenizer(nn.Module):
             return None
         ratio = max(0.0, torch.empty(()).uniform_(self.mask_ratio_min, self.mask_ratio).item())
         N = self.grid ** 2
-        n_keep = math.ceil(N * (1 - ratio))
-        return torch.rand(B, N, device=device).argsort(dim=1)[:, :n_keep]
+        return torch.rand(B, N, device=device).argsort(dim=1)[:, :math.ceil(N * (1 - ratio))]
 
     def sample_t(self, B, device):
         """Flow time per sample (SPEC 2): shift (default), uniform or lognorm."""
@@ -272,9 +218,8 @@ class Tokenizer(nn.Module):
         return self.decoder(z.flatten(2).transpose(1, 2))
 
     def forward(self, x):
-        """Training forward (Sec. 3): mask (RAD) -> encode -> posterior sample z -> z_t along the forward
-        flow (FSD) -> both decoders read z_t. Returns x_hat, the KL (summed over tokens and channels,
-        averaged over the batch), the predicted teacher features (or None) and ids_keep (or None)."""
+        """Training (Sec. 3): mask (RAD) -> encode -> sample z -> z_t on the forward flow (FSD) -> both decoders.
+        Returns x_hat, the KL (summed over tokens and channels, batch mean), teacher-feature prediction, ids_keep."""
         ids_keep = self.random_keep(len(x), x.device)
         mean, logvar = self.posterior(x, ids_keep)
         z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
@@ -284,29 +229,21 @@ class Tokenizer(nn.Module):
             z_t = (1 - t) * z + t * self.gamma * torch.randn_like(z)
         x_hat = self.decoder(z_t, ids_keep)
         kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2)).mean() if self.kl else mean.new_zeros(())
-        pred = None
-        if self.sem_decoder is not None:  # --no_fsd aligns the clean latent instead (Tab. 4)
-            pred = self.sem_decoder(z_t if self.sem_noisy else z, ids_keep)
+        # --no_fsd aligns the clean latent instead (Tab. 4)
+        pred = self.sem_decoder(z_t if self.sem_noisy else z, ids_keep) if self.sem_decoder is not None else None
         return x_hat, kl, pred, ids_keep
-
-
 
 # names in the authors' release that differ from ours; their checkpoints may also carry the teacher
 _RELEASE_RENAMES = {"encoder.patch_embed.0.": "encoder.patch_embed.", "decoder.ffn.1.": "decoder.to_pixels."}
 
-
-def _release_to_ours(sd):
+def _release_to_ours(sd):  # also sem_decoders.<teacher>.* -> sem_decoder.*
     out = {}
     for k, v in sd.items():
-        if k.startswith("sem_foundation_models."):
-            continue
-        for old, new in _RELEASE_RENAMES.items():
-            k = k.replace(old, new)
-        if k.startswith("sem_decoders."):  # sem_decoders.<teacher>.* -> sem_decoder.*
-            k = "sem_decoder." + k.split(".", 2)[2]
-        out[k] = v
+        if not k.startswith("sem_foundation_models."):
+            for old, new in _RELEASE_RENAMES.items():
+                k = k.replace(old, new)
+            out["sem_decoder." + k.split(".", 2)[2] if k.startswith("sem_decoders.") else k] = v
     return out
-
 
 def _size_of(sd, prefix):
     width = sd[prefix + "positional_embedding"].shape[-1]
@@ -316,19 +253,19 @@ def _size_of(sd, prefix):
             return name
     raise ValueError(f"no tokenizer size has width {width} and depth {depth} ({prefix})")
 
-
 def load_state(model, sd, path):
     """load_state_dict(strict) with a one-line error naming the offending keys and the file."""
+    if isinstance(model, torch.optim.Optimizer):  # shaped by the model's parameters, loaded (and checked) before it
+        return model.load_state_dict(sd)
     if not isinstance(sd, dict):
         raise SystemExit(f"{path}: not a state dict")
     ours = model.state_dict()
     missing, unexpected = sorted(ours.keys() - sd.keys()), sorted(sd.keys() - ours.keys())
     shape = sorted(k for k in ours.keys() & sd.keys() if ours[k].shape != sd[k].shape)
     if missing or unexpected or shape:
-        raise SystemExit(f"{path}: does not match the model: missing keys {' '.join(missing[:5]) or '-'}; "
-                         f"unexpected keys {' '.join(unexpected[:5]) or '-'}; wrong shapes {' '.join(shape[:5]) or '-'}")
+        raise SystemExit(f"{path}: does not match the model: missing keys {' '.join(missing[:5]) or '-'}; unexpected "
+                         f"keys {' '.join(unexpected[:5]) or '-'}; wrong shapes {' '.join(shape[:5]) or '-'}")
     model.load_state_dict(sd)
-
 
 def read_checkpoint(path, mmap=False):
     try:
@@ -339,12 +276,10 @@ def read_checkpoint(path, mmap=False):
         raise SystemExit(f"{path} is corrupt or truncated ({str(e).splitlines()[0]}): delete it to start its stage "
                          "again, or point at the previous milestone (an earlier copy of it)")
 
-
 # what a file given to a flag holds, told by a key that only that kind has (in the checkpoint's model state dict)
 KINDS = {"a tokenizer checkpoint": "encoder.latent_head.weight", "a DiT^DH checkpoint": "s_embedder.proj.weight",
          "DINOv2/v3 weights": "cls_token", "FID Inception weights": "Conv2d_1a_3x3.conv.weight",
          "latent statistics": "std"}
-
 
 def file_kinds(path):
     """What `path` is, as a list of KINDS (a DiT^DH checkpoint also holds latent statistics), or in words."""
@@ -363,24 +298,20 @@ def file_kinds(path):
     found = [kind for kind, key in KINDS.items() if key in sd or key in (ckpt.get("latent_stats") or {})]
     return found or [f"a file of {', '.join(list(sd)[:3]) or 'no named entries'}, ..."]
 
-
 def file_problem(flag, path, *wanted):
     """None if `path`, given to `flag`, is one of the `wanted` kinds, else one line: what it should be, what it is."""
     kinds = file_kinds(path)
-    return None if set(kinds) & set(wanted) else f"{flag} {path}: should be {' or '.join(wanted)}; it is {' + '.join(kinds)}"
-
+    if not set(kinds) & set(wanted):
+        return f"{flag} {path}: should be {' or '.join(wanted)}; it is {' + '.join(kinds)}"
 
 def load_tokenizer(path, ema=True, **overrides):
-    """A Tokenizer from our checkpoints or the authors' release (dict with `model` and `model_ema`).
-    Sizes, dim and the semantic decoder are inferred from the tensors; training hyper-parameters come
-    from our checkpoint's args when present, and `overrides` (e.g. gamma=0) win over both."""
+    """A Tokenizer from our checkpoints or the authors' release (`model` / `model_ema`), sized from the tensors;
+    training hyper-parameters come from our checkpoint's args, and `overrides` (e.g. gamma=0) win over both."""
     ckpt = read_checkpoint(path)
     key = "model_ema" if ema and "model_ema" in ckpt else "model"
-    if key not in ckpt:
-        raise SystemExit(f"{path}: not a tokenizer checkpoint (no 'model' entry)")
+    if "encoder.latent_head.weight" not in ckpt.get(key, {}):
+        raise SystemExit(f"{path}: not a tokenizer checkpoint (no {key}.encoder.latent_head.weight)")
     sd = _release_to_ours(ckpt[key])
-    if "encoder.latent_head.weight" not in sd:
-        raise SystemExit(f"{path}: not a tokenizer checkpoint (no encoder.latent_head.weight)")
     patch, args = sd["encoder.patch_embed.weight"].shape[-1], ckpt.get("args", {})
     kl = not args.get("no_kl", False)
     kw = dict(img_size=math.isqrt(sd["encoder.positional_embedding"].shape[1]) * patch, patch_size=patch, kl=kl,
@@ -391,43 +322,34 @@ def load_tokenizer(path, ema=True, **overrides):
                   teacher_dim=sd["sem_decoder.out.weight"].shape[0])
     elif "sem_decoder.mlp.2.weight" in sd:
         kw.update(sem_type="mlp", teacher_dim=sd["sem_decoder.mlp.2.weight"].shape[0])
-    for name in ("mask_ratio", "mask_ratio_min", "gamma", "noise_schedule"):
-        if name in args:
-            kw[name] = args[name]
+    kw.update({k: args[k] for k in ("mask_ratio", "mask_ratio_min", "gamma", "noise_schedule") if k in args})
     kw.update(overrides)
     model = Tokenizer(**kw)
     load_state(model, sd, path)
     log.info(f"loaded tokenizer {path} ({key}): dim {kw['dim']}, {kw['enc_size']}/{kw['dec_size']}, {kw['img_size']}px")
     return model
 
-
-# ----------------------------------------------------------------------------------------------
-# Frozen teachers (SPEC 2): Meta's DINOv2 ViT-L/14 and DINOv3 ViT-L/16, written with Meta's key
-# names so the release .pth files load with strict key checking.
+# ---- Frozen teachers (SPEC 2): Meta's DINOv2 ViT-L/14 and DINOv3 ViT-L/16, with Meta's key names (strict loading)
 
 TEACHER_SIZES = {"tiny": (64, 2, 2), "large": (1024, 24, 16)}  # width, depth, heads; tiny = tests only
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
 
 def rotate_half(x):  # DINOv3 RoPE pairs channel i with channel i + D/2
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
 
-
 class DinoBlock(nn.Module):
     """Pre-norm ViT block with LayerScale; DINOv3 adds RoPE on patch tokens and a masked k bias."""
-
     def __init__(self, width, heads, eps, mask_k_bias):
         super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(width, eps=eps), nn.LayerNorm(width, eps=eps)
-        self.attn = nn.Module()  # bare holders keep Meta's key names (attn.qkv, ls1.gamma, mlp.fc1, ...)
-        self.attn.qkv, self.attn.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.heads, self.norm1, self.norm2 = heads, nn.LayerNorm(width, eps=eps), nn.LayerNorm(width, eps=eps)
+        # containers named as in Meta's release files (attn.qkv, mlp.fc1, ls1.gamma, ...)
+        self.attn = nn.ModuleDict(dict(qkv=nn.Linear(width, 3 * width), proj=nn.Linear(width, width)))
         if mask_k_bias:  # DINOv3: bias_mask (1 for q, 0 for k, 1 for v) is stored in the release file
             mask = torch.ones(3, width).index_fill_(0, torch.tensor([1]), 0)
             self.attn.qkv.register_buffer("bias_mask", mask.flatten())
-        self.mlp = nn.Sequential()
-        self.mlp.fc1, self.mlp.act, self.mlp.fc2 = nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
+        hidden = 4 * width
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(width, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, width)))
         self.ls1, self.ls2 = nn.Module(), nn.Module()
         self.ls1.gamma, self.ls2.gamma = nn.Parameter(torch.ones(width)), nn.Parameter(torch.ones(width))
 
@@ -448,26 +370,18 @@ class DinoBlock(nn.Module):
         x = x + self.ls1.gamma * self.attention(self.norm1(x), rope)
         return x + self.ls2.gamma * self.mlp(self.norm2(x))
 
-
 class DinoTeacher(nn.Module):
     """x in [-1, 1] (B, 3, H, W) -> final-norm patch tokens (B, grid * grid, dim); CLS/storage dropped."""
-
     def __init__(self, name, size="large", grid=16, release_input=True, rope_rescale=1.0):
         super().__init__()
-        if name not in ("dinov2_vitl14", "dinov3_vitl16"):
-            raise ValueError(f"unknown teacher {name!r}; expected dinov2_vitl14 or dinov3_vitl16")
-        if size not in TEACHER_SIZES:
-            raise ValueError(f"unknown teacher size {size!r}; expected one of {sorted(TEACHER_SIZES)}")
         width, depth, heads = TEACHER_SIZES[size]
         self.v3, self.dim, self.heads = name == "dinov3_vitl16", width, heads
-        self.patch, self.grid = (16 if self.v3 else 14), grid
-        self.release_input, self.rope_rescale = release_input, rope_rescale
-        self.n_storage = 4 if self.v3 else 0
+        self.patch, self.n_storage = (16, 4) if self.v3 else (14, 0)
+        self.grid, self.release_input, self.rope_rescale = grid, release_input, rope_rescale
         eps = 1e-5 if self.v3 else 1e-6  # DINOv3 ViT-L uses norm_layer "layernormbf16" (eps 1e-5)
         self.cls_token = nn.Parameter(torch.randn(1, 1, width) * 0.02)
         self.mask_token = nn.Parameter(torch.zeros(1, width))  # in the release files; unused at inference
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(3, width, self.patch, self.patch)
+        self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv2d(3, width, self.patch, self.patch)))
         if self.v3:
             self.storage_tokens = nn.Parameter(torch.randn(1, self.n_storage, width) * 0.02)
             self.rope_embed = nn.Module()  # RoPE periods base 100: 100 ** (2k / (D/2)), k < D/4
@@ -496,9 +410,8 @@ class DinoTeacher(nn.Module):
         return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)], 1)
 
     def rope(self, gh, gw):
-        """DINOv3 RoPE sin/cos (gh*gw, head_dim): patch-centre coords in [-1, 1] per axis ("separate").
-        rope_rescale r > 1 multiplies the coords by one log-uniform draw from [1/r, r] per call, for the whole
-        batch: what Hugging Face's DINOv3 does in train mode, where the release's training loop puts it."""
+        """DINOv3 RoPE sin/cos (gh*gw, head_dim), patch-centre coords in [-1, 1] per axis. rope_rescale r > 1 scales
+        them by one log-uniform draw from [1/r, r] per batch: HF's DINOv3 in train mode, as the release runs it."""
         dev = self.rope_embed.periods.device
         ch, cw = (torch.arange(0.5, gh, device=dev) / gh, torch.arange(0.5, gw, device=dev) / gw)
         coords = 2 * torch.stack(torch.meshgrid(ch, cw, indexing="ij"), -1).flatten(0, 1) - 1  # (HW, 2)
@@ -509,11 +422,9 @@ class DinoTeacher(nn.Module):
         return angles.sin(), angles.cos()
 
     def preprocess(self, x):
-        """x in [-1, 1] -> normalised input at grid * patch px (DINOv2: 224 for a 16 x 16 grid; DINOv3: 256).
-        Meta's inference path normalises and resizes (bilinear). The release's path (release_input) first
-        goes, for DINOv3, through uint8 (truncated, as .to(torch.uint8) does) and Hugging Face's processor
-        (bilinear, antialiased, to 224), then back up; for DINOv2, through timm's transform (bicubic,
-        antialiased, to 518), then down (bilinear)."""
+        """x in [-1, 1] -> normalised input at grid * patch px, resized bilinearly (Meta's inference path). The
+        release's path first goes, for DINOv3, through uint8 (truncated) and Hugging Face's processor (bilinear,
+        antialiased, to 224); for DINOv2, through timm's transform (bicubic, antialiased, to 518)."""
         x = (x.float() + 1) / 2
         if self.release_input and self.v3:
             x = F.interpolate((x * 255).to(torch.uint8) * (1 / 255), size=(224, 224), mode="bilinear", antialias=True)
@@ -538,27 +449,23 @@ class DinoTeacher(nn.Module):
             x = blk(x, rope)
         return self.norm(x[:, 1 + self.n_storage:])  # LayerNorm is per token: norm after slicing is the same
 
-
 def load_teacher(name, path=None, size="large", grid=16, release_input=True, rope_rescale=1.0):
-    """Frozen, eval-mode teacher whose patch grid matches the tokenizer's `grid`. path=None gives random
-    weights (tests and demos only, logged loudly); otherwise Meta's release .pth, keys checked strictly."""
+    """Frozen teacher on the tokenizer's `grid`: Meta's release .pth (strict keys), or random weights for path=None."""
     model = DinoTeacher(name, size, grid, release_input, rope_rescale)
     if path is None:
-        log.warning(f"!!! teacher {name} ({size}) has RANDOM weights: its features are meaningless (tests/demos only) !!!")
+        log.warning(f"!!! teacher {name} ({size}) has RANDOM weights: its features are meaningless "
+                    "(tests/demos only) !!!")
     else:
         load_state(model, read_checkpoint(path), path)
     return model.requires_grad_(False).eval()
-
 
 def download_error(what, e):
     return SystemExit(f"could not load pretrained {what} ({str(e).splitlines()[0]}); offline, place the file in "
                       f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}, or run --demo (random weights)")
 
-
 DINOV3_GATED = ("--teacher_ckpt: DINOv3 weights are gated; request dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth at "
                 "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/ and pass its path")
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth"
-
 
 def teacher_file(name, path):
     """Meta's release file: --teacher_ckpt, else DINOv2 downloaded once into the torch hub cache."""
@@ -575,14 +482,10 @@ def teacher_file(name, path):
             raise download_error(f"DINOv2 ({DINOV2_URL})", e)
     return path
 
-
-# ----------------------------------------------------------------------------------------------
-# Networks of the tokenizer's losses (SPEC 3): perceptual (LPIPS-VGG, ConvNeXt-S) and PatchGAN
+# ---- Networks of the tokenizer's losses (SPEC 3): perceptual (LPIPS-VGG, ConvNeXt-S) and PatchGAN
 
 class Perceptual(nn.Module):
-    """LPIPS-VGG; with convnext_weight > 0 the released code's mix (w_l LPIPS + w_c ConvNeXt-S logit MSE at
-    224) / (w_l + w_c), w_l = 1. Inputs in [-1, 1]."""
-
+    """LPIPS-VGG; convnext_weight w > 0 gives the release's (LPIPS + w * ConvNeXt-S logit MSE at 224) / (1 + w)."""
     def __init__(self, convnext_weight, random_weights):
         super().__init__()
         import lpips
@@ -596,8 +499,8 @@ class Perceptual(nn.Module):
         except Exception as e:
             raise download_error("VGG-16 (vgg16-397923af.pth) / ConvNeXt-S (convnext_small-0c510722.pth)", e)
         self.convnext_weight = convnext_weight
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         self.eval().requires_grad_(False)
         if random_weights:
             log.warning("!!! LPIPS / ConvNeXt backbones have RANDOM weights (--random_frozen_nets): demo/test only !!!")
@@ -609,13 +512,10 @@ class Perceptual(nn.Module):
         loss = self.lpips(x_hat, x).mean()
         if self.convnext is None:
             return loss
-
-        def logits(img):
-            img = F.interpolate((img + 1) / 2, size=224, mode="bilinear", antialias=True)
-            return self.convnext((img - self.mean) / self.std)
-        conv = F.mse_loss(logits(x_hat), logits(x))
+        x, x_hat = ((F.interpolate((img + 1) / 2, size=224, mode="bilinear", antialias=True) - self.mean) / self.std
+                    for img in (x, x_hat))  # ConvNeXt-S input: 224 px, ImageNet-normalised
+        conv = F.mse_loss(self.convnext(x_hat), self.convnext(x))
         return (loss + self.convnext_weight * conv) / (1 + self.convnext_weight)
-
 
 def patchgan(ndf=64, n_layers=3):
     """PatchGAN discriminator (3 layers, ndf 64, BatchNorm), as in taming-transformers."""
@@ -627,21 +527,11 @@ def patchgan(ndf=64, n_layers=3):
         ch = out
     return nn.Sequential(*layers, nn.Conv2d(ch, 1, 4, 1, 1))
 
-
-# ----------------------------------------------------------------------------------------------
-# DiT^DH: a LightningDiT encoder plus a wide, shallow head (SPEC 4). Module and parameter names
-# follow the authors' release so `ditdhxl_epoch_0599.pth` / `ditdhs_epoch_0029.pth` load strictly.
+# ---- DiT^DH (SPEC 4): a LightningDiT encoder plus a wide, shallow head, named as in the release's ditdh*_epoch_*.pth
 
 # name: (width, depth, heads, head width, head depth, head heads); "tiny" is for tests, "demo" for the CPU demo
-DIT_SIZES = {
-    "tiny": (32, 2, 2, 48, 2, 2),
-    "demo": (96, 3, 4, 128, 2, 4),
-    "S": (384, 12, 6, 2048, 2, 16),
-    "B": (768, 12, 12, 2048, 2, 16),
-    "L": (1024, 24, 16, 2048, 2, 16),
-    "XL": (1152, 28, 16, 2048, 2, 16),
-}
-
+DIT_SIZES = {"tiny": (32, 2, 2, 48, 2, 2), "demo": (96, 3, 4, 128, 2, 4), "S": (384, 12, 6, 2048, 2, 16),
+             "B": (768, 12, 12, 2048, 2, 16), "L": (1024, 24, 16, 2048, 2, 16), "XL": (1152, 28, 16, 2048, 2, 16)}
 
 def sincos_pos_embed(width, grid):
     """Fixed 2-D sin-cos embedding (grid*grid, width): first half encodes the column, second the row."""
@@ -650,17 +540,14 @@ def sincos_pos_embed(width, grid):
     col, row = pos.repeat(grid)[:, None] * omega, pos.repeat_interleave(grid)[:, None] * omega  # row-major tokens
     return torch.cat([col.sin(), col.cos(), row.sin(), row.cos()], 1).float()
 
-
 def dit_rope(head_dim, grid):
-    """DiT^DH's EVA-style 2-D RoPE table (1, grid*grid, 2*head_dim) = [cos | sin] (SPEC 4): row half then
-    column half of the channels, frequencies 1/10000^(2j/(D/2)) each shared by an adjacent channel pair
-    (so apply_rope is a true rotation), integer positions."""
+    """DiT^DH's EVA-style 2-D RoPE table (1, grid*grid, 2*head_dim) = [cos | sin] (SPEC 4): row half, then column half;
+    each frequency 1/10000^(2j/(D/2)) is shared by an adjacent channel pair (a true rotation); integer positions."""
     half = head_dim // 2
     freqs = 1.0 / 10000 ** (torch.arange(0, half, 2)[: half // 2].float() / half)
     ang = (torch.arange(grid).float()[:, None] * freqs).repeat_interleave(2, -1)  # (grid, half)
     ang = torch.cat([ang[:, None].expand(grid, grid, half), ang[None, :].expand(grid, grid, half)], -1)
     return torch.cat([ang.cos(), ang.sin()], -1).reshape(1, grid * grid, 2 * head_dim)
-
 
 class RMSNorm(nn.Module):
     def __init__(self, width, eps=1e-6):
@@ -671,11 +558,8 @@ class RMSNorm(nn.Module):
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
-
 class LightningBlock(nn.Module):
-    """RMSNorm + adaLN-Zero (shift, scale, gate for attention and MLP), RoPE attention, SwiGLU.
-    c is (B, 1, width) for the encoder or (B, L, width) per token for the head."""
-
+    """adaLN-Zero block (RMSNorm, RoPE attention, SwiGLU); c: (B, 1, width) in the encoder, per token in the head."""
     def __init__(self, width, heads):
         super().__init__()
         self.norm1, self.norm2 = RMSNorm(width), RMSNorm(width)
@@ -689,22 +573,17 @@ class LightningBlock(nn.Module):
         x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1, rope)
         return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
 
-
 class FinalLayer(nn.Module):
     def __init__(self, width, out):
         super().__init__()
-        self.norm_final = RMSNorm(width)
-        self.linear = nn.Linear(width, out)
+        self.norm_final, self.linear = RMSNorm(width), nn.Linear(width, out)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, -1)
         return self.linear(self.norm_final(x) * (1 + scale) + shift)
 
-
-class FourierTimeEmbed(nn.Module):
-    """Gaussian Fourier features of t (256 fixed frequencies W ~ N(0,1)) -> MLP."""
-
+class FourierTimeEmbed(nn.Module):  # Gaussian Fourier features of t (256 fixed frequencies W ~ N(0, 1)) -> MLP
     def __init__(self, width, n_freqs=256):
         super().__init__()
         self.W = nn.Parameter(torch.randn(n_freqs), requires_grad=False)
@@ -714,11 +593,8 @@ class FourierTimeEmbed(nn.Module):
         angle = t[:, None] * self.W[None] * 2 * math.pi
         return self.mlp(torch.cat([angle.sin(), angle.cos()], -1))
 
-
 class DiTDH(nn.Module):
-    """forward(x, t, y) -> v with the release convention: t=0 noise, t=1 data, v = data - noise.
-    x: (B, dim, grid, grid); y == num_classes is the null label."""
-
+    """x (B, dim, grid, grid), t, y -> v, as released: t=0 noise, t=1 data, v = data - noise; y = num_classes: null."""
     def __init__(self, size="XL", dim=128, grid=16, num_classes=1000, label_drop=0.1):
         super().__init__()
         width, self.depth, heads, head_width, head_depth, head_heads = DIT_SIZES[size]
@@ -741,10 +617,9 @@ class DiTDH(nn.Module):
         for emb in (self.s_embedder.proj, self.x_embedder.proj):
             nn.init.xavier_uniform_(emb.weight.view(emb.weight.shape[0], -1))
             nn.init.zeros_(emb.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
+        for w in (self.y_embedder.embedding_table.weight, self.t_embedder.mlp[0].weight, self.t_embedder.mlp[2].weight):
+            nn.init.normal_(w, std=0.02)
+        for layer in [b.adaLN_modulation[-1] for b in (*self.blocks, self.final_layer)] + [self.final_layer.linear]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -763,7 +638,6 @@ class DiTDH(nn.Module):
             h = block(h, s, self.dec_rope)
         return self.final_layer(h, s).transpose(1, 2).reshape(B, -1, H, W)
 
-
 def flow_loss(dit, x, y):
     """Rectified-flow velocity MSE (SPEC 4): x_t = t*x + (1-t)*eps, target x - eps, with the released
     shifted t = 1 - s*u/(1+(s-1)*u), s = sqrt(H*W*dim/4096) (applied only when s > 1, as released)."""
@@ -774,11 +648,9 @@ def flow_loss(dit, x, y):
     tb = t.view(-1, 1, 1, 1)
     return F.mse_loss(dit(tb * x + (1 - tb) * eps, t, y), x - eps)
 
-
 def load_dit(path, ema=True):
-    """DiT^DH from our checkpoints or the authors' release (`model` / `model_ema`); size, dim, grid and the
-    number of classes are read off the tensors. Returns (model in eval mode, the checkpoint's other entries,
-    e.g. latent_stats and args)."""
+    """DiT^DH from our checkpoints or the authors' release (`model` / `model_ema`), sized from the tensors.
+    Returns (model in eval mode, the checkpoint's other entries, e.g. latent_stats and args)."""
     ckpt = read_checkpoint(path)
     key = "model_ema" if ema and "model_ema" in ckpt else "model"
     if "s_embedder.proj.weight" not in ckpt.get(key, {}):
@@ -796,10 +668,7 @@ def load_dit(path, ema=True):
     log.info(f"loaded DiT^DH-{size} {path} ({key}): dim {model.dim}, {model.num_classes} classes")
     return model.eval(), {k: v for k, v in ckpt.items() if k not in ("model", "model_ema", "opt")}
 
-
-# ----------------------------------------------------------------------------------------------
-# FID Inception-v3 (SPEC 6): the 2015-12-05 TF graph; module names are those of pytorch-fid's weight file,
-# loaded by evaluate.load_inception.
+# ---- FID Inception-v3 (SPEC 6): the 2015-12-05 TF graph, named as in pytorch-fid's weights (evaluate.load_inception)
 
 def tf1_resize(x, size):
     """TF1 bilinear resize of float (N, C, H, W) to size x size: src = dst * in / out (align_corners=False, NO
@@ -825,12 +694,12 @@ class InceptionA(nn.Module):  # 35 x 35
     def __init__(self, cin, pool_features):
         super().__init__()
         self.branch1x1, self.branch_pool = conv(cin, 64, 1), conv(cin, pool_features, 1)
-        self.branch5x5_1, self.branch5x5_2 = conv(cin, 48, 1), conv(48, 64, 5)
-        self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3 = conv(cin, 64, 1), conv(64, 96, 3), conv(96, 96, 3)
+        self.branch5x5_1, self.branch5x5_2, self.branch3x3dbl_1 = conv(cin, 48, 1), conv(48, 64, 5), conv(cin, 64, 1)
+        self.branch3x3dbl_2, self.branch3x3dbl_3 = conv(64, 96, 3), conv(96, 96, 3)
 
     def forward(self, x):
-        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)), b3, self.branch_pool(avg_pool(x))], 1)
+        b5, b3 = self.branch5x5_2(self.branch5x5_1(x)), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(avg_pool(x))], 1)
 
 class InceptionB(nn.Module):  # 35 -> 17
     def __init__(self, cin):
@@ -853,8 +722,8 @@ class InceptionC(nn.Module):  # 17 x 17, factorised 7 x 7
 
     def forward(self, x):
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        b7dbl = self.branch7x7dbl_5(self.branch7x7dbl_4(self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))))
-        return torch.cat([self.branch1x1(x), b7, b7dbl, self.branch_pool(avg_pool(x))], 1)
+        b77 = self.branch7x7dbl_5(self.branch7x7dbl_4(self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))))
+        return torch.cat([self.branch1x1(x), b7, b77, self.branch_pool(avg_pool(x))], 1)
 
 class InceptionD(nn.Module):  # 17 -> 8
     def __init__(self, cin):
@@ -870,8 +739,8 @@ class InceptionD(nn.Module):  # 17 -> 8
 class InceptionE(nn.Module):  # 8 x 8; the TF graph's last block (Mixed_7c) max-pools where Mixed_7b average-pools
     def __init__(self, cin, pool):
         super().__init__()
-        self.pool, self.branch1x1, self.branch_pool = pool, conv(cin, 320, 1), conv(cin, 192, 1)
-        self.branch3x3_1, self.branch3x3dbl_1, self.branch3x3dbl_2 = conv(cin, 384, 1), conv(cin, 448, 1), conv(448, 384, 3)
+        self.branch1x1, self.branch_pool, self.branch3x3_1 = conv(cin, 320, 1), conv(cin, 192, 1), conv(cin, 384, 1)
+        self.branch3x3dbl_1, self.branch3x3dbl_2, self.pool = conv(cin, 448, 1), conv(448, 384, 3), pool
         self.branch3x3_2a, self.branch3x3_2b = conv(384, 384, (1, 3)), conv(384, 384, (3, 1))
         self.branch3x3dbl_3a, self.branch3x3dbl_3b = conv(384, 384, (1, 3)), conv(384, 384, (3, 1))
 
@@ -888,7 +757,7 @@ class InceptionV3(nn.Module):
         self.Conv2d_4a_3x3 = conv(80, 192, 3, padding=0)
         self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
         self.Mixed_6a, self.Mixed_7a = InceptionB(288), InceptionD(768)
-        self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e = (InceptionC(768, c7) for c7 in (128, 160, 160, 192))
+        self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e = (InceptionC(768, c) for c in (128, 160, 160, 192))
         self.Mixed_7b, self.Mixed_7c = InceptionE(1280, avg_pool), InceptionE(2048, max_pool)
         self.fc = nn.Linear(2048, 1008)
 
@@ -908,16 +777,12 @@ class InceptionV3(nn.Module):
             pool = x.mean((2, 3))
         return pool, (pool.double() @ self.fc.weight.double().T).float()  # an fp64 matmul cannot fall to TF32
 
-
-# ----------------------------------------------------------------------------------------------
-# The demo judge: a small CNN trained in seconds on the demo images' labels (evaluate.demo_judge), standing in
+# ---- The demo judge: a small CNN trained in seconds on the demo images' labels (evaluate.demo_judge), standing in
 # for the pretrained networks at demo scale, where random weights would make FSD and every metric meaningless.
 
 class DemoJudge(nn.Module):
-    """Float images in [-1, 1] -> patch features (B, grid * grid, dim) on the tokenizer's token grid: the
-    teachers' interface (FSD distils them). uint8 images -> (pooled features (B, dim), class logits): the FID
-    Inception's interface (demo FID, precision / recall, IS, class accuracy)."""
-
+    """Float images in [-1, 1] -> patch features (B, grid * grid, dim), the teachers' interface (FSD); uint8 images ->
+    (pooled features (B, dim), class logits), the FID Inception's (demo FID, precision / recall, IS, accuracy)."""
     def __init__(self, grid, num_classes=10, dim=64):
         super().__init__()
         self.grid, self.dim = grid, dim

@@ -19,7 +19,6 @@ from PIL import Image
 log = logging.getLogger("rectok")
 wandb = None  # the wandb module, imported by setup() on rank 0 when --wandb is given
 
-
 # ---- Processes
 def parse_args(parser, demo_defaults):
     """--demo swaps in small defaults and the folder out/demo; any flag given explicitly still wins. Outside
@@ -27,7 +26,6 @@ def parse_args(parser, demo_defaults):
     if "--demo" in sys.argv[1:]:
         parser.set_defaults(**demo_defaults, out_dir="out/demo")
     return parser.parse_args()
-
 
 INF = float("inf")
 RANGES = {  # closed intervals of the numeric flags; check_args applies the ones a script has
@@ -38,7 +36,6 @@ RANGES = {  # closed intervals of the numeric flags; check_args applies the ones
                     "sem_weight save_every".split(), (0, INF)),
     "warmup_rate": (0, 1), "ema": (0, 1), "mask_ratio": (0, 1), "mask_ratio_min": (-1, 1), "cfg": (1, INF),
     "steps": (2, INF), "sample_steps": (2, INF)}
-
 
 def check_args(args, problems=(), ranges=RANGES):
     """Every out-of-range numeric flag, missing folder and given problem (None: no problem) in one line, before
@@ -52,10 +49,8 @@ def check_args(args, problems=(), ranges=RANGES):
     if bad:
         raise SystemExit("; ".join(bad))
 
-
 def rank_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
 
 def setup(args, stage):
     """torchrun -> DDP (NCCL on GPU, gloo on CPU); a plain `python` run is one process. Logs to the console and
@@ -75,27 +70,19 @@ def setup(args, stage):
                         format=f"%(asctime)s [{stage}] %(message)s", datefmt="%H:%M:%S", force=True)
     torch.manual_seed(args.seed)  # the same on every rank: identical initial (and random frozen) weights
     log.info(f"{world} process(es) on {device.type}; args: {json.dumps(vars(args))}")
-    if getattr(args, "wandb", None) and rank == 0:
-        start_wandb(args, stage)
+    if getattr(args, "wandb", None) and rank == 0:  # mirror metrics.jsonl and the grids to the authors' logger
+        global wandb
+        try:  # imported only here: the package is needed only when the flag is given
+            import wandb
+        except ImportError:
+            raise SystemExit("--wandb: the wandb package is not installed (pip install wandb), or drop the flag")
+        wandb.init(project=args.wandb, name=f"{os.path.basename(os.path.abspath(args.out_dir))}-{stage}",
+                   group=os.path.abspath(args.out_dir), job_type=stage, config=vars(args), dir=args.out_dir)
     return rank, world, device
-
-
-def start_wandb(args, stage):
-    """--wandb PROJECT: mirror metrics.jsonl's records and the image grids to Weights & Biases (the authors'
-    logger). Imported only here, so the package is needed only when the flag is given."""
-    global wandb
-    try:
-        import wandb
-    except ImportError:
-        raise SystemExit("--wandb: the wandb package is not installed (pip install wandb), or drop the flag")
-    wandb.init(project=args.wandb, name=f"{os.path.basename(os.path.abspath(args.out_dir))}-{stage}",
-                           group=os.path.abspath(args.out_dir), job_type=stage, config=vars(args), dir=args.out_dir)
-
 
 def barrier():
     if dist.is_initialized():
         dist.barrier()
-
 
 def gather_rows(x, n, strided=False):
     """Every rank's equal-size block of rows, in rank order, cut to the first n. strided: the blocks of a
@@ -106,14 +93,12 @@ def gather_rows(x, n, strided=False):
     dist.all_gather(parts, x.contiguous())
     return (torch.stack(parts, 1).flatten(0, 1) if strided else torch.cat(parts))[:n]
 
-
 def reduce_for_log(tensors, world):
     """The only host sync of a step, on log steps only: average over ranks, then .tolist()."""
     stats = torch.stack([t.float() for t in tensors])
     if world > 1:
         dist.all_reduce(stats, op=dist.ReduceOp.AVG)
     return stats.tolist()
-
 
 def check_ranks_agree(*modules):
     """Cheap DDP sanity check at every checkpoint: all ranks must hold the same weights (model and EMA)."""
@@ -126,7 +111,6 @@ def check_ranks_agree(*modules):
         raise RuntimeError(f"DDP ranks diverged: parameter checksums {sums}")
     log.info(f"weights identical on {len(sums)} ranks (checksum {sums[0]:.6f})")
 
-
 # ---- Training
 def grad_accum_steps(args, world):
     if args.global_batch % (args.batch_size * world):
@@ -134,28 +118,23 @@ def grad_accum_steps(args, world):
                          f"= {args.batch_size} x {world}")
     return args.global_batch // (args.batch_size * world)
 
-
 def ddp(module, device, world):
     return nn.parallel.DistributedDataParallel(module, [device] if device.type == "cuda" else None,
                                                gradient_as_bucket_view=True) if world > 1 else module
-
 
 def sync_grads_if(last, module):
     """Gradient accumulation: DDP all-reduces only on the last micro-batch."""
     is_ddp = isinstance(module, nn.parallel.DistributedDataParallel)
     return module.no_sync() if is_ddp and not last else contextlib.nullcontext()
 
-
 def bf16(device):
     """bf16 autocast on CUDA; CPU runs stay in fp32."""
     return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
-
 
 def random_flip(x):
     """Horizontal flip of half the batch, drawn on the training process so a resumed run replays it."""
     flip = torch.rand(len(x), device=x.device) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
-
 
 def param_groups(model, weight_decay):
     """AdamW groups: no decay on biases, norms, embeddings, tokens (the authors' name rule) or any 1-D tensor."""
@@ -165,11 +144,9 @@ def param_groups(model, weight_decay):
     decay = [p for n, p in named if not (p.ndim < 2 or any(s in n for s in skip))]
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
-
 def adamw(params, lr, device, weight_decay=0.0):
     groups = param_groups(params, weight_decay) if isinstance(params, nn.Module) else params
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, fused=device.type == "cuda")
-
 
 def cosine_lr(epoch_frac, base_lr, warmup_epochs, epochs, min_lr=0.0):
     """Tokenizer stages: linear warm-up then half-cycle cosine, evaluated per step at the fractional epoch."""
@@ -178,12 +155,10 @@ def cosine_lr(epoch_frac, base_lr, warmup_epochs, epochs, min_lr=0.0):
     progress = (epoch_frac - warmup_epochs) / max(epochs - warmup_epochs, 1e-8)
     return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
-
 def dit_lr(epoch_frac, lr, min_lr, decay_start, decay_end):
     """DiT^DH: constant lr to `decay_start` epochs, then linear to min_lr at `decay_end` (the released schedule)."""
     progress = min(max((epoch_frac - decay_start) / (decay_end - decay_start), 0.0), 1.0)
     return lr - (lr - min_lr) * progress
-
 
 class EMA:
     """EMA copy of a model. Trainable parameters are averaged with one fused lerp; frozen ones stay as the
@@ -198,7 +173,6 @@ class EMA:
         pairs = [(e, p) for e, p in zip(self.model.parameters(), model.parameters()) if p.requires_grad]
         torch._foreach_lerp_([e for e, _ in pairs], [p.detach() for _, p in pairs], 1 - self.decay)
 
-
 # ---- RNG state and checkpoints
 def rng_state(device):
     """This rank's RNG states, gathered from every rank (each rank draws its own masks and noise)."""
@@ -209,7 +183,6 @@ def rng_state(device):
     dist.all_gather_object(states, state)
     return states
 
-
 def set_rng_state(states, rank, device):
     if len(states) != rank_world()[1]:
         log.warning("resuming with a different number of processes: RNG streams restart from the seed")
@@ -217,7 +190,6 @@ def set_rng_state(states, rank, device):
     torch.set_rng_state(states[rank]["cpu"])
     if device.type == "cuda" and states[rank]["cuda"] is not None:
         torch.cuda.set_rng_state(states[rank]["cuda"], device)
-
 
 def check_resume(path, saved_args, args, keys):
     """Refuse, in one line, to resume a checkpoint whose model settings (`keys`) differ from the command's."""
@@ -227,22 +199,18 @@ def check_resume(path, saved_args, args, keys):
         raise SystemExit(f"{path} was trained with other model settings: {', '.join(differ)}; give another "
                          "--out_dir for a new run, or the checkpoint's settings to resume it")
 
-
 def save_checkpoint(path, state):
     """Atomic: write a temporary file, then rename, so a crash never leaves a half-written checkpoint."""
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
     log.info(f"saved {path}")
 
-
 # ---- What a run leaves to look at
 class Metrics:
-    """One log line and one JSON object in <out_dir>/metrics.jsonl (the source of truth) per record; the same
-    record goes to Weights & Biases when --wandb is on."""
+    """One log line and one JSON object in <out_dir>/metrics.jsonl (the source of truth) per record, mirrored to
+    Weights & Biases with --wandb. A run (re)starting at `step` drops this stage's rows past it: one row per step."""
 
     def __init__(self, out_dir, stage, rank, step=0):
-        """The run starts or resumes at `step`: this stage's rows past it, from an interrupted run, are dropped
-        (the steps are trained again) so that the log has one row per step."""
         self.path, self.stage, self.rank = os.path.join(out_dir, "metrics.jsonl"), stage, rank
         if rank == 0 and os.path.exists(self.path):
             with open(self.path) as f:
@@ -262,17 +230,14 @@ class Metrics:
         if wandb is not None:
             wandb.log({f"{self.stage}/{k}": v for k, v in record.items() if k != "stage"}, step=record.get("step"))
 
-
 def wandb_summary(results):
     """evaluate.py's results (its JSON) as the Weights & Biases run summary, when --wandb is on."""
     if wandb is not None:
         wandb.run.summary.update(results)
 
-
 def to_uint8(x):
     """[-1, 1] (B, 3, H, W) -> uint8, same layout and device (the Inception's input)."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
 
 def save_grid(path, rows):
     """Save rows of [-1, 1] image batches as one PNG (one batch per row); small images are enlarged."""

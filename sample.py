@@ -13,29 +13,23 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 
 import evaluate
 import models
 from plumbing import barrier, bf16, check_args, log, parse_args, rank_world, save_grid, setup, to_uint8
 
-
 def time_grid(steps, latent_shape):
-    """The released sampling grid (SPEC 5): `steps` POINTS of linspace(0, 1), each mapped
-    g -> s*g / (1 + (s-1)*g) with s = sqrt(H*W*dim/4096), then flipped as 1 - reversed(grid) so
-    the small steps fall near noise (t=0). Like the release, the flip happens only when s > 1."""
+    """The released grid (SPEC 5): `steps` POINTS of linspace(0, 1), g -> s*g / (1 + (s-1)*g), s = sqrt(H*W*dim/4096),
+    flipped to 1 - reversed(grid) so the small steps fall near noise (t=0); like the release, only when s > 1."""
     s = math.sqrt(math.prod(latent_shape) / 4096)
     g = torch.linspace(0, 1, steps)
     g = s * g / (1 + (s - 1) * g)
     return (1 - g).flip(0) if s > 1 else g
 
-
 @torch.no_grad()
 def euler_sample(dit, noise, labels, steps, cfg=1.0, guide=None):
-    """Integrate dx/dt = v(x, t, y) from noise (t=0) to data (t=1) with steps-1 plain Euler updates.
-    cfg > 1: classifier-free guidance v_null + cfg*(v_cond - v_null), conditional and null label in
-    one forward of a doubled batch; with `guide` (a weak DiT^DH): AutoGuidance
-    v_bad + cfg*(v_good - v_bad). Guidance acts on all channels over the whole interval."""
+    """Integrate dx/dt = v(x, t, y) from noise (t=0) to data (t=1) in steps-1 Euler updates. cfg > 1 (all channels, all
+    t): CFG v_null + cfg*(v_cond - v_null), or with `guide` (weak DiT^DH) AutoGuidance v_bad + cfg*(v_good - v_bad)."""
     x, ts = noise, time_grid(steps, noise.shape[1:]).to(noise.device)
     null = torch.full_like(labels, dit.num_classes)
     for t0, t1 in zip(ts[:-1], ts[1:]):
@@ -43,14 +37,13 @@ def euler_sample(dit, noise, labels, steps, cfg=1.0, guide=None):
         if cfg > 1 and guide is not None:
             v_good, v_bad = dit(x, t, labels), guide(x, t, labels)
             v = v_bad + cfg * (v_good - v_bad)
-        elif cfg > 1:
+        elif cfg > 1:  # conditional and null label in one forward of a doubled batch
             v_cond, v_null = dit(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).chunk(2)
             v = v_null + cfg * (v_cond - v_null)
         else:
             v = dit(x, t, labels)
         x = x + (t1 - t0) * v
     return x
-
 
 @torch.no_grad()
 def generate(dit, tokenizer, stats, idx, steps, cfg=1.0, guide=None, seed=0):
@@ -64,23 +57,17 @@ def generate(dit, tokenizer, stats, idx, steps, cfg=1.0, guide=None, seed=0):
         z = euler_sample(dit, noise, labels, steps, cfg, guide)
         return tokenizer.decode(z.float() * stats["std"][:, None, None] + stats["mean"][:, None, None]).float()
 
-
 def sample_metrics(dit, tokenizer, stats, inception, ref, n, steps, cfg=1.0, guide=None, batch_size=125):
-    """gFID / IS (+ precision / recall when ref has pool features) of n images generated in memory, split
-    over ranks (the same images for any number of ranks); a dict on rank 0, else None."""
+    """gFID / IS (+ precision / recall if ref has pool features) of n images generated in memory over the ranks."""
     rank, world = rank_world()
     per = -(-n // world)  # every rank the same count; the last rank's extras are cut
     ids = range(rank * per, (rank + 1) * per)
     batches = (to_uint8(generate(dit, tokenizer, stats, ids[i:i + batch_size], steps, cfg, guide))
                for i in range(0, per, batch_size))
-    (mu, sigma), pool = ref  # evaluate.reference's answer
-    return evaluate.generation_metrics(inception, batches, mu, sigma, pool, n=n)
-
+    return evaluate.generation_metrics(inception, batches, *ref[0], ref[1], n=n)  # ref: evaluate.reference's answer
 
 def search_cfg(args, dit, guide, tokenizer, stats, device):
-    """The release's --cfg_list: FID of --search_images samples at each scale against --ref; the best scale,
-    the same on every rank. The scores go to <out_dir>/cfg_search.json; a rerun of the same search reads them back
-    instead of sampling every scale again."""
+    """The release's --cfg_list: the best-FID scale on --search_images samples, cached in <out_dir>/cfg_search.json."""
     path = os.path.join(args.out_dir, "cfg_search.json")
     if os.path.isfile(path):
         with open(path) as f:
@@ -105,7 +92,6 @@ def search_cfg(args, dit, guide, tokenizer, stats, device):
     log.info(f"best guidance scale {best[0]}: sampling {args.num_images} images with it")
     return best[0]
 
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p = parser.add_argument
@@ -120,7 +106,6 @@ def main():
     p("--seed", type=int, default=0, help="image i's noise is seeded by (seed, i): any number of ranks, same images")
     p("--out_dir", help="folder of dit.pt, tokenizer_ft.pt and samples.npz unless given; default: --out's folder")
     p("--out", help="ADM-format .npz (arr_0: uint8 N x H x W x 3); default <out_dir>/samples.npz")
-    p("--png", action="store_true", help="also write one PNG per image into <out>_png/")
     p("--compile", action="store_true", help="torch.compile the blocks of the DiT^DH (and of --guide)")
     p("--demo", action="store_true", help="sample the demo DiT from --out_dir; other flags still override")
     p("--cfg_list", type=float, nargs="+", help="guidance search: FID of --search_images samples per scale, then "
@@ -155,7 +140,6 @@ def main():
     size = tokenizer.grid * tokenizer.decoder.patch_size
     if args.cfg_list:
         args.cfg = search_cfg(args, dit, guide, tokenizer, stats, device)
-
     # One memory-mapped array shared by all ranks plus a `done` flag per image, so a rerun with the same settings
     # finishes the job, and one with more --num_images extends a finished one (image i does not depend on the count).
     out = args.out or os.path.join(args.out_dir, "samples.npz")
@@ -197,10 +181,6 @@ def main():
         x = generate(dit, tokenizer, stats, idx, args.steps, args.cfg, guide, args.seed)
         images[idx] = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
         done[idx] = True
-        if args.png:
-            os.makedirs(out + "_png", exist_ok=True)
-            for i in idx:
-                Image.fromarray(images[i]).save(os.path.join(out + "_png", f"{i:06d}.png"))
         n = start + len(idx)
         log.info(f"rank {rank}: {n}/{len(todo)} images, {n / (time.time() - t0):.2f} images/s")
     images.flush(), done.flush()
@@ -217,7 +197,6 @@ def main():
         log.info(f"wrote {out} ({args.num_images} images)")
     if dist.is_initialized():
         dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()

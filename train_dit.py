@@ -12,7 +12,6 @@ import argparse
 import os
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -20,11 +19,10 @@ import torch.nn as nn
 import data
 import evaluate
 import models
-from plumbing import (EMA, INF, RANGES, Metrics, adamw, barrier, bf16, check_args, check_ranks_agree, check_resume,
+from plumbing import (EMA, INF, RANGES, Metrics, adamw, bf16, check_args, check_ranks_agree, check_resume,
                       ddp, dit_lr, gather_rows, grad_accum_steps, log, parse_args, random_flip, reduce_for_log,
                       rng_state, save_checkpoint, save_grid, set_rng_state, setup, sync_grads_if, to_uint8)
 from sample import generate, sample_metrics
-
 
 @torch.no_grad()
 def latent_stats(tokenizer, loader, device):
@@ -40,56 +38,6 @@ def latent_stats(tokenizer, loader, device):
     mu = acc[1] / acc[0]
     return {"mean": mu.float().cpu(), "std": (acc[2] / acc[0] - mu ** 2).sqrt().float().cpu()}
 
-
-class LatentCache(torch.utils.data.Dataset):
-    """--cache_latents: posterior (mean, logvar) of every training image, unflipped and flipped, in one
-    memory-mapped float16 array (N, 2, tokens, 2*dim); items are (moments of both flips, label)."""
-
-    def __init__(self, root):
-        self.moments = np.load(os.path.join(root, "moments.npy"), mmap_mode="r")
-        self.labels = np.load(os.path.join(root, "labels.npy"))
-        self.num_classes = int(self.labels.max()) + 1
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return torch.from_numpy(np.array(self.moments[i])), int(self.labels[i])
-
-
-@torch.no_grad()
-def build_cache(root, tokenizer, dataset, args, rank, world, device):
-    """Encode the training set once into LatentCache's files, each rank its share of the indices; the files
-    get their final names only when complete, so an interrupted run starts the cache again."""
-    if os.path.exists(os.path.join(root, "labels.npy")):
-        return
-    shapes = {"moments": (np.float16, (len(dataset), 2, tokenizer.grid ** 2, 2 * tokenizer.dim)),
-              "labels": (np.int64, (len(dataset),))}
-    if rank == 0:
-        os.makedirs(root, exist_ok=True)
-        for name, (dtype, shape) in shapes.items():
-            np.lib.format.open_memmap(os.path.join(root, f"{name}.tmp.npy"), "w+", dtype, shape).flush()
-    barrier()
-    moments_out, labels_out = (np.load(os.path.join(root, f"{n}.tmp.npy"), mmap_mode="r+") for n in shapes)
-    loader = data.make_loader(dataset, args.batch_size, False, args.workers, world, rank)
-    for i, (x, y) in enumerate(loader):
-        x = x.to(device)
-        moments = torch.stack([torch.cat(tokenizer.posterior(v), -1) for v in (x, x.flip(-1))], 1)
-        # an unshuffled DistributedSampler gives rank r the dataset indices r, r + world, r + 2 world, ...
-        idx = (i * args.batch_size + np.arange(len(x))) * world + rank
-        keep = idx < len(dataset)  # the sampler pads the last share by repetition
-        moments_out[idx[keep]] = moments[torch.from_numpy(keep)].half().cpu().numpy()
-        labels_out[idx[keep]] = y.numpy()[keep]
-        if i % 100 == 0:
-            log.info(f"caching latents: {i}/{len(loader)} batches")
-    moments_out.flush(), labels_out.flush()
-    barrier()
-    if rank == 0:  # labels.npy last: its presence marks a complete cache
-        for name in shapes:
-            os.replace(os.path.join(root, f"{name}.tmp.npy"), os.path.join(root, f"{name}.npy"))
-    barrier()
-
-
 class DiTStep:
     """One optimiser step of DiT^DH over `accum` micro-batches of normalised latents (SPEC 4): velocity MSE
     under bf16 autocast, grad clip, AdamW (no weight decay), EMA. Also what bench.py times."""
@@ -100,6 +48,7 @@ class DiTStep:
         if args.compile:
             models.compile_blocks(dit.blocks)
         self.ddp = ddp(dit, device, world)
+        self.parts = dict(model=dit, model_ema=self.ema.model, opt=self.opt)  # checkpoint keys
         self.autocast = bf16(device)
 
     def __call__(self, batches, lr):
@@ -118,14 +67,12 @@ class DiTStep:
         self.ema.update(self.dit)
         return total, grad_norm
 
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p = parser.add_argument
     p("--tokenizer", help="tokenizer checkpoint (ours or RecTok_decft.pth); --demo: <out_dir>/tokenizer_ft.pt")
     p("--data", help="ImageNet-style train folder (class sub-folders); omit with --demo")
     p("--data_list", help="optional `relative/path label` file list")
-    p("--jpeg_draft", action="store_true", help="faster JPEG decode at reduced scale (not bit-identical to ADM)")
     p("--out_dir", help="the run's folder (rerun with it to resume); --demo: out/demo")
     p("--demo", action="store_true", help="small DiT on built-in data, CPU-friendly; other flags still override")
     p("--demo_images", type=int, default=640)
@@ -140,7 +87,6 @@ def main():
     p("--grad_clip", type=float, default=1.0)
     p("--ema", type=float, default=0.9995, help="the released code (the paper text says 0.995)")
     p("--latent_stats", help="reuse statistics from a DiT checkpoint or a latent_stats.pt")
-    p("--cache_latents", help="folder: encode the training set once and train from the memory-mapped cache")
     p("--sample_steps", type=int, default=50, help="Euler grid points for the PNG of EMA samples")
     p("--cfg", type=float, default=1.0, help="guidance scale for the PNG of EMA samples")
     p("--workers", type=int, default=8)
@@ -167,7 +113,6 @@ def main():
                       args.fid_ref and models.file_problem("--fid_ref", args.fid_ref, "an .npz", "a folder")],
                dict(RANGES, epochs=(0, INF)))  # --epochs 0: the latent statistics only
     rank, world, device = setup(args, "dit")
-    args.img_size = None  # set from the tokenizer below; make_dataset reads it
     tokenizer = models.load_tokenizer(tok_path, gamma=0.0, mask_ratio=0.0).to(device).eval()
     tokenizer.sem_decoder = None
     args.img_size = tokenizer.grid * tokenizer.decoder.patch_size
@@ -186,18 +131,14 @@ def main():
                              device)
         if rank == 0:
             save_checkpoint(os.path.join(args.out_dir, "latent_stats.pt"), stats)
-    log_stats = f"mean {stats['mean'].mean():.4f}, std {stats['std'].mean():.4f} (channel averages)"
-    log.info(f"latent statistics: {log_stats}")
+    log.info(f"latent statistics: mean {stats['mean'].mean():.4f}, std {stats['std'].mean():.4f} (channel averages)")
     if args.epochs == 0:
         return
     stats_d = {k: v.to(device) for k, v in stats.items()}
     mean, std = stats_d["mean"][:, None, None], stats_d["std"][:, None, None]
-    if args.cache_latents:
-        build_cache(args.cache_latents, tokenizer, dataset, args, rank, world, device)
-        dataset = LatentCache(args.cache_latents)
-    num_classes = dataset.num_classes
 
     # 2. DiT^DH training
+    num_classes = dataset.num_classes
     dit = models.DiTDH(args.model, tokenizer.dim, tokenizer.grid, num_classes).to(device)
     log.info(f"DiT^DH-{args.model}: {models.n_params(dit):,} params, {num_classes} classes")
     train_step = DiTStep(args, dit, device, world)
@@ -209,28 +150,25 @@ def main():
     steps_per_epoch = len(loader) // accum
     epoch, step = 0, 0
     if ckpt:
-        dit.load_state_dict(ckpt["model"])
-        train_step.ema.model.load_state_dict(ckpt["model_ema"])
-        train_step.opt.load_state_dict(ckpt["opt"])
+        for k, part in train_step.parts.items():
+            models.load_state(part, ckpt[k], ckpt_path)
         epoch, step = ckpt["epoch"], ckpt["step"]
         set_rng_state(ckpt["rng"], rank, device)
         log.info(f"resumed from {ckpt_path} at epoch {epoch}, step {step}")
-    autocast = train_step.autocast
     if args.eval_every:  # gFID / IS against --fid_ref, or against a class-spread part of the training images
         inception = evaluate.demo_judge(args.out_dir, args.img_size, tokenizer.grid, device)[0] if args.demo and \
             not args.inception else evaluate.load_inception(args.inception).to(device)
         if args.fid_ref:
             ref = evaluate.reference(inception, args.fid_ref, args.batch_size)
         else:
-            real = data.make_dataset(args)
-            real = torch.utils.data.Subset(real, evaluate.spread(len(real), args.eval_images))
+            real = torch.utils.data.Subset(dataset, evaluate.spread(len(dataset), args.eval_images))
             real = data.make_loader(real, args.batch_size, False, args.workers, world, rank)
             pool = evaluate.inception_features(inception, (to_uint8(x) for x, _ in real))[0]
             ref = evaluate.feature_stats(gather_rows(pool, len(real.dataset), strided=True)), None
     classes = [207, 360, 387, 974, 88, 979, 417, 279] if num_classes == 1000 else list(range(min(num_classes, 10)))
     metrics = Metrics(args.out_dir, "dit", rank, step)
     log.info(f"{len(dataset)} images, {steps_per_epoch} steps/epoch, global batch {args.global_batch} = "
-                    f"{args.batch_size}/GPU x {world} x {accum} accumulation")
+             f"{args.batch_size}/GPU x {world} x {accum} accumulation")
     t0, n, sums = time.time(), 0, 0
     while epoch < args.epochs:
         dit.train()
@@ -239,18 +177,10 @@ def main():
         for it in range(steps_per_epoch):
             lr = dit_lr(epoch + it / steps_per_epoch, args.lr, args.min_lr, args.decay_start_epoch, args.decay_end_epoch)
             batch = []
-            for _ in range(accum):
-                x, y = next(batches)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with torch.no_grad(), autocast:  # a posterior sample of the flipped or unflipped image
-                    if args.cache_latents:
-                        flip = torch.rand(len(x), device=device) < 0.5
-                        mu, logvar = torch.where(flip[:, None, None], x[:, 1], x[:, 0]).float().chunk(2, dim=-1)
-                        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-                        z = z.transpose(1, 2).unflatten(2, (tokenizer.grid, tokenizer.grid))
-                    else:
-                        z = tokenizer.encode(random_flip(x), sample=True)
-                batch.append(((z.float() - mean) / std, y))
+            for x, y in (next(batches) for _ in range(accum)):
+                with torch.no_grad(), train_step.autocast:  # a posterior sample of the flipped or unflipped image
+                    z = tokenizer.encode(random_flip(x.to(device, non_blocking=True)), sample=True)
+                batch.append(((z.float() - mean) / std, y.to(device, non_blocking=True)))
             loss, grad_norm = train_step(batch, lr)
             sums = sums + torch.stack([loss, grad_norm.float()])  # averaged over the log interval
             step, n = step + 1, n + 1
@@ -266,8 +196,8 @@ def main():
             if res:
                 metrics.write(step=step, epoch=epoch, eval_images=res["n"], eval_gfid=res["fid"], eval_is=res["is_mean"])
         check_ranks_agree(dit, train_step.ema.model)
-        state = {"model": dit.state_dict(), "model_ema": train_step.ema.model.state_dict(), "opt": train_step.opt.state_dict(),
-                 "epoch": epoch, "step": step, "rng": rng_state(device), "latent_stats": stats, "args": vars(args)}
+        state = dict({k: part.state_dict() for k, part in train_step.parts.items()}, epoch=epoch, step=step,
+                     rng=rng_state(device), latent_stats=stats, args=vars(args))
         if rank == 0:
             save_checkpoint(ckpt_path, state)
             if args.save_every and epoch % args.save_every == 0:  # the release's naming: epoch_0599 = 600 epochs
@@ -278,7 +208,6 @@ def main():
     log.info(f"done: {ckpt_path}")
     if dist.is_initialized():
         dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()

@@ -25,13 +25,7 @@ from plumbing import (EMA, Metrics, adamw, bf16, check_args, check_ranks_agree, 
 # the settings that shape the model (stage 2 has dim and img_size, from its tokenizer): a checkpoint resumes only with these
 MODEL_FLAGS = ("dim", "img_size", "patch_size", "enc_size", "dec_size", "sem_size", "sem_type", "teacher", "teacher_size")
 
-
-# ----------------------------------------------------------------------------------------------
-# Tokenizer losses (SPEC 3)
-
-def hinge_d_loss(logits_real, logits_fake):
-    return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
-
+# ---- Tokenizer losses (SPEC 3)
 
 def semantic_loss(pred, target, ids_keep=None, masked_only=False):
     """1 - cos(pred, target) per token (SPEC 2), averaged over every position (the release's "rec+align"), or
@@ -44,7 +38,6 @@ def semantic_loss(pred, target, ids_keep=None, masked_only=False):
         return cos.mean()
     masked = torch.ones_like(cos).scatter(1, ids_keep, 0.0)
     return (cos * masked).sum() / masked.sum().clamp_min(1)
-
 
 def generator_losses(args, x, x_hat, kl, pred, target, ids_keep, perceptual, disc, use_gan):
     """Weighted loss terms in fp32 (SPEC 3); images enter the losses in [0, 1] like the released code."""
@@ -62,9 +55,7 @@ def generator_losses(args, x, x_hat, kl, pred, target, ids_keep, perceptual, dis
         disc.requires_grad_(True)
     return terms
 
-
-# ----------------------------------------------------------------------------------------------
-# The training step and loop shared by stage 1 and stage 2
+# ---- The training step and loop shared by stage 1 and stage 2
 
 class TokenizerStep:
     """One optimiser step of the tokenizer (only its trainable parameters) and of the discriminator, over
@@ -86,6 +77,7 @@ class TokenizerStep:
         self.ddp_model, self.ddp_disc = ddp(model, device, world), ddp(self.disc, device, world)
         self.autocast = bf16(device)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.parts = dict(model=model, model_ema=ema.model, opt=self.opt, disc=self.disc, opt_disc=self.opt_d)  # ckpt keys
 
     def __call__(self, batches, lr, use_gan):
         """batches: the micro-batches (x in [-1, 1]) of one global batch. Returns the loss terms averaged
@@ -100,19 +92,17 @@ class TokenizerStep:
             with sync_grads_if(last, self.ddp_model):
                 with self.autocast:
                     x_hat, kl, pred, ids_keep = self.ddp_model(x)
-                    target = None
-                    if self.teacher is not None:
-                        with torch.inference_mode():
-                            target = self.teacher(x)
-                        target = target.clone()  # inference tensors cannot enter autograd
+                    with torch.inference_mode():
+                        target = self.teacher(x) if self.teacher is not None else None
+                    target = target.clone() if target is not None else None  # inference tensors cannot enter autograd
                 with loss_precision:
                     terms = generator_losses(self.args, x, x_hat, kl, pred, target, ids_keep, self.perceptual,
                                              self.disc, use_gan)
                 (sum(terms.values()) / len(batches)).backward()
-            if use_gan:  # discriminator step on the same reconstructions, [0, 1] inputs
+            if use_gan:  # discriminator step on the same reconstructions, [0, 1] inputs, hinge loss
                 with loss_precision, sync_grads_if(last, self.ddp_disc):
-                    real, fake = (x.float() + 1) / 2, (x_hat.detach().float() + 1) / 2
-                    terms["disc"] = hinge_d_loss(self.ddp_disc(real), self.ddp_disc(fake))
+                    real, fake = self.ddp_disc((x.float() + 1) / 2), self.ddp_disc((x_hat.detach().float() + 1) / 2)
+                    terms["disc"] = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
                     (terms["disc"] / len(batches)).backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0) + v.detach() / len(batches)
@@ -125,18 +115,6 @@ class TokenizerStep:
         self.opt_d.zero_grad(set_to_none=True)
         self.ema.update(self.model)
         return sums, grad_norm
-
-    def state_dict(self):
-        return {"model": self.model.state_dict(), "model_ema": self.ema.model.state_dict(),
-                "opt": self.opt.state_dict(), "disc": self.disc.state_dict(), "opt_disc": self.opt_d.state_dict()}
-
-    def load_state_dict(self, ckpt):
-        self.model.load_state_dict(ckpt["model"])
-        self.ema.model.load_state_dict(ckpt["model_ema"])
-        self.opt.load_state_dict(ckpt["opt"])
-        self.disc.load_state_dict(ckpt["disc"])
-        self.opt_d.load_state_dict(ckpt["opt_disc"])
-
 
 def train(args, stage, model, ema, teacher, rank, world, device):
     """Train a Tokenizer with TokenizerStep; resumes from <out_dir>/<stage>.pt if it exists.
@@ -161,7 +139,8 @@ def train(args, stage, model, ema, teacher, rank, world, device):
     if os.path.exists(ckpt_path):
         ckpt = models.read_checkpoint(ckpt_path)
         check_resume(ckpt_path, ckpt["args"], args, MODEL_FLAGS)
-        train_step.load_state_dict(ckpt)
+        for k, part in train_step.parts.items():
+            models.load_state(part, ckpt[k], ckpt_path)
         epoch, step = ckpt["epoch"], ckpt["step"]
         set_rng_state(ckpt["rng"], rank, device)
         log.info(f"resumed from {ckpt_path} at epoch {epoch}, step {step}")
@@ -198,7 +177,8 @@ def train(args, stage, model, ema, teacher, rank, world, device):
             if res:
                 metrics.write(step=step, epoch=epoch, eval_images=res["n"], eval_psnr=res["psnr"], eval_rfid=res["rfid"])
         check_ranks_agree(model, ema.model)
-        state = dict(train_step.state_dict(), epoch=epoch, step=step, rng=rng_state(device), args=vars(args))
+        state = dict({k: part.state_dict() for k, part in train_step.parts.items()}, epoch=epoch, step=step,
+                     rng=rng_state(device), args=vars(args))
         if rank == 0:
             save_checkpoint(ckpt_path, state)
             if args.save_every and epoch % args.save_every == 0:  # the release's naming: epoch_0599 = 600 epochs
@@ -207,13 +187,11 @@ def train(args, stage, model, ema, teacher, rank, world, device):
                 save_grid(os.path.join(args.out_dir, f"{stage}_recon_epoch{epoch:04d}.png"), [held_out, recon])
     log.info(f"done: {ckpt_path}")
 
-
 def common_args(parser):
     """Flags shared by both tokenizer stages (defaults: stage 1, SPEC 3)."""
     p = parser.add_argument
     p("--data", help="ImageNet-style train folder (class sub-folders); omit with --demo")
     p("--data_list", help="optional `relative/path label` file list, like the authors' train.txt")
-    p("--jpeg_draft", action="store_true", help="faster JPEG decode at reduced scale (not bit-identical to ADM)")
     p("--val_data", help="ImageNet val folder for the held-out PSNR batch (default: a train batch)")
     p("--out_dir", help="the run's folder (rerun with it to resume); --demo: out/demo")
     p("--demo", action="store_true", help="tiny model on built-in data, CPU-friendly; other flags still override")
@@ -246,7 +224,6 @@ def common_args(parser):
     p("--fid_ref", help="rFID reference (evaluate.py --save_stats of val); default: the same real images")
     p("--inception", help="FID Inception .pth (default: pytorch-fid's release, downloaded once)")
 
-
 def input_problems(args):
     """The inputs both tokenizer stages may lack (for check_args, which reports all problems at once)."""
     return [not (args.data or args.demo) and "--data is required (an ImageNet-style train folder), or use --demo",
@@ -255,14 +232,12 @@ def input_problems(args):
             args.batch_size > 0 and args.global_batch % args.batch_size and
             f"--global_batch {args.global_batch} is not a multiple of --batch_size {args.batch_size}"]
 
-
 # --demo (both stages): 2,000 built-in 32-px images, lr 1e-3 at batch 16; no perceptual term (its VGG would be
 # random: a demo downloads nothing, and it was most of a step's FLOPs) and no GAN (at this scale it costs PSNR
 # and time), so the reconstructions visibly sharpen within minutes on 2 CPU cores (README, quick start).
-DEMO = dict(demo_images=2000, epochs=16, batch_size=16, global_batch=16, blr=1.6e-2, warmup_rate=0.1, ema=0.99,
+DEMO = dict(demo_images=2000, epochs=28, batch_size=16, global_batch=16, blr=1.6e-2, warmup_rate=0.1, ema=0.99,
             perceptual_weight=0.0, convnext_weight=0.0, disc_weight=0.0, random_frozen_nets=True, workers=0,
             log_every=25, vis_every=4, eval_images=200)
-
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -311,15 +286,13 @@ def main():
     elif args.sem_weight > 0:
         path = None if args.random_frozen_nets else models.teacher_file(teacher_name, args.teacher_ckpt)
         teacher = models.load_teacher(teacher_name, path, args.teacher_size, args.img_size // args.patch_size,
-                                      args.teacher_input == "release", args.teacher_rope_rescale)
-        teacher.to(device)
+                                      args.teacher_input == "release", args.teacher_rope_rescale).to(device)
     model = models.Tokenizer(args.img_size, args.patch_size, args.dim, args.enc_size, args.dec_size, args.sem_size,
                              args.sem_type, teacher.dim if teacher else 0, args.mask_ratio, args.mask_ratio_min,
                              args.gamma, args.noise_schedule, sem_noisy=not args.no_fsd, kl=not args.no_kl).to(device)
     train(args, "tokenizer", model, EMA(model, args.ema), teacher, rank, world, device)
     if dist.is_initialized():
         dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()
