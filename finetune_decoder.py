@@ -20,7 +20,7 @@ def main():
     parser.add_argument("--tokenizer", help="stage-1 checkpoint, ours or the authors' RecTok.pth "
                                             "(default: <out_dir>/tokenizer.pt)")
     parser.set_defaults(epochs=100, blr=5e-5, warmup_rate=0.05, disc_start_epoch=0)
-    args = parse_args(parser, dict(DEMO, epochs=30, blr=3.2e-2))
+    args = parse_args(parser, dict(DEMO, epochs=36, blr=3.2e-2))
     args.kl_weight = args.sem_weight = 0.0  # stage 2 has neither term
     path = args.tokenizer or args.out_dir and os.path.join(args.out_dir, "tokenizer.pt")
     check_args(args, input_problems(args) + [path and models.file_problem("--tokenizer", path, "a tokenizer checkpoint")])

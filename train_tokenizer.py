@@ -235,7 +235,7 @@ def input_problems(args):
 # --demo (both stages): 2,000 built-in 32-px images, lr 1e-3 at batch 16; no perceptual term (its VGG would be
 # random: a demo downloads nothing, and it was most of a step's FLOPs) and no GAN (at this scale it costs PSNR
 # and time), so the reconstructions visibly sharpen within minutes on 2 CPU cores (README, quick start).
-DEMO = dict(demo_images=2000, epochs=28, batch_size=16, global_batch=16, blr=1.6e-2, warmup_rate=0.1, ema=0.99,
+DEMO = dict(demo_images=2000, epochs=32, batch_size=16, global_batch=16, blr=1.6e-2, warmup_rate=0.1, ema=0.99,
             perceptual_weight=0.0, convnext_weight=0.0, disc_weight=0.0, random_frozen_nets=True, workers=0,
             log_every=25, vis_every=4, eval_images=200)
 
@@ -268,7 +268,7 @@ def main():
     p("--no_kl", action="store_true", help="ablation: plain autoencoder, deterministic z and no KL (the paper's AE)")
     p("--kl_weight", type=float, default=1e-6)
     p("--sem_weight", type=float, default=1.0)
-    args = parse_args(parser, dict(DEMO, img_size=32, dim=16, patch_size=8, enc_size="demo", dec_size="demo",
+    args = parse_args(parser, dict(DEMO, img_size=32, dim=16, patch_size=8, enc_size="demo", dec_size="tiny",
                                    sem_size="demo", teacher="judge"))
     if args.sem_target == "masked" and (args.sem_type == "mlp" or args.mask_ratio <= 0):
         parser.error("--sem_target masked needs --sem_type transformer and --mask_ratio > 0")
