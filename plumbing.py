@@ -16,6 +16,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from PIL import Image
 
+import models
+
 log = logging.getLogger("rectok")
 wandb = None  # the wandb module, imported by setup() on rank 0 when --wandb is given
 
@@ -204,6 +206,23 @@ def save_checkpoint(path, state):
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
     log.info(f"saved {path}")
+
+def save_epoch(path, parts, device, save_every, **state):
+    """End of an epoch: `parts` (modules, optimisers) by key, every rank's RNG state and `state`, written by rank 0;
+    every save_every epochs also kept as <path>_epoch{E:04d}.pt (E from 0: the release's epoch_0599 = 600 epochs)."""
+    state = dict({k: part.state_dict() for k, part in parts.items()}, rng=rng_state(device), **state)
+    if rank_world()[0] == 0:
+        save_checkpoint(path, state)
+        if save_every and state["epoch"] % save_every == 0:
+            save_checkpoint(path.replace(".pt", f"_epoch{state['epoch'] - 1:04d}.pt"), state)
+
+def resume(path, ckpt, parts, rank, device):
+    """save_epoch's checkpoint back into `parts` (other shapes: a one-line error) and this rank's RNG; (epoch, step)."""
+    for k, part in parts.items():
+        models.load_state(part, ckpt[k], path)
+    set_rng_state(ckpt["rng"], rank, device)
+    log.info(f"resumed from {path} at epoch {ckpt['epoch']}, step {ckpt['step']}")
+    return ckpt["epoch"], ckpt["step"]
 
 # ---- What a run leaves to look at
 class Metrics:

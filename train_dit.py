@@ -21,7 +21,7 @@ import evaluate
 import models
 from plumbing import (EMA, INF, RANGES, Metrics, adamw, bf16, check_args, check_ranks_agree, check_resume,
                       ddp, dit_lr, gather_rows, grad_accum_steps, log, parse_args, random_flip, reduce_for_log,
-                      rng_state, save_checkpoint, save_grid, set_rng_state, setup, sync_grads_if, to_uint8)
+                      resume, save_checkpoint, save_epoch, save_grid, setup, sync_grads_if, to_uint8)
 from sample import generate, sample_metrics
 
 @torch.no_grad()
@@ -148,13 +148,7 @@ def main():
     if len(loader) < accum:
         raise SystemExit(f"{len(dataset)} images are too few for one global batch of {args.global_batch}")
     steps_per_epoch = len(loader) // accum
-    epoch, step = 0, 0
-    if ckpt:
-        for k, part in train_step.parts.items():
-            models.load_state(part, ckpt[k], ckpt_path)
-        epoch, step = ckpt["epoch"], ckpt["step"]
-        set_rng_state(ckpt["rng"], rank, device)
-        log.info(f"resumed from {ckpt_path} at epoch {epoch}, step {step}")
+    epoch, step = resume(ckpt_path, ckpt, train_step.parts, rank, device) if ckpt else (0, 0)
     if args.eval_every:  # gFID / IS against --fid_ref, or against a class-spread part of the training images
         inception = evaluate.demo_judge(args.out_dir, args.img_size, tokenizer.grid, device)[0] if args.demo and \
             not args.inception else evaluate.load_inception(args.inception).to(device)
@@ -196,15 +190,11 @@ def main():
             if res:
                 metrics.write(step=step, epoch=epoch, eval_images=res["n"], eval_gfid=res["fid"], eval_is=res["is_mean"])
         check_ranks_agree(dit, train_step.ema.model)
-        state = dict({k: part.state_dict() for k, part in train_step.parts.items()}, epoch=epoch, step=step,
-                     rng=rng_state(device), latent_stats=stats, args=vars(args))
-        if rank == 0:
-            save_checkpoint(ckpt_path, state)
-            if args.save_every and epoch % args.save_every == 0:  # the release's naming: epoch_0599 = 600 epochs
-                save_checkpoint(ckpt_path.replace(".pt", f"_epoch{epoch - 1:04d}.pt"), state)
-            if epoch % args.vis_every == 0 or epoch == args.epochs:
-                images = generate(train_step.ema.model, tokenizer, stats_d, classes, args.sample_steps, args.cfg)
-                save_grid(os.path.join(args.out_dir, f"dit_samples_epoch{epoch:04d}.png"), [images])
+        save_epoch(ckpt_path, train_step.parts, device, args.save_every, epoch=epoch, step=step, latent_stats=stats,
+                   args=vars(args))
+        if rank == 0 and (epoch % args.vis_every == 0 or epoch == args.epochs):
+            images = generate(train_step.ema.model, tokenizer, stats_d, classes, args.sample_steps, args.cfg)
+            save_grid(os.path.join(args.out_dir, f"dit_samples_epoch{epoch:04d}.png"), [images])
     log.info(f"done: {ckpt_path}")
     if dist.is_initialized():
         dist.destroy_process_group()

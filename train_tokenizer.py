@@ -20,8 +20,8 @@ import data
 import evaluate
 import models
 from plumbing import (EMA, Metrics, adamw, bf16, check_args, check_ranks_agree, check_resume, cosine_lr, ddp,
-                      grad_accum_steps, log, parse_args, random_flip, reduce_for_log, rng_state, save_checkpoint,
-                      save_grid, set_rng_state, setup, sync_grads_if)
+                      grad_accum_steps, log, parse_args, random_flip, reduce_for_log, resume, save_epoch, save_grid,
+                      setup, sync_grads_if)
 # the settings that shape the model (stage 2 has dim and img_size, from its tokenizer): a checkpoint resumes only with these
 MODEL_FLAGS = ("dim", "img_size", "patch_size", "enc_size", "dec_size", "sem_size", "sem_type", "teacher", "teacher_size")
 
@@ -139,11 +139,7 @@ def train(args, stage, model, ema, teacher, rank, world, device):
     if os.path.exists(ckpt_path):
         ckpt = models.read_checkpoint(ckpt_path)
         check_resume(ckpt_path, ckpt["args"], args, MODEL_FLAGS)
-        for k, part in train_step.parts.items():
-            models.load_state(part, ckpt[k], ckpt_path)
-        epoch, step = ckpt["epoch"], ckpt["step"]
-        set_rng_state(ckpt["rng"], rank, device)
-        log.info(f"resumed from {ckpt_path} at epoch {epoch}, step {step}")
+        epoch, step = resume(ckpt_path, ckpt, train_step.parts, rank, device)
     log.info(f"{len(loader.dataset)} images, {steps_per_epoch} steps/epoch, global batch {args.global_batch} = "
              f"{args.batch_size}/GPU x {world} x {accum} accumulation, lr {train_step.base_lr:.2e}")
     metrics = Metrics(args.out_dir, stage, rank, step)
@@ -177,14 +173,9 @@ def train(args, stage, model, ema, teacher, rank, world, device):
             if res:
                 metrics.write(step=step, epoch=epoch, eval_images=res["n"], eval_psnr=res["psnr"], eval_rfid=res["rfid"])
         check_ranks_agree(model, ema.model)
-        state = dict({k: part.state_dict() for k, part in train_step.parts.items()}, epoch=epoch, step=step,
-                     rng=rng_state(device), args=vars(args))
-        if rank == 0:
-            save_checkpoint(ckpt_path, state)
-            if args.save_every and epoch % args.save_every == 0:  # the release's naming: epoch_0599 = 600 epochs
-                save_checkpoint(ckpt_path.replace(".pt", f"_epoch{epoch - 1:04d}.pt"), state)
-            if epoch % args.vis_every == 0 or epoch == args.epochs:
-                save_grid(os.path.join(args.out_dir, f"{stage}_recon_epoch{epoch:04d}.png"), [held_out, recon])
+        save_epoch(ckpt_path, train_step.parts, device, args.save_every, epoch=epoch, step=step, args=vars(args))
+        if rank == 0 and (epoch % args.vis_every == 0 or epoch == args.epochs):
+            save_grid(os.path.join(args.out_dir, f"{stage}_recon_epoch{epoch:04d}.png"), [held_out, recon])
     log.info(f"done: {ckpt_path}")
 
 def common_args(parser):
