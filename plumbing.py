@@ -4,10 +4,12 @@ Which file imports which: README, "How the code is laid out".
 """
 import contextlib
 import copy
+import importlib.util
 import json
 import logging
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -22,6 +24,42 @@ log = logging.getLogger("rectok")
 wandb = None  # the wandb module, imported by setup() on rank 0 when --wandb is given
 
 # ---- Processes
+TESTED_PAIR = "torch==2.14.1 torchvision==0.29.1"  # requirements.txt pins this pair (a test keeps them equal)
+
+def install_problem(torch_version, torchvision_version, have_lpips):
+    """What is wrong with the installed torch / torchvision / lpips, in one line (None: nothing).
+    torch 2.N's torchvision is 0.(N+15), built for the same device kind: a '+cpu' torch beside a CUDA
+    torchvision fails only inside `import lpips`, minutes into stage 1 ("torchvision::nms does not exist")."""
+    if torchvision_version is None:
+        return f"torchvision is not installed (torch {torch_version}): pip install -r requirements.txt"
+    if not have_lpips:
+        return "lpips is not installed: pip install -r requirements.txt"
+    torch_minor = int(torch_version.split(".")[1])
+    vision_minor = int(torchvision_version.split(".")[1])
+    torch_cpu = torch_version.endswith("+cpu")
+    vision_cpu = torchvision_version.endswith("+cpu")
+    vision_gpu = "+" in torchvision_version and not vision_cpu  # no '+': PyPI's default build, either kind
+    if vision_minor != torch_minor + 15:
+        why = f"torch 2.{torch_minor} needs torchvision 0.{torch_minor + 15}"
+    elif torch_cpu and vision_gpu:
+        why = "a CPU-only torch needs torchvision's CPU-only build"
+    else:
+        return None
+    return (f"torch {torch_version} and torchvision {torchvision_version} do not go together ({why}): "
+            f"pip install --force-reinstall {TESTED_PAIR} (add --index-url "
+            "https://download.pytorch.org/whl/cpu for the CPU-only builds)")
+
+def check_install():
+    """install_problem of this environment, read without importing torchvision (which is what would fail)."""
+    spec = importlib.util.find_spec("torchvision")
+    version = None
+    if spec is not None:
+        with open(os.path.join(spec.submodule_search_locations[0], "version.py")) as f:
+            version = re.search(r"__version__ = '([^']+)'", f.read()).group(1)
+    problem = install_problem(torch.__version__, version, importlib.util.find_spec("lpips") is not None)
+    if problem:
+        raise SystemExit(problem)
+
 def parse_args(parser, demo_defaults):
     """--demo swaps in small defaults and the folder out/demo; any flag given explicitly still wins. Outside
     --demo, check_args asks for --out_dir: a shared default would resume (or overwrite) another run."""
@@ -41,7 +79,9 @@ RANGES = {  # closed intervals of the numeric flags; check_args applies the ones
 
 def check_args(args, problems=(), ranges=RANGES):
     """Every out-of-range numeric flag, missing folder and given problem (None: no problem) in one line, before
-    any model is built, so that one run of the command shows everything there is to fix."""
+    any model is built, so that one run of the command shows everything there is to fix. A broken install
+    comes first, on its own: nothing else can be trusted to run."""
+    check_install()
     bad = [f"--{k} {v}: must be " + (f">= {lo}" if hi == INF else f"in [{lo}, {hi}]") for k, (lo, hi) in ranges.items()
            if (v := getattr(args, k, None)) is not None and not lo <= v <= hi]
     bad += [f"--{k} {v}: no such folder" for k in ("data", "val_data")

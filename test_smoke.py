@@ -549,6 +549,47 @@ def test_file_flags_say_what_the_file_should_be_and_is(tmp_path, monkeypatch, ca
         assert needle in one_line_exit(script, argv + demo, monkeypatch, capsys), script
 
 
+@pytest.mark.parametrize("torch_v,vision_v,lpips_ok,needle", [
+    ("2.13.0+cpu", "0.28.0+cu130", True, "torch 2.13.0+cpu and torchvision 0.28.0+cu130 do not go together "
+                                         "(a CPU-only torch needs torchvision's CPU-only build)"),
+    ("2.13.0+cpu", "0.29.1+cpu", True, "(torch 2.13 needs torchvision 0.28)"),
+    ("2.14.1", "0.28.0", True, "(torch 2.14 needs torchvision 0.29)"),
+    ("2.14.1", None, True, "torchvision is not installed"),
+    ("2.14.1", "0.29.1", False, "lpips is not installed")])
+def test_a_broken_install_is_one_line_at_start_up(torch_v, vision_v, lpips_ok, needle, tmp_path, monkeypatch,
+                                                   capsys):
+    problem = plumbing.install_problem(torch_v, vision_v, lpips_ok)
+    assert needle in problem and "pip install" in problem
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(plumbing, "install_problem", lambda *a: problem)
+    for script in ("train_tokenizer", "finetune_decoder", "train_dit", "sample", "evaluate"):
+        assert one_line_exit(script, ["--demo"], monkeypatch, capsys) == problem, script
+    assert not os.path.exists(tmp_path / "out")  # stopped before anything was made
+
+
+@pytest.mark.parametrize("torch_v,vision_v", [("2.14.1", "0.29.1"), ("2.14.1+cu130", "0.29.1+cu130"),
+                                              ("2.14.1+cpu", "0.29.1+cpu"), ("2.14.1+cu130", "0.29.1")])
+def test_matching_pairs_pass_the_install_check(torch_v, vision_v):
+    assert plumbing.install_problem(torch_v, vision_v, True) is None
+    plumbing.check_install()  # this environment's pair
+
+
+def test_requirements_pin_the_tested_pair_and_ci_runs_the_readme():
+    with open(os.path.join(HERE, "requirements.txt")) as f:
+        pins = f.read().split()
+    assert plumbing.TESTED_PAIR.split() == [p for p in pins if p.startswith(("torch==", "torchvision=="))]
+    with open(os.path.join(HERE, ".ci", "run")) as f:
+        ci = f.read()
+    assert "README.md" in ci and "pip install" not in ci  # no install step of CI's own
+    readme = open(os.path.join(HERE, "README.md")).read()
+    quick = readme[readme.index("## Quick start"):]
+    block = quick[quick.index("```bash\n") + len("```bash\n"):]
+    demo, tests = block[:block.index("\n```")].split("\n")
+    stages = ["train_tokenizer", "finetune_decoder", "train_dit", "sample", "evaluate"]
+    assert demo.split(" && ") == ["pip install -r requirements.txt"] + [f"python {s}.py --demo" for s in stages]
+    assert tests == "pip install -r requirements.txt pytest && python -m pytest -q test_smoke.py"
+
+
 def test_resume_refuses_another_model_configuration(tmp_path, monkeypatch):
     import train_tokenizer as tt
     torch.save({"args": {"dim": 32, "img_size": 32, "enc_size": "demo"}}, tmp_path / "tokenizer.pt")
