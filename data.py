@@ -12,7 +12,7 @@ log = logging.getLogger("rectok")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 def center_crop(img, size):
-    """ADM centre crop (SPEC 1): halve with BOX while the short side >= 2 * size, BICUBIC-resize the short
+    """ADM centre crop (the release's `center_crop_arr`, utils/loader.py): halve with BOX while the short side >= 2 * size, BICUBIC-resize the short
     side to size, crop the centre. Returns a uint8 array (size, size, 3)."""
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)

@@ -1,4 +1,4 @@
-"""Evaluation (SPEC 6): FID / IS / precision-recall on our own FID Inception-v3, matched to torch-fidelity's
+"""Evaluation (paper Sec. 4.1, Tab. 1-2): FID / IS / precision-recall on our own FID Inception-v3, matched to torch-fidelity's
 `inception-v3-compat` extractor that the paper's numbers used; tokenizer PSNR / rFID; latent linear probe and maps.
 
     python evaluate.py --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz   # gFID, IS, P/R -> JSON
@@ -57,7 +57,7 @@ def load_inception(path=None):
 
 # ---- Metrics
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)) in float64 (SPEC 6)."""
+    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)) in float64 (Heusel et al., the paper's [19])."""
     mu1, sigma1, mu2, sigma2 = (np.asarray(a, np.float64) for a in (mu1, sigma1, mu2, sigma2))
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():  # singular product (few samples): offset both diagonals
@@ -122,7 +122,7 @@ def reference(model, path, batch_size, crop=None):
 
 # ---- Online evaluation (the training scripts call these too): every rank its share; a dict on rank 0, else None
 def psnr_per_image(x, x_hat):
-    """train_tokenizer.psnr before its batch mean: on [0, 1], the reconstruction clamped (SPEC 6)."""
+    """PSNR of each image on [0, 1], the reconstruction clamped (the release's utils/train_utils.py evaluation)."""
     mse = (((x.float() + 1) / 2 - ((x_hat.float() + 1) / 2).clamp(0, 1)) ** 2).mean(dim=(1, 2, 3))
     return 10 * torch.log10(1 / mse.clamp_min(1e-10))
 
@@ -165,7 +165,7 @@ def reconstruction_metrics(tokenizer, loader, inception, device, ref=None):
 @torch.no_grad()
 def probe_features(tokenizer, loader, device, seed=0):
     """Token-pooled frozen features of a make_loader(train=False) loader's images, gathered in dataset order:
-    ({"z_t0.0", "z_t0.5", "encoder_block-2"}: (N, C), labels (N,)). z_t = (1 - t) z + t eps, gamma 1 (SPEC 2)."""
+    ({"z_t0.0", "z_t0.5", "encoder_block-2"}: (N, C), labels (N,)). z_t = (1 - t) z + t eps (paper Eq. 1 and Sec. 3.2, FSD)."""
     gen = torch.Generator(device).manual_seed(seed + rank_world()[0])
     feats, labels = {**{f"z_t{t}": [] for t in PROBE_TS}, "encoder_block-2": []}, []
     hook = tokenizer.encoder.transformer[-2].register_forward_hook(

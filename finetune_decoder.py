@@ -1,4 +1,4 @@
-"""Stage 2: fine-tune the pixel decoder of a stage-1 tokenizer (SPEC section 3). The encoder is frozen;
+"""Stage 2: fine-tune the pixel decoder of a stage-1 tokenizer (paper Sec. 3.2, "Decoder Finetuning"). The encoder is frozen;
 no flow noise, no mask, no KL, no teacher; the GAN is on from epoch 0.
 
   torchrun --nproc_per_node=8 finetune_decoder.py --tokenizer out/rectok/tokenizer.pt \

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger("rectok")
 
-# width, depth, heads of the tokenizer's transformers (SPEC 2)
+# width, depth, heads of the tokenizer's transformers (paper Sec. 4.1; the release's models/rectok.py)
 SIZES = {"demo": (128, 2, 4), "tiny": (192, 3, 4), "small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}
 
 def n_params(module):
@@ -37,7 +37,7 @@ def apply_rope(x, rope):
     return x * cos + torch.stack((-x2, x1), dim=-1).flatten(-2) * sin
 
 def tokenizer_rope(head_dim, grid):
-    """The tokenizer's 2-D RoPE table (grid*grid, 2*head_dim), as the released weights need (SPEC 2): frequencies 7
+    """The tokenizer's 2-D RoPE table (grid*grid, 2*head_dim), as the released weights need (models/rectok.py, get_rope_tensor): frequencies 7
     to 7e-4, CONCATENATED (not interleaved) over the row half, again over the column half; coords in [0, 1]."""
     assert head_dim % 4 == 0, f"head dim {head_dim} must be a multiple of 4 for 2-D RoPE"
     f = 7.0 * (7.0 / 7e-4) ** torch.linspace(0, -1, head_dim // 4)
@@ -80,7 +80,7 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x), rope)
         return x + self.mlp(self.norm2(x))
 
-# ---- Tokenizer (SPEC 2)
+# ---- Tokenizer (paper Sec. 3.2, Fig. 3)
 
 class ViT(nn.Module):
     """Trunk shared by the encoder and both decoders: + learned position embedding, RMSNorm, blocks, RMSNorm."""
@@ -192,7 +192,9 @@ class Tokenizer(nn.Module):
         return torch.rand(B, N, device=device).argsort(dim=1)[:, :math.ceil(N * (1 - ratio))]
 
     def sample_t(self, B, device):
-        """Flow time per sample (SPEC 2): shift (default), uniform or lognorm."""
+        """Flow time per sample (paper Eq. 6): shift (default), uniform or lognorm.
+        Convention: in the tokenizer, as in the paper's Eq. 1, t = 0 is the clean latent and t = 1 is noise
+        (z_t = (1 - t) z + t eps). DiT^DH (flow_loss, sample.py) runs the other way, as the release does."""
         if self.noise_schedule == "lognorm":
             return torch.sigmoid(torch.randn(B, 1, 1, device=device))
         u = torch.rand(B, 1, 1, device=device)
@@ -329,7 +331,7 @@ def load_tokenizer(path, ema=True, **overrides):
     log.info(f"loaded tokenizer {path} ({key}): dim {kw['dim']}, {kw['enc_size']}/{kw['dec_size']}, {kw['img_size']}px")
     return model
 
-# ---- Frozen teachers (SPEC 2): Meta's DINOv2 ViT-L/14 and DINOv3 ViT-L/16, with Meta's key names (strict loading)
+# ---- Frozen teachers (paper Sec. 3.2, E_VFM of Eq. 5): Meta's DINOv2 ViT-L/14 and DINOv3 ViT-L/16, with Meta's key names (strict loading)
 
 TEACHER_SIZES = {"tiny": (64, 2, 2), "large": (1024, 24, 16)}  # width, depth, heads; tiny = tests only
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -482,7 +484,7 @@ def teacher_file(name, path):
             raise download_error(f"DINOv2 ({DINOV2_URL})", e)
     return path
 
-# ---- Networks of the tokenizer's losses (SPEC 3): perceptual (LPIPS-VGG, ConvNeXt-S) and PatchGAN
+# ---- Networks of the tokenizer's losses (paper Eq. 4; the release's utils/losses.py): perceptual (LPIPS-VGG, ConvNeXt-S) and PatchGAN
 
 class Perceptual(nn.Module):
     """LPIPS-VGG; convnext_weight w > 0 gives the release's (LPIPS + w * ConvNeXt-S logit MSE at 224) / (1 + w)."""
@@ -527,7 +529,7 @@ def patchgan(ndf=64, n_layers=3):
         ch = out
     return nn.Sequential(*layers, nn.Conv2d(ch, 1, 4, 1, 1))
 
-# ---- DiT^DH (SPEC 4): a LightningDiT encoder plus a wide, shallow head, named as in the release's ditdh*_epoch_*.pth
+# ---- DiT^DH (paper Sec. 4.1, after RAE): a LightningDiT encoder plus a wide, shallow head, named as in the release's ditdh*_epoch_*.pth
 
 # name: (width, depth, heads, head width, head depth, head heads); "tiny" is for tests, "demo" for the CPU demo
 DIT_SIZES = {"tiny": (32, 2, 2, 48, 2, 2), "demo": (96, 3, 4, 128, 2, 4), "S": (384, 12, 6, 2048, 2, 16),
@@ -541,7 +543,7 @@ def sincos_pos_embed(width, grid):
     return torch.cat([col.sin(), col.cos(), row.sin(), row.cos()], 1).float()
 
 def dit_rope(head_dim, grid):
-    """DiT^DH's EVA-style 2-D RoPE table (1, grid*grid, 2*head_dim) = [cos | sin] (SPEC 4): row half, then column half;
+    """DiT^DH's EVA-style 2-D RoPE table (1, grid*grid, 2*head_dim) = [cos | sin] (the release's models/lightningdit.py): row half, then column half;
     each frequency 1/10000^(2j/(D/2)) is shared by an adjacent channel pair (a true rotation); integer positions."""
     half = head_dim // 2
     freqs = 1.0 / 10000 ** (torch.arange(0, half, 2)[: half // 2].float() / half)
@@ -639,8 +641,10 @@ class DiTDH(nn.Module):
         return self.final_layer(h, s).transpose(1, 2).reshape(B, -1, H, W)
 
 def flow_loss(dit, x, y):
-    """Rectified-flow velocity MSE (SPEC 4): x_t = t*x + (1-t)*eps, target x - eps, with the released
-    shifted t = 1 - s*u/(1+(s-1)*u), s = sqrt(H*W*dim/4096) (applied only when s > 1, as released)."""
+    """Rectified-flow velocity MSE (paper Eq. 2), x_t = t x + (1 - t) eps, target x - eps, with the released
+    shifted t = 1 - s u / (1 + (s - 1) u), s = sqrt(H W dim / 4096) (applied only when s > 1, as released).
+    Convention: here t = 1 is data and t = 0 is noise, the reverse of the tokenizer's z_t (Tokenizer.sample_t)
+    and of the paper's Eq. 1; the release's transport/ code uses this direction for DiT^DH and its sampler."""
     s = math.sqrt(x[0].numel() / 4096)
     u = torch.rand(len(x), device=x.device)
     t = 1 - s * u / (1 + (s - 1) * u) if s > 1 else u
@@ -668,7 +672,7 @@ def load_dit(path, ema=True):
     log.info(f"loaded DiT^DH-{size} {path} ({key}): dim {model.dim}, {model.num_classes} classes")
     return model.eval(), {k: v for k, v in ckpt.items() if k not in ("model", "model_ema", "opt")}
 
-# ---- FID Inception-v3 (SPEC 6): the 2015-12-05 TF graph, named as in pytorch-fid's weights (evaluate.load_inception)
+# ---- FID Inception-v3 (paper Sec. 4.1, rFID / gFID): the 2015-12-05 TF graph, named as in pytorch-fid's weights (evaluate.load_inception)
 
 def tf1_resize(x, size):
     """TF1 bilinear resize of float (N, C, H, W) to size x size: src = dst * in / out (align_corners=False, NO

@@ -1,4 +1,4 @@
-"""Stage 4: sample images from a DiT^DH with the released Euler sampler (SPEC section 5), decoded by the tokenizer.
+"""Stage 4: sample images from a DiT^DH with the released Euler sampler (transport/transport.py), decoded by the tokenizer.
 
   torchrun --nproc_per_node=8 sample.py --dit ditdhxl_epoch_0599.pth --guide ditdhs_epoch_0029.pth --cfg 1.29 \
       --steps 150 --tokenizer RecTok_decft.pth --latent_stats out/dit/latent_stats.pt --out out/samples.npz
@@ -19,8 +19,9 @@ import models
 from plumbing import barrier, bf16, check_args, log, parse_args, rank_world, save_grid, setup, to_uint8
 
 def time_grid(steps, latent_shape):
-    """The released grid (SPEC 5): `steps` POINTS of linspace(0, 1), g -> s*g / (1 + (s-1)*g), s = sqrt(H*W*dim/4096),
-    flipped to 1 - reversed(grid) so the small steps fall near noise (t=0); like the release, only when s > 1."""
+    """The released grid (transport/transport.py): `steps` POINTS of linspace(0, 1),
+    g -> s g / (1 + (s - 1) g), s = sqrt(H W dim / 4096), flipped to 1 - reversed(grid) so the small steps
+    fall near noise (t = 0); like the release, only when s > 1."""
     s = math.sqrt(math.prod(latent_shape) / 4096)
     g = torch.linspace(0, 1, steps)
     g = s * g / (1 + (s - 1) * g)
@@ -28,8 +29,10 @@ def time_grid(steps, latent_shape):
 
 @torch.no_grad()
 def euler_sample(dit, noise, labels, steps, cfg=1.0, guide=None):
-    """Integrate dx/dt = v(x, t, y) from noise (t=0) to data (t=1) in steps-1 Euler updates. cfg > 1 (all channels, all
-    t): CFG v_null + cfg*(v_cond - v_null), or with `guide` (weak DiT^DH) AutoGuidance v_bad + cfg*(v_good - v_bad)."""
+    """Integrate dx/dt = v(x, t, y) from noise (t=0) to data (t=1) in steps-1 Euler updates: DiT^DH's time runs
+    from noise to data, as in models.flow_loss (the tokenizer's z_t runs the other way). cfg > 1 (all channels,
+    all t): CFG v_null + cfg (v_cond - v_null), or with `guide` (a weak DiT^DH) AutoGuidance
+    v_bad + cfg (v_good - v_bad)."""
     x, ts = noise, time_grid(steps, noise.shape[1:]).to(noise.device)
     null = torch.full_like(labels, dit.num_classes)
     for t0, t1 in zip(ts[:-1], ts[1:]):

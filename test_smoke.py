@@ -34,7 +34,7 @@ def run(script, *args, timeout=300, nproc=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokenizer (issue: models.py)
+# Tokenizer (models.py)
 
 @pytest.mark.parametrize("dim", [16, 32, 64, 128])
 def test_tokenizer_shapes(dim):
@@ -196,7 +196,7 @@ def test_checkpoint_round_trip_and_release_layout(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Teachers (issue: models.py)
+# Teachers (models.py)
 
 @pytest.mark.parametrize("name", ["dinov2_vitl14", "dinov3_vitl16"])
 def test_teacher_shapes_frozen_and_round_trip(name, tmp_path):
@@ -286,7 +286,7 @@ def test_semantic_loss_trains_encoder_never_teacher():
 
 
 # ---------------------------------------------------------------------------------------------
-# Training stages 1 and 2 (issue: train_tokenizer.py, finetune_decoder.py, data.py)
+# Training stages 1 and 2 (train_tokenizer.py, finetune_decoder.py, data.py)
 
 TINY_FT = ["--demo", "--demo_images", "16", "--batch_size", "4", "--global_batch", "8", "--log_every", "1",
            "--perceptual_weight", "1", "--disc_weight", "0.1"]
@@ -599,7 +599,7 @@ def test_resume_refuses_another_model_configuration(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# DiT^DH and the sampler (issue: models.py, train_dit.py, sample.py)
+# DiT^DH and the sampler (models.py, train_dit.py, sample.py)
 
 def tiny_dit(dim=4, grid=4, num_classes=10):
     torch.manual_seed(0)
@@ -812,7 +812,7 @@ def test_train_dit_stats_and_resume(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation (issue: evaluate.py)
+# Evaluation (evaluate.py)
 
 def gaussian_stats(x):
     return x.mean(0), np.cov(x, rowvar=False)
@@ -1165,7 +1165,7 @@ def test_gated_dinov3_needs_its_file():
 
 
 # ---------------------------------------------------------------------------------------------
-# Fast paths (issue: speed): torch.compile and bf16 autocast must not change the function
+# Fast paths: torch.compile and bf16 autocast must not change the function
 
 @torch._inductor.config.patch(fallback_random=True)  # eager's RNG inside compiled code
 def test_compiled_tokenizer_step_matches_eager():

@@ -1,4 +1,4 @@
-"""Stage 3: latent statistics, then DiT^DH on RecTok latents (SPEC section 4).
+"""Stage 3: latent statistics, then DiT^DH on RecTok latents (paper Sec. 4.1, "Diffusion Model").
 
   torchrun --nproc_per_node=8 train_dit.py --tokenizer out/rectok/tokenizer_ft.pt \
       --data /data/imagenet/train --model XL --out_dir out/dit       # or the authors' RecTok_decft.pth
@@ -39,7 +39,7 @@ def latent_stats(tokenizer, loader, device):
     return {"mean": mu.float().cpu(), "std": (acc[2] / acc[0] - mu ** 2).sqrt().float().cpu()}
 
 class DiTStep:
-    """One optimiser step of DiT^DH over `accum` micro-batches of normalised latents (SPEC 4): velocity MSE
+    """One optimiser step of DiT^DH over `accum` micro-batches of normalised latents (paper Sec. 4.1): velocity MSE
     under bf16 autocast, grad clip, AdamW (no weight decay), EMA. Also what bench.py times."""
 
     def __init__(self, args, dit, device, world):
@@ -121,7 +121,8 @@ def main():
     ckpt = models.read_checkpoint(ckpt_path) if os.path.exists(ckpt_path) else {}
     check_resume(ckpt_path, ckpt.get("args", {}), args, ("model", "img_size"))
 
-    # 1. latent statistics (SPEC 4): posterior means, no flip, whole training set
+    # 1. latent statistics: posterior means, no flip, whole training set (the release's main_diffusion.py
+    #    and utils/train_utils.py compute_stats)
     stats = ckpt.get("latent_stats")
     if stats is None and args.latent_stats:
         src = models.read_checkpoint(args.latent_stats)  # latent_stats.pt, or a DiT^DH checkpoint that holds them

@@ -1,4 +1,4 @@
-"""Stage 1: train the RecTok tokenizer with FSD + RAD (SPEC section 3).
+"""Stage 1: train the RecTok tokenizer with FSD + RAD (paper Sec. 3.2, Fig. 3).
 
   torchrun --nproc_per_node=8 train_tokenizer.py --dim 128 --data /data/imagenet/train --out_dir out/rectok
   python train_tokenizer.py --demo                # a few minutes on a laptop CPU, built-in data
@@ -25,10 +25,10 @@ from plumbing import (EMA, Metrics, adamw, bf16, check_args, check_ranks_agree, 
 # the settings that shape the model (stage 2 has dim and img_size, from its tokenizer): a checkpoint resumes only with these
 MODEL_FLAGS = ("dim", "img_size", "patch_size", "enc_size", "dec_size", "sem_size", "sem_type", "teacher", "teacher_size")
 
-# ---- Tokenizer losses (SPEC 3)
+# ---- Tokenizer losses (paper Eq. 4-5; the release's utils/losses.py)
 
 def semantic_loss(pred, target, ids_keep=None, masked_only=False):
-    """1 - cos(pred, target) per token (SPEC 2), averaged over every position (the release's "rec+align"), or
+    """1 - cos(pred, target) per token (paper Eq. 5), averaged over every position (the release's "rec+align"), or
     with masked_only over the masked positions alone (RAD as the paper writes it, the release's
     sem_target "reconstruction": zero when nothing is masked). A per-token MLP decoder only sees kept tokens."""
     if ids_keep is not None and pred.shape[1] != target.shape[1]:
@@ -40,7 +40,7 @@ def semantic_loss(pred, target, ids_keep=None, masked_only=False):
     return (cos * masked).sum() / masked.sum().clamp_min(1)
 
 def generator_losses(args, x, x_hat, kl, pred, target, ids_keep, perceptual, disc, use_gan):
-    """Weighted loss terms in fp32 (SPEC 3); images enter the losses in [0, 1] like the released code."""
+    """Weighted loss terms in fp32 (paper Eq. 4); images enter the losses in [0, 1] like the released code."""
     x, x_hat = x.float(), x_hat.float()
     terms = {"rec": args.rec_weight * F.mse_loss((x_hat + 1) / 2, (x + 1) / 2)}
     if args.perceptual_weight > 0:
@@ -59,7 +59,7 @@ def generator_losses(args, x, x_hat, kl, pred, target, ids_keep, perceptual, dis
 
 class TokenizerStep:
     """One optimiser step of the tokenizer (only its trainable parameters) and of the discriminator, over
-    `accum` micro-batches, with the losses of SPEC 3. Also what bench.py times."""
+    `accum` micro-batches, with the losses of paper Eq. 4. Also what bench.py times."""
 
     def __init__(self, args, model, ema, teacher, device, world):
         self.args, self.model, self.ema, self.teacher = args, model, ema, teacher
@@ -179,7 +179,7 @@ def train(args, stage, model, ema, teacher, rank, world, device):
     log.info(f"done: {ckpt_path}")
 
 def common_args(parser):
-    """Flags shared by both tokenizer stages (defaults: stage 1, SPEC 3)."""
+    """Flags shared by both tokenizer stages (defaults: stage 1, paper Sec. 4.1 and the release's run_train_tokenizer.sh)."""
     p = parser.add_argument
     p("--data", help="ImageNet-style train folder (class sub-folders); omit with --demo")
     p("--data_list", help="optional `relative/path label` file list, like the authors' train.txt")
