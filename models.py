@@ -12,6 +12,7 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 log = logging.getLogger("rectok")
 
@@ -70,6 +71,13 @@ class Attention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
+def run_block(block, grad_ckpt, *inputs):
+    """block(*inputs); with grad_ckpt (and gradients on) its activations are not kept but recomputed in the
+    backward pass (activation checkpointing, the release's --grad_checkpointing): less memory, ~1/3 more compute."""
+    if grad_ckpt and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *inputs, use_reentrant=False)
+    return block(*inputs)
+
 class Block(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
@@ -89,6 +97,7 @@ class ViT(nn.Module):
         super().__init__()
         width, depth, heads = SIZES[size]
         self.width = width
+        self.grad_ckpt = False  # --grad_ckpt: recompute each block's activations in the backward pass
         self.positional_embedding = nn.Parameter(width ** -0.5 * torch.randn(1, grid * grid, width))
         self.ln_pre = nn.RMSNorm(width, eps=1e-6)
         self.transformer = nn.ModuleList(Block(width, heads) for _ in range(depth))
@@ -98,7 +107,7 @@ class ViT(nn.Module):
     def trunk(self, h, rope):
         h = self.ln_pre(h)
         for block in self.transformer:
-            h = block(h, rope)
+            h = run_block(block, self.grad_ckpt, h, rope)
         return self.ln_post(h)
 
     def unmask(self, h, ids_keep, mask_token):
@@ -640,6 +649,7 @@ class DiTDH(nn.Module):
         super().__init__()
         width, self.depth, heads, head_width, head_depth, head_heads = DIT_SIZES[size]
         self.size, self.dim, self.grid, self.num_classes, self.label_drop = size, dim, grid, num_classes, label_drop
+        self.grad_ckpt = False  # --grad_ckpt: recompute each block's activations in the backward pass
         self.t_embedder = FourierTimeEmbed(width)
         self.y_embedder = nn.ModuleDict(dict(embedding_table=nn.Embedding(num_classes + 1, width)))  # last row = null
         self.s_embedder = nn.ModuleDict(dict(proj=nn.Conv2d(dim, width, 1)))  # patch size 1
@@ -672,11 +682,11 @@ class DiTDH(nn.Module):
         c = F.silu(t_emb + self.y_embedder.embedding_table(y))[:, None]  # one condition for all tokens
         s = self.s_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed
         for block in self.blocks[: self.depth]:
-            s = block(s, c, self.enc_rope)
+            s = run_block(block, self.grad_ckpt, s, c, self.enc_rope)
         s = self.s_projector(F.silu(t_emb[:, None] + s))  # per-token condition of the head
         h = self.x_embedder.proj(x).flatten(2).transpose(1, 2)  # the head sees the same noisy x
         for block in self.blocks[self.depth:]:
-            h = block(h, s, self.dec_rope)
+            h = run_block(block, self.grad_ckpt, h, s, self.dec_rope)
         return self.final_layer(h, s).transpose(1, 2).reshape(B, -1, H, W)
 
 def flow_loss(dit, x, y):

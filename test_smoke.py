@@ -405,7 +405,7 @@ def test_loss_networks_run_in_fp32_unless_asked(tmp_path):
     m = tiny_tokenizer(img=32, patch_size=8, teacher_dim=0)
     x = torch.stack([data.Shapes(2, 32)[i][0] for i in range(2)])
     for bf16_losses, dtype in ((False, torch.float32), (True, torch.bfloat16)):
-        args = SimpleNamespace(compile=False, blr=1e-4, global_batch=2, convnext_weight=0.0, random_frozen_nets=True,
+        args = SimpleNamespace(compile=False, grad_ckpt=False, blr=1e-4, global_batch=2, convnext_weight=0.0, random_frozen_nets=True,
                                weight_decay=0.0, grad_clip=3.0, rec_weight=1.0, perceptual_weight=1.0, kl_weight=0.0,
                                sem_weight=0.0, disc_weight=0.1, bf16_losses=bf16_losses)
         step = tt.TokenizerStep(args, m, plumbing.EMA(m, 0.9), None, torch.device("cpu"), 1)
@@ -1265,7 +1265,7 @@ def test_compiled_tokenizer_step_matches_eager():
         torch.manual_seed(0)
         m = tiny_tokenizer(img=32, patch_size=8, teacher_dim=64)
         teacher = models.load_teacher("dinov2_vitl14", None, "tiny", grid=4)
-        args = SimpleNamespace(compile=compile, blr=1e-4, global_batch=8, convnext_weight=0.0, random_frozen_nets=True,
+        args = SimpleNamespace(compile=compile, grad_ckpt=False, blr=1e-4, global_batch=8, convnext_weight=0.0, random_frozen_nets=True,
                                weight_decay=1e-4, grad_clip=3.0, rec_weight=1.0, perceptual_weight=1.0, kl_weight=1e-6,
                                sem_weight=1.0, disc_weight=0.5, bf16_losses=False, sem_target="all")
         step = tt.TokenizerStep(args, m, plumbing.EMA(m, 0.9), teacher, torch.device("cpu"), 1)
@@ -1298,6 +1298,38 @@ def test_bench_tokenizer_times_fp32_and_bf16_losses(monkeypatch, capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tokenizer step")]
     assert len(rows) == 2 and "fp32 losses" in rows[0] and "bf16 losses" in rows[1]
     assert all(float(row.split("|")[2]) > 0 for row in rows)
+
+
+def test_grad_ckpt_gives_the_same_loss_and_gradients():
+    """--grad_ckpt recomputes each transformer block in the backward pass: the step's numbers must not change."""
+    tok = tiny_tokenizer(img=32, patch_size=8, teacher_dim=8).train()
+    dit = randomise(tiny_dit()).train()
+    x = torch.stack([data.Shapes(2, 32)[i][0] for i in range(2)])
+    z, y = torch.randn(2, 4, 4, 4), torch.tensor([1, 2])
+
+    def loss_and_grads(grad_ckpt):
+        for net in (tok.encoder, tok.decoder, tok.sem_decoder, dit):
+            net.grad_ckpt = grad_ckpt
+            net.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the same RAD mask, flow times and noise in both runs
+        x_hat, kl, pred, _ = tok(x)
+        loss = (x_hat - x).square().mean() + kl + pred.square().mean() + models.flow_loss(dit, z, y)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for net in (tok, dit) for p in net.parameters() if p.grad is not None]
+    loss, grads = loss_and_grads(False)
+    loss_ckpt, grads_ckpt = loss_and_grads(True)
+    assert len(grads) == len(grads_ckpt) > 50
+    torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=0)
+    for g, g_ckpt in zip(grads, grads_ckpt):
+        torch.testing.assert_close(g_ckpt, g, rtol=1e-6, atol=1e-7)
+
+    def n_saved(grad_ckpt):  # tensors kept for the backward pass: with it, a block keeps only its inputs
+        saved = []
+        tok.decoder.grad_ckpt = grad_ckpt
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            tok.decoder(torch.randn(2, 16, 16))
+        return len(saved)
+    assert n_saved(True) < n_saved(False) / 2
 
 
 def test_every_size_has_a_flash_attention_head_dim():

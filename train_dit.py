@@ -45,6 +45,7 @@ class DiTStep:
     def __init__(self, args, dit, device, world):
         self.args, self.dit, self.ema = args, dit, EMA(dit, args.ema)
         self.opt = adamw([p for p in dit.parameters() if p.requires_grad], args.lr, device)
+        dit.grad_ckpt = args.grad_ckpt
         if args.compile:
             models.compile_blocks(dit.blocks)
         self.ddp = ddp(dit, device, world)
@@ -97,6 +98,8 @@ def main():
     p("--log_every", type=int, default=50)
     p("--vis_every", type=int, default=5)
     p("--compile", action="store_true")
+    p("--grad_ckpt", action="store_true", help="activation checkpointing per transformer block: less GPU memory, "
+      "~1/3 more compute (the release's --grad_checkpointing)")
     p("--save_every", type=int, default=0, help="also keep dit_epoch{E:04d}.pt every N epochs (E counts from 0: "
       "the paper's 600-epoch model is dit_epoch0599.pt, as the release's ditdhxl_epoch_0599)")
     p("--wandb", metavar="PROJECT", help="also send metrics and image grids to this Weights & Biases project")

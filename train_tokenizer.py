@@ -68,6 +68,9 @@ class TokenizerStep:
         self.disc = models.patchgan().to(device)
         self.opt = adamw(model, self.base_lr, device, args.weight_decay)
         self.opt_d = adamw(self.disc, self.base_lr, device, args.weight_decay)
+        for net in (model.encoder, model.decoder, model.sem_decoder):
+            if isinstance(net, models.ViT):
+                net.grad_ckpt = args.grad_ckpt
         if args.compile:  # in place; transformers block by block, the RAD mask draw and gathers stay eager
             for net in (model.encoder, model.decoder, model.sem_decoder):
                 models.compile_blocks(getattr(net, "transformer", []), dynamic=True)  # the encoder's kept tokens vary
@@ -210,6 +213,8 @@ def common_args(parser):
     p("--log_every", type=int, default=50)
     p("--vis_every", type=int, default=5)
     p("--compile", action="store_true")
+    p("--grad_ckpt", action="store_true", help="activation checkpointing per transformer block: less GPU memory, "
+      "~1/3 more compute (the release's --grad_checkpointing)")
     p("--wandb", metavar="PROJECT", help="also send metrics and image grids to this Weights & Biases project")
     p("--eval_every", type=int, default=0, help="every N epochs: PSNR + rFID of the EMA model on --val_data")
     p("--eval_images", type=int, default=10_000)
