@@ -8,7 +8,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -23,7 +22,9 @@ log = logging.getLogger("rectok")
 wandb = None  # the wandb module, imported by setup() on rank 0 when --wandb is given
 
 # ---- Processes
-def parse_args(parser, demo_defaults, max_batch=64):
+MAX_BATCH = 64  # a derived per-process batch is at most this (the fixed --batch_size default before)
+
+def parse_args(parser, demo_defaults):
     """--demo swaps in small defaults and the folder out/demo; any flag given explicitly still wins. Outside
     --demo, check_args asks for --out_dir: a shared default would resume (or overwrite) another run.
     --batch_size not given (None): derived, see per_process_batch."""
@@ -32,7 +33,7 @@ def parse_args(parser, demo_defaults, max_batch=64):
         parser.set_defaults(**demo_defaults, out_dir="out/demo")
         args = parser.parse_args()
     if getattr(args, "batch_size", 0) is None:
-        args.batch_size = per_process_batch(args.global_batch, int(os.environ.get("WORLD_SIZE", 1)), max_batch)
+        args.batch_size = per_process_batch(args.global_batch, int(os.environ.get("WORLD_SIZE", 1)), MAX_BATCH)
     return args
 
 def per_process_batch(global_batch, world, max_batch):
@@ -144,8 +145,8 @@ def check_ranks_agree(*modules):
 class Progress:
     """A log line at most every `every` seconds for a long phase: done / total, rate and time left."""
 
-    def __init__(self, what, total, unit="images", every=10.0):
-        self.what, self.total, self.unit, self.every = what, total, unit, every
+    def __init__(self, what, total, every=10.0):
+        self.what, self.total, self.every = what, total, every
         self.done, self.start = 0, time.time()
         self.last = self.start
 
@@ -156,7 +157,7 @@ class Progress:
             self.last = now
             rate = self.done / max(now - self.start, 1e-9)
             left = f", {(self.total - self.done) / rate / 60:.1f} min left" if self.total and rate > 0 else ""
-            log.info(f"{self.what}: {self.done}/{self.total or '?'} {self.unit}, {rate:.3g} {self.unit}/s{left}")
+            log.info(f"{self.what}: {self.done}/{self.total or '?'} images, {rate:.3g} images/s{left}")
 
 # ---- Training
 def grad_accum_steps(args, world):

@@ -3,6 +3,7 @@ import importlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -397,6 +398,18 @@ def test_every_demo_stage_runs_under_torchrun_with_two_processes(tmp_path):
     assert "global batch 16 = 8/GPU x 2 x 1 accumulation" in (tmp_path / "tokenizer_ft.log").read_text()
     assert "global batch 16 = 8/GPU x 2 x 1 accumulation" in (tmp_path / "dit.log").read_text()
     assert np.load(tmp_path / "samples.npz")["arr_0"].shape == (6, 32, 32, 3)
+
+
+def test_progress_lines_have_a_rate_and_the_time_left(caplog):
+    caplog.set_level("INFO", logger="rectok")
+    quiet = plumbing.Progress("latent statistics", 10, every=1e9)
+    quiet.update(4)
+    assert not caplog.records  # not before `every` seconds have passed
+    quiet.update(6)
+    assert caplog.records[-1].getMessage().startswith("latent statistics: 10/10 images, ")  # the end is always logged
+    chatty = plumbing.Progress("sampling", 100, every=0)
+    chatty.update(25)
+    assert re.fullmatch(r"sampling: 25/100 images, [0-9.e+]+ images/s, [0-9.]+ min left", caplog.records[-1].getMessage())
 
 
 def test_loss_networks_run_in_fp32_unless_asked(tmp_path):

@@ -19,7 +19,7 @@ import torch.nn as nn
 import data
 import evaluate
 import models
-from plumbing import (EMA, INF, RANGES, Metrics, adamw, bf16, check_args, check_ranks_agree, check_resume,
+from plumbing import (EMA, INF, RANGES, Metrics, Progress, adamw, bf16, check_args, check_ranks_agree, check_resume,
                       ddp, dit_lr, gather_rows, grad_accum_steps, log, parse_args, random_flip, reduce_for_log,
                       resume, save_checkpoint, save_epoch, save_grid, setup, sync_grads_if, to_uint8)
 from sample import generate, sample_metrics
@@ -28,11 +28,11 @@ from sample import generate, sample_metrics
 def latent_stats(tokenizer, loader, device):
     """Channel-wise mean and std of the posterior means over the whole loader, reduced over all ranks."""
     acc = torch.zeros(3, tokenizer.dim, dtype=torch.float64, device=device)  # count, sum, sum of squares
-    for i, (x, _) in enumerate(loader):
+    progress = Progress("latent statistics", len(loader.sampler))
+    for x, _ in loader:
         mean = tokenizer.posterior(x.to(device, non_blocking=True))[0].flatten(0, 1).double()
         acc += torch.stack([torch.full_like(mean[0], len(mean)), mean.sum(0), (mean ** 2).sum(0)])
-        if i % 100 == 0:
-            log.info(f"latent statistics: {i}/{len(loader)} batches")
+        progress.update(len(x))
     if dist.is_initialized():
         dist.all_reduce(acc)
     mu = acc[1] / acc[0]
