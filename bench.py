@@ -142,7 +142,7 @@ def main():
     p("--sample_steps", type=int, default=50 if cuda else 5, help="Euler grid points")
     p("--dtype", default="bf16" if cuda else "fp32", choices=["bf16", "fp32"], help="autocast (bf16 on CPU is slow)")
     p("--compile", action="store_true")
-    p("--grad_ckpt", action="store_true", help="the training steps with activation checkpointing (the price of it)")
+    p("--grad_ckpt", action="store_true", help="the training steps with activation checkpointing (its price)")
     p("--warmup", type=int, help="calls before timing, after the eager one that counts FLOPs (default: 3 on CUDA; "
       "on CPU 1 with --compile, else 0)")
     p("--steps", type=int, default=10 if cuda else 1)

@@ -69,7 +69,8 @@ class ImageFolder(torch.utils.data.Dataset):
                             for f in sorted(files) if f.lower().endswith(IMAGE_EXTS)]
             self.num_classes = len(folders)
         if not self.samples:
-            raise SystemExit(f"--data: no images found in {root} (expected class sub-folders of images, or images)")
+            raise SystemExit(f"--data: no images found in {root} (expected class sub-folders of images, "
+                             "or images)")
 
     def __len__(self):
         return len(self.samples)

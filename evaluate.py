@@ -119,7 +119,8 @@ def inception_features(model, batches, total=None):
 
 def features(model, path, batch_size, crop=None):  # pool features of an .npz / folder of images, all ranks'
     n, read = data.open_images(path, crop)
-    return gather_rows(inception_features(model, image_batches(n, read, batch_size), -(-n // rank_world()[1]))[0], n)
+    per_rank = -(-n // rank_world()[1])
+    return gather_rows(inception_features(model, image_batches(n, read, batch_size), per_rank)[0], n)
 
 def reference(model, path, batch_size, crop=None):
     """--ref -> ((mu, sigma), pool features for precision / recall or None): .npz of mu, sigma (+ arr_0), or images."""

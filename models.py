@@ -73,7 +73,8 @@ class Attention(nn.Module):
 
 def run_block(block, grad_ckpt, *inputs):
     """block(*inputs); with grad_ckpt (and gradients on) its activations are not kept but recomputed in the
-    backward pass (activation checkpointing, the release's --grad_checkpointing): less memory, ~1/3 more compute."""
+    backward pass (activation checkpointing, the release's --grad_checkpointing): less memory, ~1/3 more
+    compute."""
     if grad_ckpt and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(block, *inputs, use_reentrant=False)
     return block(*inputs)
@@ -293,13 +294,15 @@ def load_state(model, sd, path):
     model.load_state_dict(sd)
 
 def released_file(path):
-    """hf://<org>/<repo>/<file> (e.g. hf://QingyuShi/RecTok/RecTok_decft.pth): that Hugging Face file, downloaded
-    once into the torch hub cache (under torchrun, local rank 0 downloads and the others wait); other paths as given."""
+    """hf://<org>/<repo>/<file> (e.g. hf://QingyuShi/RecTok/RecTok_decft.pth): that Hugging Face file,
+    downloaded once into the torch hub cache (under torchrun, local rank 0 downloads and the others wait);
+    other paths as given."""
     if not str(path).startswith("hf://"):
         return path
     parts = str(path)[len("hf://"):].split("/", 2)
     if len(parts) < 3 or not all(parts):
-        raise SystemExit(f"{path}: a released file is named hf://<org>/<repo>/<file>, e.g. hf://QingyuShi/RecTok/RecTok.pth")
+        raise SystemExit(f"{path}: a released file is named hf://<org>/<repo>/<file>, "
+                         "e.g. hf://QingyuShi/RecTok/RecTok.pth")
     url = f"https://huggingface.co/{parts[0]}/{parts[1]}/resolve/main/{parts[2]}"
     folder = os.path.join(torch.hub.get_dir(), "checkpoints")
     local = os.path.join(folder, os.path.basename(parts[2]))
@@ -312,7 +315,8 @@ def released_file(path):
             os.makedirs(folder, exist_ok=True)
             torch.hub.download_url_to_file(url, local)  # via a temporary file: never a half-written one
         except Exception as e:  # offline: urllib's URLError
-            raise SystemExit(f"could not download {url} ({str(e).splitlines()[0]}); offline, put the file in {folder}")
+            raise SystemExit(f"could not download {url} ({str(e).splitlines()[0]}); offline, put the file "
+                             f"in {folder}")
     return local
 
 def read_checkpoint(path, mmap=False):

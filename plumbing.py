@@ -77,8 +77,8 @@ def batch_problem(args, world):
     if batch_size is None:
         return f"--global_batch {global_batch} cannot be split over {world} processes: give another --global_batch"
     if global_batch % (batch_size * world):
-        return (f"--global_batch {global_batch} is not a multiple of --batch_size x processes = {batch_size} x {world}: "
-                "give another --batch_size, or none (then it is derived)")
+        return (f"--global_batch {global_batch} is not a multiple of --batch_size x processes = "
+                f"{batch_size} x {world}: give another --batch_size, or none (then it is derived)")
 
 def rank_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)

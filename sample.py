@@ -147,7 +147,8 @@ def main():
         raise SystemExit(f"--tokenizer: latents {tokenizer.dim}x{tokenizer.grid}^2 do not fit the DiT's {dit.dim}x{dit.grid}^2")
     bad = [c for c in args.classes or [] if not 0 <= c < dit.num_classes]
     if bad:
-        raise SystemExit(f"--classes {' '.join(map(str, bad))}: {args.dit} has classes 0 to {dit.num_classes - 1}")
+        raise SystemExit(f"--classes {' '.join(map(str, bad))}: {paths['dit']} has classes 0 to "
+                         f"{dit.num_classes - 1}")
     if dit.label_drop == 0 and guide is None and (args.cfg > 1 or args.cfg_list):
         raise SystemExit(f"--cfg: {paths['dit']} was trained with --label_drop 0, so it has no null class for "
                          "classifier-free guidance; sample with --cfg 1, or give --guide")

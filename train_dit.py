@@ -167,7 +167,7 @@ def main():
             real = data.make_loader(real, args.batch_size, False, args.workers, world, rank)
             pool = evaluate.inception_features(inception, (to_uint8(x) for x, _ in real))[0]
             ref = evaluate.feature_stats(gather_rows(pool, len(real.dataset), strided=True)), None
-    classes = [207, 360, 387, 974, 88, 979, 417, 279] if num_classes == 1000 else list(range(10))  # labels i % classes
+    classes = [207, 360, 387, 974, 88, 979, 417, 279] if num_classes == 1000 else list(range(10))  # image i: label i % classes
     metrics = Metrics(args.out_dir, "dit", rank, step)
     log.info(f"{len(dataset)} images, {steps_per_epoch} steps/epoch, global batch {args.global_batch} = "
              f"{args.batch_size}/GPU x {world} x {accum} accumulation")
