@@ -164,8 +164,8 @@ def main():
     # finishes the job, and one with more --num_images extends a finished one (image i does not depend on the count).
     out = args.out or os.path.join(args.out_dir, "samples.npz")
     named = {k: v if str(v).startswith("hf://") else v and os.path.abspath(v) for k, v in paths.items()}
-    settings = dict(named, cfg=args.cfg, steps=args.steps,
-                    seed=args.seed, num_images=args.num_images, classes=args.classes)
+    settings = dict(named, cfg=args.cfg, steps=args.steps, seed=args.seed, num_images=args.num_images,
+                    classes=args.classes)
     settings["dit"] += f" (step {extra.get('step')})"  # a DiT trained further makes other images
     finished = os.path.exists(out) and not os.path.exists(out + ".done.npy")  # the .npy files: a run under way
     old = {} if finished else None  # what an earlier run into `out` was asked for ({}: not recorded)
