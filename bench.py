@@ -78,6 +78,7 @@ def bench_tokenizer(args, device, autocast):
     optimisers, EMA. Under --dtype bf16, once with the loss networks in fp32 (the release) and once in bf16."""
     opts = SimpleNamespace(blr=1e-4, global_batch=args.batch_size, convnext_weight=args.convnext_weight, grad_clip=3.0,
                            random_frozen_nets=True, weight_decay=1e-4, compile=args.compile, sem_target="all",
+                           grad_ckpt=args.grad_ckpt,
                            rec_weight=1.0, perceptual_weight=1.0, kl_weight=1e-6, sem_weight=1.0, disc_weight=0.1)
     teacher = models.load_teacher("dinov3_vitl16", None, args.teacher_size, args.img_size // 16).to(device)
     model = models.Tokenizer(args.img_size, 16, 128, args.tok_size, args.tok_size, teacher_dim=teacher.dim).to(device)
@@ -91,7 +92,8 @@ def bench_tokenizer(args, device, autocast):
 def bench_dit(args, device, autocast):
     """(b) One DiT^DH training step; (c) Euler sampling, plain, CFG and AutoGuidance."""
     dit = models.DiTDH(args.dit_size, 128, 16).to(device)
-    step = train_dit.DiTStep(SimpleNamespace(lr=2e-4, ema=0.9995, grad_clip=1.0, compile=args.compile), dit, device, 1)
+    opts = SimpleNamespace(lr=2e-4, ema=0.9995, grad_clip=1.0, compile=args.compile, grad_ckpt=args.grad_ckpt)
+    step = train_dit.DiTStep(opts, dit, device, 1)
     step.autocast = autocast
     z = torch.randn(args.batch_size, 128, 16, 16, device=device)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
@@ -140,6 +142,7 @@ def main():
     p("--sample_steps", type=int, default=50 if cuda else 5, help="Euler grid points")
     p("--dtype", default="bf16" if cuda else "fp32", choices=["bf16", "fp32"], help="autocast (bf16 on CPU is slow)")
     p("--compile", action="store_true")
+    p("--grad_ckpt", action="store_true", help="the training steps with activation checkpointing (its price)")
     p("--warmup", type=int, help="calls before timing, after the eager one that counts FLOPs (default: 3 on CUDA; "
       "on CPU 1 with --compile, else 0)")
     p("--steps", type=int, default=10 if cuda else 1)

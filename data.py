@@ -49,7 +49,8 @@ def to_tensor(arr):
     return torch.from_numpy(np.array(arr)).permute(2, 0, 1).float() / 127.5 - 1
 
 class ImageFolder(torch.utils.data.Dataset):
-    """Class sub-folders (labels by sorted folder name), or a list file of `relative/path label` lines.
+    """Class sub-folders (labels by sorted folder name), a flat folder of images (one class, label 0), or a list
+    file of `relative/path label` lines.
     Items are (x, label): x float (3, size, size) in [-1, 1]; the training scripts flip, not the dataset.
     A corrupt or truncated file is skipped (the next image is returned) with a counted warning."""
 
@@ -61,13 +62,15 @@ class ImageFolder(torch.utils.data.Dataset):
             self.samples = [(os.path.join(root, r[0]), int(r[1]) if len(r) > 1 else -1) for r in rows]
             self.num_classes = max(label for _, label in self.samples) + 1
         else:
-            classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
-            self.samples = [(os.path.join(dp, f), label) for label, c in enumerate(classes)
-                            for dp, _, files in sorted(os.walk(os.path.join(root, c)))
+            folders = [d.path for d in sorted(os.scandir(root), key=lambda d: d.name) if d.is_dir()]
+            folders = folders or [root]  # a flat folder of images is one class (unconditional training)
+            self.samples = [(os.path.join(dp, f), label) for label, folder in enumerate(folders)
+                            for dp, _, files in sorted(os.walk(folder))
                             for f in sorted(files) if f.lower().endswith(IMAGE_EXTS)]
-            self.num_classes = len(classes)
+            self.num_classes = len(folders)
         if not self.samples:
-            raise SystemExit(f"--data: no images found in {root} (expected class sub-folders of images)")
+            raise SystemExit(f"--data: no images found in {root} (expected class sub-folders of images, "
+                             "or images)")
 
     def __len__(self):
         return len(self.samples)

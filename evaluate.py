@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import data
 import models
-from plumbing import (bf16, check_args, gather_rows, log, rank_world, save_checkpoint, save_grid, setup,
+from plumbing import (Progress, bf16, check_args, gather_rows, log, rank_world, save_checkpoint, save_grid, setup,
                       to_uint8, wandb_summary)
 FID_WEIGHTS = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 PROBE_TS, VIZ_TS = (0.0, 0.5), (0.0, 0.25, 0.5, 0.75)
@@ -104,15 +104,23 @@ def image_batches(n, read, batch_size):
         yield torch.from_numpy(np.concatenate([x, np.repeat(x[-1:], j - i - len(x), 0)])).permute(0, 3, 1, 2)
 
 @torch.no_grad()
-def inception_features(model, batches):
-    """(pool (N, 2048), logits (N, 1008)) of uint8 (B, 3, H, W) batches, on the model's device."""
+def inception_features(model, batches, total=None):
+    """(pool (N, 2048), logits (N, 1008)) of uint8 (B, 3, H, W) batches, on the model's device; progress is
+    logged against `total` images (this rank's)."""
     device = next(model.parameters()).device
-    pool, logits = zip(*(model(x.to(device)) for x in batches))
+    progress = Progress("features for FID", total)
+    pool, logits = [], []
+    for x in batches:
+        feats, class_logits = model(x.to(device))
+        pool.append(feats)
+        logits.append(class_logits)
+        progress.update(len(x))
     return torch.cat(pool), torch.cat(logits)
 
 def features(model, path, batch_size, crop=None):  # pool features of an .npz / folder of images, all ranks'
     n, read = data.open_images(path, crop)
-    return gather_rows(inception_features(model, image_batches(n, read, batch_size))[0], n)
+    per_rank = -(-n // rank_world()[1])
+    return gather_rows(inception_features(model, image_batches(n, read, batch_size), per_rank)[0], n)
 
 def reference(model, path, batch_size, crop=None):
     """--ref -> ((mu, sigma), pool features for precision / recall or None): .npz of mu, sigma (+ arr_0), or images."""
@@ -133,7 +141,7 @@ def n_images(loader):  # a loader not sharded by data.make_loader(..., world, ra
 
 def generation_metrics(inception, batches, ref_mu, ref_sigma, ref_pool=None, n=None, labels=None):
     """FID / IS / precision-recall (+ class accuracy, given the labels) of uint8 (B, 3, H, W) batches, n in all."""
-    pool, logits = inception_features(inception, batches)
+    pool, logits = inception_features(inception, batches, n and -(-n // rank_world()[1]))
     n = n or len(pool) * rank_world()[1]
     pool, logits = gather_rows(pool, n), gather_rows(logits, n)
     if rank_world()[0] != 0:
@@ -149,7 +157,9 @@ def generation_metrics(inception, batches, ref_mu, ref_sigma, ref_pool=None, n=N
 def reconstruction_metrics(tokenizer, loader, inception, device, ref=None):
     """PSNR and rFID (against ref's mu, sigma, else the real images) of a loader's posterior-mean reconstructions."""
     psnr, fake, real = [], [], []
+    progress = Progress("reconstructions for PSNR / rFID", len(loader.sampler))
     for x, _ in loader:
+        progress.update(len(x))
         x = x.to(device, non_blocking=True)
         with bf16(device):
             x_hat = tokenizer.decode(tokenizer.encode(x))
@@ -234,6 +244,7 @@ def demo_judge(out_dir, size, grid, device, n_train=640, seed=0):
             judge.load_state_dict(ckpt["model"])
         else:
             x, y = data.stack(data.Shapes(n_train, size))
+            progress = Progress("training the demo judge", 15 * n_train)
             opt = torch.optim.AdamW(judge.parameters(), 3e-3, weight_decay=0.05)
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=15 * -(-n_train // 64))
             for _ in range(15):
@@ -244,6 +255,7 @@ def demo_judge(out_dir, size, grid, device, n_train=640, seed=0):
                     F.cross_entropy(judge(to_uint8(xb))[1], y[idx].to(device)).backward()
                     opt.step()
                     sched.step()
+                    progress.update(len(idx))
             vx, vy = data.stack(data.Shapes(500, size, seed=1))
             with torch.no_grad():
                 accuracy = (judge.eval()(to_uint8(vx.to(device)))[1].argmax(1).cpu() == vy).float().mean().item()

@@ -5,12 +5,14 @@ import functools
 import logging
 import math
 import os
+import time
 import warnings
 from collections import OrderedDict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 log = logging.getLogger("rectok")
 
@@ -69,6 +71,14 @@ class Attention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
+def run_block(block, grad_ckpt, *inputs):
+    """block(*inputs); with grad_ckpt (and gradients on) its activations are not kept but recomputed in the
+    backward pass (activation checkpointing, the release's --grad_checkpointing): less memory, ~1/3 more
+    compute."""
+    if grad_ckpt and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *inputs, use_reentrant=False)
+    return block(*inputs)
+
 class Block(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
@@ -88,6 +98,7 @@ class ViT(nn.Module):
         super().__init__()
         width, depth, heads = SIZES[size]
         self.width = width
+        self.grad_ckpt = False  # --grad_ckpt: recompute each block's activations in the backward pass
         self.positional_embedding = nn.Parameter(width ** -0.5 * torch.randn(1, grid * grid, width))
         self.ln_pre = nn.RMSNorm(width, eps=1e-6)
         self.transformer = nn.ModuleList(Block(width, heads) for _ in range(depth))
@@ -97,7 +108,7 @@ class ViT(nn.Module):
     def trunk(self, h, rope):
         h = self.ln_pre(h)
         for block in self.transformer:
-            h = block(h, rope)
+            h = run_block(block, self.grad_ckpt, h, rope)
         return self.ln_post(h)
 
     def unmask(self, h, ids_keep, mask_token):
@@ -161,6 +172,17 @@ class MLPSemanticDecoder(nn.Module):
     def forward(self, z, ids_keep=None):
         return self.mlp(z)
 
+def check_pixel_range(x):
+    """Images enter the tokenizer in [-1, 1] (data.to_tensor: uint8 / 127.5 - 1). A batch beyond [-1.5, 1.5] looks
+    like [0, 255]; one with no pixel below mid-grey but some brighter than 3/4 looks like [0, 1] (x * 2 - 1)."""
+    lo, hi = torch.stack([x.detach().amin(), x.detach().amax()]).float().tolist()
+    if hi > 1.5 or lo < -1.5:
+        raise ValueError(f"Tokenizer.encode: x spans [{lo:.3g}, {hi:.3g}], like [0, 255] images; it takes [-1, 1] "
+                         "(x / 127.5 - 1)")
+    if lo >= 0 and hi > 0.5:
+        raise ValueError(f"Tokenizer.encode: x spans [{lo:.3g}, {hi:.3g}], like [0, 1] images; it takes [-1, 1] "
+                         "(x * 2 - 1); if these are [-1, 1] images, pass check_range=False")
+
 class Tokenizer(nn.Module):
     def __init__(self, img_size=256, patch_size=16, dim=128, enc_size="base", dec_size="base",
                  sem_size="tiny", sem_type="transformer", teacher_dim=1024, mask_ratio=0.4,
@@ -209,8 +231,12 @@ class Tokenizer(nn.Module):
         mean, logvar = h.chunk(2, dim=-1)
         return mean, logvar.clamp(-30.0, 20.0)
 
-    def encode(self, x, sample=False):
-        """x (B, 3, H, W) in [-1, 1] -> z (B, dim, H/16, W/16): posterior mean, or a sample. Never masks or noises."""
+    def encode(self, x, sample=False, check_range=True):
+        """x (B, 3, H, W) in [-1, 1] -> z (B, dim, H/16, W/16): posterior mean, or a sample. Never masks or noises.
+        check_range: ValueError on a batch that looks like [0, 255] or [0, 1] images (one host sync; the DiT^DH
+        training loop, which feeds its own loader's [-1, 1] images every step, turns it off)."""
+        if check_range:
+            check_pixel_range(x)
         mean, logvar = self.posterior(x)
         z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean) if sample else mean
         return z.transpose(1, 2).unflatten(2, (self.grid, self.grid))
@@ -269,7 +295,34 @@ def load_state(model, sd, path):
                          f"keys {' '.join(unexpected[:5]) or '-'}; wrong shapes {' '.join(shape[:5]) or '-'}")
     model.load_state_dict(sd)
 
+def released_file(path):
+    """hf://<org>/<repo>/<file> (e.g. hf://QingyuShi/RecTok/RecTok_decft.pth): that Hugging Face file,
+    downloaded once into the torch hub cache (under torchrun, local rank 0 downloads and the others wait);
+    other paths as given."""
+    if not str(path).startswith("hf://"):
+        return path
+    parts = str(path)[len("hf://"):].split("/", 2)
+    if len(parts) < 3 or not all(parts):
+        raise SystemExit(f"{path}: a released file is named hf://<org>/<repo>/<file>, "
+                         "e.g. hf://QingyuShi/RecTok/RecTok.pth")
+    url = f"https://huggingface.co/{parts[0]}/{parts[1]}/resolve/main/{parts[2]}"
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    local = os.path.join(folder, os.path.basename(parts[2]))
+    if int(os.environ.get("LOCAL_RANK", 0)) > 0:
+        while not os.path.isfile(local):
+            time.sleep(2)
+    if not os.path.isfile(local):
+        log.info(f"downloading {url} to {folder} (once)")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            torch.hub.download_url_to_file(url, local)  # via a temporary file: never a half-written one
+        except Exception as e:  # offline: urllib's URLError
+            raise SystemExit(f"could not download {url} ({str(e).splitlines()[0]}); offline, put the file "
+                             f"in {folder}")
+    return local
+
 def read_checkpoint(path, mmap=False):
+    path = released_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
@@ -285,6 +338,7 @@ KINDS = {"a tokenizer checkpoint": "encoder.latent_head.weight", "a DiT^DH check
 
 def file_kinds(path):
     """What `path` is, as a list of KINDS (a DiT^DH checkpoint also holds latent statistics), or in words."""
+    path = released_file(path)
     if not os.path.isfile(path):
         return ["a folder" if os.path.isdir(path) else "missing"]
     if path.endswith(".npz"):
@@ -601,6 +655,7 @@ class DiTDH(nn.Module):
         super().__init__()
         width, self.depth, heads, head_width, head_depth, head_heads = DIT_SIZES[size]
         self.size, self.dim, self.grid, self.num_classes, self.label_drop = size, dim, grid, num_classes, label_drop
+        self.grad_ckpt = False  # --grad_ckpt: recompute each block's activations in the backward pass
         self.t_embedder = FourierTimeEmbed(width)
         self.y_embedder = nn.ModuleDict(dict(embedding_table=nn.Embedding(num_classes + 1, width)))  # last row = null
         self.s_embedder = nn.ModuleDict(dict(proj=nn.Conv2d(dim, width, 1)))  # patch size 1
@@ -633,11 +688,11 @@ class DiTDH(nn.Module):
         c = F.silu(t_emb + self.y_embedder.embedding_table(y))[:, None]  # one condition for all tokens
         s = self.s_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed
         for block in self.blocks[: self.depth]:
-            s = block(s, c, self.enc_rope)
+            s = run_block(block, self.grad_ckpt, s, c, self.enc_rope)
         s = self.s_projector(F.silu(t_emb[:, None] + s))  # per-token condition of the head
         h = self.x_embedder.proj(x).flatten(2).transpose(1, 2)  # the head sees the same noisy x
         for block in self.blocks[self.depth:]:
-            h = block(h, s, self.dec_rope)
+            h = run_block(block, self.grad_ckpt, h, s, self.dec_rope)
         return self.final_layer(h, s).transpose(1, 2).reshape(B, -1, H, W)
 
 def flow_loss(dit, x, y):
@@ -667,7 +722,8 @@ def load_dit(path, ema=True):
     if size is None:
         raise SystemExit(f"{path}: a DiT^DH of no known size (width/depth/head width/head depth {shape})")
     model = DiTDH(size, dim=sd["x_embedder.proj.weight"].shape[1], grid=math.isqrt(sd["pos_embed"].shape[1]),
-                  num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1)
+                  num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1,
+                  label_drop=ckpt.get("args", {}).get("label_drop", 0.1))  # 0: no null class to guide with
     load_state(model, sd, path)
     log.info(f"loaded DiT^DH-{size} {path} ({key}): dim {model.dim}, {model.num_classes} classes")
     return model.eval(), {k: v for k, v in ckpt.items() if k not in ("model", "model_ema", "opt")}

@@ -10,7 +10,7 @@ import logging
 import math
 import os
 import re
-import sys
+import time
 
 import numpy as np
 import torch
@@ -60,12 +60,27 @@ def check_install():
     if problem:
         raise SystemExit(problem)
 
+MAX_BATCH = 64  # a derived per-process batch is at most this (the fixed --batch_size default before)
+
 def parse_args(parser, demo_defaults):
     """--demo swaps in small defaults and the folder out/demo; any flag given explicitly still wins. Outside
-    --demo, check_args asks for --out_dir: a shared default would resume (or overwrite) another run."""
-    if "--demo" in sys.argv[1:]:
+    --demo, check_args asks for --out_dir: a shared default would resume (or overwrite) another run.
+    --batch_size not given (None): derived, see per_process_batch."""
+    args = parser.parse_args()
+    if args.demo:
         parser.set_defaults(**demo_defaults, out_dir="out/demo")
-    return parser.parse_args()
+        args = parser.parse_args()
+    if getattr(args, "batch_size", 0) is None:
+        args.batch_size = per_process_batch(args.global_batch, int(os.environ.get("WORLD_SIZE", 1)), MAX_BATCH)
+    return args
+
+def per_process_batch(global_batch, world, max_batch):
+    """The largest per-process batch <= max_batch that splits the global batch evenly over the `world` processes
+    (the rest by gradient accumulation); None if the processes cannot share it (check_args then says so)."""
+    if global_batch < 1 or global_batch % world:
+        return None
+    share = global_batch // world
+    return next(b for b in range(min(share, max_batch), 0, -1) if share % b == 0)
 
 INF = float("inf")
 RANGES = {  # closed intervals of the numeric flags; check_args applies the ones a script has
@@ -86,10 +101,24 @@ def check_args(args, problems=(), ranges=RANGES):
            if (v := getattr(args, k, None)) is not None and not lo <= v <= hi]
     bad += [f"--{k} {v}: no such folder" for k in ("data", "val_data")
             if (v := getattr(args, k, None)) and not os.path.isdir(v)]
+    bad.append(batch_problem(args, int(os.environ.get("WORLD_SIZE", 1))))  # torchrun's, known before any setup
     bad += ["--out_dir is needed outside --demo (the run's folder; the same one again resumes it)"] * (
         "out_dir" in vars(args) and not args.out_dir) + [p for p in problems if p]
+    bad = [b for b in bad if b]
     if bad:
         raise SystemExit("; ".join(bad))
+
+def batch_problem(args, world):
+    """The global batch must split evenly over the processes and their per-process batches (a training script's
+    flags; None: no problem, or a flag out of range, which RANGES reports)."""
+    global_batch, batch_size = getattr(args, "global_batch", 0), getattr(args, "batch_size", 0)
+    if global_batch is None or global_batch < 1 or batch_size is not None and batch_size < 1:
+        return None
+    if batch_size is None:
+        return f"--global_batch {global_batch} cannot be split over {world} processes: give another --global_batch"
+    if global_batch % (batch_size * world):
+        return (f"--global_batch {global_batch} is not a multiple of --batch_size x processes = "
+                f"{batch_size} x {world}: give another --batch_size, or none (then it is derived)")
 
 def rank_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -152,6 +181,23 @@ def check_ranks_agree(*modules):
     if len(set(sums)) != 1:
         raise RuntimeError(f"DDP ranks diverged: parameter checksums {sums}")
     log.info(f"weights identical on {len(sums)} ranks (checksum {sums[0]:.6f})")
+
+class Progress:
+    """A log line at most every `every` seconds for a long phase: done / total, rate and time left."""
+
+    def __init__(self, what, total, every=10.0):
+        self.what, self.total, self.every = what, total, every
+        self.done, self.start = 0, time.time()
+        self.last = self.start
+
+    def update(self, n):
+        self.done += n
+        now = time.time()
+        if now - self.last >= self.every or self.done == self.total:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            left = f", {(self.total - self.done) / rate / 60:.1f} min left" if self.total and rate > 0 else ""
+            log.info(f"{self.what}: {self.done}/{self.total or '?'} images, {rate:.3g} images/s{left}")
 
 # ---- Training
 def grad_accum_steps(args, world):

@@ -8,15 +8,15 @@ import argparse
 import json
 import math
 import os
-import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 
 import evaluate
 import models
-from plumbing import barrier, bf16, check_args, log, parse_args, rank_world, save_grid, setup, to_uint8
+from plumbing import Progress, barrier, bf16, check_args, log, parse_args, rank_world, save_grid, setup, to_uint8
 
 def time_grid(steps, latent_shape):
     """The released grid (transport/transport.py): `steps` POINTS of linspace(0, 1),
@@ -49,13 +49,15 @@ def euler_sample(dit, noise, labels, steps, cfg=1.0, guide=None):
     return x
 
 @torch.no_grad()
-def generate(dit, tokenizer, stats, idx, steps, cfg=1.0, guide=None, seed=0):
+def generate(dit, tokenizer, stats, idx, steps, cfg=1.0, guide=None, seed=0, classes=None):
     """Decoded images in [-1, 1] for global image indices idx: image i has noise seeded by (seed, i) and
-    label i % num_classes, so any split of the indices over ranks gives the same images."""
+    label i % num_classes (or classes[i % len(classes)]), so any split of the indices over ranks gives the
+    same images."""
     device = stats["mean"].device
     noise = torch.stack([torch.randn(dit.dim, dit.grid, dit.grid, generator=torch.Generator().manual_seed(
         (seed << 32) + i)) for i in idx]).to(device)
-    labels = torch.tensor([i % dit.num_classes for i in idx], device=device)
+    classes = classes or range(dit.num_classes)
+    labels = torch.tensor([classes[i % len(classes)] for i in idx], device=device)
     with bf16(device):
         z = euler_sample(dit, noise, labels, steps, cfg, guide)
         return tokenizer.decode(z.float() * stats["std"][:, None, None] + stats["mean"][:, None, None]).float()
@@ -95,6 +97,14 @@ def search_cfg(args, dit, guide, tokenizer, stats, device):
     log.info(f"best guidance scale {best[0]}: sampling {args.num_images} images with it")
     return best[0]
 
+def save_pngs(images, folder):
+    """Image i as <folder>/<i:06d>.png, for evaluators that read a folder of images."""
+    os.makedirs(folder, exist_ok=True)
+    progress = Progress(f"PNG files in {folder}", len(images))
+    for i, image in enumerate(images):
+        Image.fromarray(np.asarray(image)).save(os.path.join(folder, f"{i:06d}.png"))
+        progress.update(1)
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p = parser.add_argument
@@ -105,6 +115,9 @@ def main():
     p("--cfg", type=float, default=1.0, help="guidance scale (1.29 with AutoGuidance for the headline result)")
     p("--steps", type=int, default=50, help="Euler grid points (150 for the final numbers)")
     p("--num_images", type=int, default=50_000, help="class-balanced: image i has label i %% num_classes")
+    p("--classes", type=int, nargs="+", help="only these classes: image i has label classes[i %% len(classes)] "
+      "(the release's --force_class_of_interest)")
+    p("--png", metavar="DIR", help="also write the samples as DIR/000000.png, ... (for external evaluators)")
     p("--per_proc_batch", type=int, default=125)
     p("--seed", type=int, default=0, help="image i's noise is seeded by (seed, i): any number of ranks, same images")
     p("--out_dir", help="folder of dit.pt, tokenizer_ft.pt and samples.npz unless given; default: --out's folder")
@@ -135,6 +148,13 @@ def main():
                          "`train_dit.py --tokenizer ... --data ... --epochs 0` and pass latent_stats.pt")
     if (tokenizer.dim, tokenizer.grid) != (dit.dim, dit.grid):
         raise SystemExit(f"--tokenizer: latents {tokenizer.dim}x{tokenizer.grid}^2 do not fit the DiT's {dit.dim}x{dit.grid}^2")
+    bad = [c for c in args.classes or [] if not 0 <= c < dit.num_classes]
+    if bad:
+        raise SystemExit(f"--classes {' '.join(map(str, bad))}: {paths['dit']} has classes 0 to "
+                         f"{dit.num_classes - 1}")
+    if dit.label_drop == 0 and guide is None and (args.cfg > 1 or args.cfg_list):
+        raise SystemExit(f"--cfg: {paths['dit']} was trained with --label_drop 0, so it has no null class for "
+                         "classifier-free guidance; sample with --cfg 1, or give --guide")
     dit.to(device)
     if args.compile:
         for net in (dit, guide) if guide else (dit,):
@@ -146,8 +166,9 @@ def main():
     # One memory-mapped array shared by all ranks plus a `done` flag per image, so a rerun with the same settings
     # finishes the job, and one with more --num_images extends a finished one (image i does not depend on the count).
     out = args.out or os.path.join(args.out_dir, "samples.npz")
-    settings = dict({k: v and os.path.abspath(v) for k, v in paths.items()}, cfg=args.cfg, steps=args.steps,
-                    seed=args.seed, num_images=args.num_images)
+    named = {k: v if str(v).startswith("hf://") else v and os.path.abspath(v) for k, v in paths.items()}
+    settings = dict(named, cfg=args.cfg, steps=args.steps, seed=args.seed, num_images=args.num_images,
+                    classes=args.classes)
     settings["dit"] += f" (step {extra.get('step')})"  # a DiT trained further makes other images
     finished = os.path.exists(out) and not os.path.exists(out + ".done.npy")  # the .npy files: a run under way
     old = {} if finished else None  # what an earlier run into `out` was asked for ({}: not recorded)
@@ -162,7 +183,10 @@ def main():
             raise SystemExit(f"{out} was sampled with other settings: {', '.join(differ)}; give the same ones to finish "
                              "it (or more --num_images to extend it), or another --out")
         if finished and not extend:
-            log.info(f"{out} already holds these {args.num_images} images: nothing to do")
+            log.info(f"{out} already holds these {args.num_images} images: nothing to sample")
+            if args.png and rank == 0:
+                with np.load(out) as f:
+                    save_pngs(f["arr_0"], args.png)
             return
     if rank == 0 and (old is None or finished):  # a new run, or the extension of a finished one
         images, done = (np.lib.format.open_memmap(f"{out}.{name}.npy", "w+", dtype, s) for name, dtype, s in (
@@ -178,14 +202,13 @@ def main():
     todo = [i for i in range(rank, args.num_images, world) if not done[i]]
     log.info(f"{args.num_images - int(done.sum())} of {args.num_images} images left; "
              f"{'AutoGuidance' if guide else 'CFG'} {args.cfg}, {args.steps} grid points")
-    t0 = time.time()
+    progress = Progress(f"sampling (rank 0 of {world})", len(todo))
     for start in range(0, len(todo), args.per_proc_batch):
         idx = todo[start:start + args.per_proc_batch]
-        x = generate(dit, tokenizer, stats, idx, args.steps, args.cfg, guide, args.seed)
+        x = generate(dit, tokenizer, stats, idx, args.steps, args.cfg, guide, args.seed, args.classes)
         images[idx] = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
         done[idx] = True
-        n = start + len(idx)
-        log.info(f"rank {rank}: {n}/{len(todo)} images, {n / (time.time() - t0):.2f} images/s")
+        progress.update(len(idx))
     images.flush(), done.flush()
     barrier()
     if rank == 0:
@@ -194,6 +217,8 @@ def main():
                   [torch.from_numpy(np.array(r)).permute(0, 3, 1, 2).float() / 127.5 - 1 for r in rows])
         np.savez(out + ".tmp.npz", arr_0=images)
         os.replace(out + ".tmp.npz", out)
+        if args.png:
+            save_pngs(images, args.png)
         del images, done
         for name in ("images", "done"):
             os.remove(f"{out}.{name}.npy")

@@ -3,6 +3,7 @@ import importlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -373,13 +374,51 @@ def test_resume_follows_the_same_trajectory(workers, world, tmp_path):
         assert "weights identical on 2 ranks" in (tmp_path / "b" / "tokenizer.log").read_text()
 
 
+def test_per_process_batch_is_derived_from_the_global_batch_and_world_size(monkeypatch):
+    assert plumbing.per_process_batch(16, 2, 64) == 8 and plumbing.per_process_batch(1024, 8, 64) == 64
+    assert plumbing.per_process_batch(1024, 3, 64) is None and plumbing.per_process_batch(96, 1, 64) == 48
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun sets it: checked before any process group or model
+    with pytest.raises(SystemExit, match="--global_batch 16 cannot be split over 3 processes"):
+        main_of(importlib.import_module("train_tokenizer"), ["--demo"], monkeypatch)
+    with pytest.raises(SystemExit, match=r"--batch_size x processes = 4 x 3"):
+        main_of(importlib.import_module("train_dit"), ["--demo", "--global_batch", "20", "--batch_size", "4"],
+                monkeypatch)
+
+
+def test_every_demo_stage_runs_under_torchrun_with_two_processes(tmp_path):
+    """The README's demo commands under `torchrun --nproc_per_node=2` (no --batch_size: derived), made tiny."""
+    out = ["--out_dir", str(tmp_path), "--demo_images", "32", "--epochs", "1", "--log_every", "1"]
+    tiny_teacher = ["--teacher", "dinov2_vitl14", "--teacher_size", "tiny"]  # the judge would take minutes here
+    for script, argv in (("train_tokenizer.py", out + tiny_teacher), ("finetune_decoder.py", out),
+                         ("train_dit.py", out + ["--global_batch", "16", "--sample_steps", "3"]),
+                         ("sample.py", ["--out_dir", str(tmp_path), "--num_images", "6", "--steps", "3"])):
+        r = run(script, "--demo", *argv, nproc=2)
+        assert r.returncode == 0, (script, r.stderr[-3000:])
+        assert "2 process(es)" in r.stderr, script
+    assert "global batch 16 = 8/GPU x 2 x 1 accumulation" in (tmp_path / "tokenizer_ft.log").read_text()
+    assert "global batch 16 = 8/GPU x 2 x 1 accumulation" in (tmp_path / "dit.log").read_text()
+    assert np.load(tmp_path / "samples.npz")["arr_0"].shape == (6, 32, 32, 3)
+
+
+def test_progress_lines_have_a_rate_and_the_time_left(caplog):
+    caplog.set_level("INFO", logger="rectok")
+    quiet = plumbing.Progress("latent statistics", 10, every=1e9)
+    quiet.update(4)
+    assert not caplog.records  # not before `every` seconds have passed
+    quiet.update(6)
+    assert caplog.records[-1].getMessage().startswith("latent statistics: 10/10 images, ")  # the end is always logged
+    chatty = plumbing.Progress("sampling", 100, every=0)
+    chatty.update(25)
+    assert re.fullmatch(r"sampling: 25/100 images, [0-9.e+]+ images/s, [0-9.]+ min left", caplog.records[-1].getMessage())
+
+
 def test_loss_networks_run_in_fp32_unless_asked(tmp_path):
     import train_tokenizer as tt
     from types import SimpleNamespace
     m = tiny_tokenizer(img=32, patch_size=8, teacher_dim=0)
     x = torch.stack([data.Shapes(2, 32)[i][0] for i in range(2)])
     for bf16_losses, dtype in ((False, torch.float32), (True, torch.bfloat16)):
-        args = SimpleNamespace(compile=False, blr=1e-4, global_batch=2, convnext_weight=0.0, random_frozen_nets=True,
+        args = SimpleNamespace(compile=False, grad_ckpt=False, blr=1e-4, global_batch=2, convnext_weight=0.0, random_frozen_nets=True,
                                weight_decay=0.0, grad_clip=3.0, rec_weight=1.0, perceptual_weight=1.0, kl_weight=0.0,
                                sem_weight=0.0, disc_weight=0.1, bf16_losses=bf16_losses)
         step = tt.TokenizerStep(args, m, plumbing.EMA(m, 0.9), None, torch.device("cpu"), 1)
@@ -482,7 +521,7 @@ def test_center_crop_is_adm():
 
 @pytest.mark.parametrize("argv,needle", [(["--data", "/no/such/folder"], "--data"),
                                          (["--noise_schedule", "cosine"], "--noise_schedule"),
-                                         (["--demo", "--global_batch", "10"], "--global_batch")])
+                                         (["--demo", "--global_batch", "10", "--batch_size", "4"], "--global_batch")])
 def test_bad_input_is_a_one_line_error(argv, needle):
     r = run("train_tokenizer.py", *argv, timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr
@@ -770,6 +809,68 @@ def test_sampling_is_rank_independent_and_resumes(tmp_path):
         assert r.returncode == 1 and "Traceback" not in r.stderr and needle in r.stderr.splitlines()[-1]
 
 
+def readme_python_snippets():
+    """The ```python blocks of README.md's "Use from Python" section, as written."""
+    text = open(os.path.join(HERE, "README.md")).read()
+    section = text.split("## Use from Python", 1)[1].split("\n## ", 1)[0]
+    return [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
+
+
+def test_readme_python_snippets_run_as_written(tmp_path, monkeypatch):
+    """The README's snippets, on tiny stand-ins under the released names (already in the hub cache: no download)."""
+    snippets = readme_python_snippets()
+    assert len(snippets) == 2
+    cache = tmp_path / "hub" / "checkpoints"
+    os.makedirs(cache)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a: pytest.fail("downloads"))
+    torch.manual_seed(0)
+    tok = models.Tokenizer(img_size=32, patch_size=8, dim=4, enc_size="tiny", dec_size="tiny", teacher_dim=0)
+    torch.save({"model": tok.state_dict(), "model_ema": tok.state_dict()}, cache / "RecTok_decft.pth")
+    dit = randomise(tiny_dit(dim=4, grid=4, num_classes=1000))
+    torch.save({"model": dit.state_dict(), "model_ema": dit.state_dict()}, cache / "ditdhxl_epoch_0599.pth")
+    torch.save({"mean": torch.zeros(4), "std": torch.ones(4)}, tmp_path / "latent_stats.pt")
+    Image.fromarray(data.Shapes(1, 48).render(0)[0]).save(tmp_path / "cat.jpg")
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(snippets[0], scope)
+    assert scope["z"].shape == (1, 4, 4, 4) and Image.open("cat_recon.png").size == (128, 256)  # 2 rows, 4x enlarged
+    exec(snippets[1], scope)
+    assert scope["images"].shape == (4, 3, 32, 32) and os.path.exists("samples.png")
+    x = scope["x"]
+    for wrong in ((x + 1) * 127.5, (x + 1) / 2):  # [0, 255] and [0, 1] images
+        with pytest.raises(ValueError, match=r"Tokenizer.encode: x spans .* it takes \[-1, 1\]"):
+            scope["tokenizer"].encode(wrong)
+
+
+def test_released_files_by_name_download_once_into_the_hub_cache(tmp_path, monkeypatch, capsys):
+    import urllib.error
+    tok = tokenizer_file(tmp_path / "local.pt", img_size=32)
+    urls = []
+
+    def download(url, dst):  # stands in for the network: Hugging Face serves `tok`
+        urls.append(url)
+        torch.save(torch.load(tok), dst)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    name = "hf://QingyuShi/RecTok/RecTok_decft.pth"
+    assert models.file_problem("--tokenizer", name, "a tokenizer checkpoint") is None  # check_args fetches it
+    assert models.load_tokenizer(name).grid == 4
+    assert urls == ["https://huggingface.co/QingyuShi/RecTok/resolve/main/RecTok_decft.pth"]  # once
+    assert os.path.isfile(tmp_path / "hub" / "checkpoints" / "RecTok_decft.pth")
+
+    def offline(url, dst):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    msg = one_line_exit("sample", ["--dit", "hf://QingyuShi/RecTok/ditdhxl_epoch_0599.pth", "--tokenizer", name,
+                                   "--out_dir", str(tmp_path)], monkeypatch, capsys)
+    assert msg.startswith("could not download https://huggingface.co/QingyuShi/RecTok/resolve/main/ditdhxl_epoch_0599"
+                          ".pth (<urlopen error [Errno -3] Temporary failure in name resolution>); offline, put the "
+                          f"file in {tmp_path / 'hub' / 'checkpoints'}")
+    with pytest.raises(SystemExit, match="hf://<org>/<repo>/<file>"):
+        models.load_dit("hf://QingyuShi/RecTok")
+
+
 def test_guidance_search_picks_the_best_scale(tmp_path, monkeypatch):
     import sample
     argv = tiny_pipeline(tmp_path)
@@ -809,6 +910,47 @@ def test_train_dit_stats_and_resume(tmp_path, monkeypatch):
     three_classes = shapes_folder(tmp_path / "three", 8, 3)  # the checkpoint's DiT^DH has 10 classes
     with pytest.raises(SystemExit, match=r"dit.pt: does not match the model: .*wrong shapes y_embedder.embedding_table"):
         main_of(train_dit, argv + ["6", "--data", three_classes], monkeypatch)
+
+
+def test_flat_folder_trains_an_unconditional_dit_and_samples_without_guidance(tmp_path, monkeypatch, capsys):
+    import sample
+    import train_dit
+    flat = tmp_path / "flat"
+    os.makedirs(flat)
+    for i in range(16):
+        Image.fromarray(data.Shapes(16, 32).render(i)[0]).save(flat / f"{i}.png")
+    ds = data.ImageFolder(str(flat), 32)
+    assert ds.num_classes == 1 and len(ds) == 16 and {label for _, label in ds.samples} == {0}
+    tokenizer_file(tmp_path / "tokenizer_ft.pt")
+    argv = ["--demo", "--data", str(flat), "--out_dir", str(tmp_path), "--global_batch", "8", "--epochs", "1",
+            "--sample_steps", "3", "--label_drop", "0"]
+    assert "guidance needs the null class" in one_line_exit("train_dit", argv, monkeypatch, capsys)  # demo: --cfg 4
+    main_of(train_dit, argv + ["--cfg", "1"], monkeypatch)
+    dit = models.load_dit(str(tmp_path / "dit.pt"))[0]
+    assert dit.num_classes == 1 and dit.label_drop == 0
+    out = ["--out_dir", str(tmp_path), "--num_images", "4", "--steps", "3", "--per_proc_batch", "4"]
+    assert "--label_drop 0, so it has no null class" in one_line_exit("sample", out + ["--cfg", "2"], monkeypatch, capsys)
+    main_of(sample, out + ["--cfg", "1", "--png", str(tmp_path / "png")], monkeypatch)
+    images = np.load(tmp_path / "samples.npz")["arr_0"]
+    assert sorted(os.listdir(tmp_path / "png")) == [f"{i:06d}.png" for i in range(4)]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "png" / "000003.png")), images[3])
+
+
+def test_sampling_chosen_classes(tmp_path, monkeypatch, capsys):
+    import sample
+    argv = tiny_pipeline(tmp_path) + ["--out", str(tmp_path / "some.npz"), "--classes", "3", "7"]  # 12 images
+    dit, extra = models.load_dit(str(tmp_path / "dit.pt"))
+    seen = []
+    dit.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[2]))
+    sample.generate(dit, models.load_tokenizer(str(tmp_path / "tok.pt")), extra["latent_stats"], [0, 1, 2, 5], 2,
+                    classes=[3, 7])
+    assert seen[0].tolist() == [3, 7, 3, 7]  # image i: classes[i % len(classes)]
+    main_of(sample, argv, monkeypatch)
+    assert "--classes [3, 7] (now [3])" in one_line_exit("sample", argv[:-1], monkeypatch, capsys)  # resumable output
+    main_of(sample, argv + ["--png", str(tmp_path / "png")], monkeypatch)  # finished: only the PNG export
+    assert len(os.listdir(tmp_path / "png")) == 12
+    assert "--classes 10: " in one_line_exit("sample", argv + ["10", "--out", str(tmp_path / "x.npz")], monkeypatch,
+                                             capsys)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1177,7 +1319,7 @@ def test_compiled_tokenizer_step_matches_eager():
         torch.manual_seed(0)
         m = tiny_tokenizer(img=32, patch_size=8, teacher_dim=64)
         teacher = models.load_teacher("dinov2_vitl14", None, "tiny", grid=4)
-        args = SimpleNamespace(compile=compile, blr=1e-4, global_batch=8, convnext_weight=0.0, random_frozen_nets=True,
+        args = SimpleNamespace(compile=compile, grad_ckpt=False, blr=1e-4, global_batch=8, convnext_weight=0.0, random_frozen_nets=True,
                                weight_decay=1e-4, grad_clip=3.0, rec_weight=1.0, perceptual_weight=1.0, kl_weight=1e-6,
                                sem_weight=1.0, disc_weight=0.5, bf16_losses=False, sem_target="all")
         step = tt.TokenizerStep(args, m, plumbing.EMA(m, 0.9), teacher, torch.device("cpu"), 1)
@@ -1210,6 +1352,38 @@ def test_bench_tokenizer_times_fp32_and_bf16_losses(monkeypatch, capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tokenizer step")]
     assert len(rows) == 2 and "fp32 losses" in rows[0] and "bf16 losses" in rows[1]
     assert all(float(row.split("|")[2]) > 0 for row in rows)
+
+
+def test_grad_ckpt_gives_the_same_loss_and_gradients():
+    """--grad_ckpt recomputes each transformer block in the backward pass: the step's numbers must not change."""
+    tok = tiny_tokenizer(img=32, patch_size=8, teacher_dim=8).train()
+    dit = randomise(tiny_dit()).train()
+    x = torch.stack([data.Shapes(2, 32)[i][0] for i in range(2)])
+    z, y = torch.randn(2, 4, 4, 4), torch.tensor([1, 2])
+
+    def loss_and_grads(grad_ckpt):
+        for net in (tok.encoder, tok.decoder, tok.sem_decoder, dit):
+            net.grad_ckpt = grad_ckpt
+            net.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the same RAD mask, flow times and noise in both runs
+        x_hat, kl, pred, _ = tok(x)
+        loss = (x_hat - x).square().mean() + kl + pred.square().mean() + models.flow_loss(dit, z, y)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for net in (tok, dit) for p in net.parameters() if p.grad is not None]
+    loss, grads = loss_and_grads(False)
+    loss_ckpt, grads_ckpt = loss_and_grads(True)
+    assert len(grads) == len(grads_ckpt) > 50
+    torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=0)
+    for g, g_ckpt in zip(grads, grads_ckpt):
+        torch.testing.assert_close(g_ckpt, g, rtol=1e-6, atol=1e-7)
+
+    def n_saved(grad_ckpt):  # tensors kept for the backward pass: with it, a block keeps only its inputs
+        saved = []
+        tok.decoder.grad_ckpt = grad_ckpt
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            tok.decoder(torch.randn(2, 16, 16))
+        return len(saved)
+    assert n_saved(True) < n_saved(False) / 2
 
 
 def test_every_size_has_a_flash_attention_head_dim():

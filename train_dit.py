@@ -19,7 +19,7 @@ import torch.nn as nn
 import data
 import evaluate
 import models
-from plumbing import (EMA, INF, RANGES, Metrics, adamw, bf16, check_args, check_ranks_agree, check_resume,
+from plumbing import (EMA, INF, RANGES, Metrics, Progress, adamw, bf16, check_args, check_ranks_agree, check_resume,
                       ddp, dit_lr, gather_rows, grad_accum_steps, log, parse_args, random_flip, reduce_for_log,
                       resume, save_checkpoint, save_epoch, save_grid, setup, sync_grads_if, to_uint8)
 from sample import generate, sample_metrics
@@ -28,11 +28,11 @@ from sample import generate, sample_metrics
 def latent_stats(tokenizer, loader, device):
     """Channel-wise mean and std of the posterior means over the whole loader, reduced over all ranks."""
     acc = torch.zeros(3, tokenizer.dim, dtype=torch.float64, device=device)  # count, sum, sum of squares
-    for i, (x, _) in enumerate(loader):
+    progress = Progress("latent statistics", len(loader.sampler))
+    for x, _ in loader:
         mean = tokenizer.posterior(x.to(device, non_blocking=True))[0].flatten(0, 1).double()
         acc += torch.stack([torch.full_like(mean[0], len(mean)), mean.sum(0), (mean ** 2).sum(0)])
-        if i % 100 == 0:
-            log.info(f"latent statistics: {i}/{len(loader)} batches")
+        progress.update(len(x))
     if dist.is_initialized():
         dist.all_reduce(acc)
     mu = acc[1] / acc[0]
@@ -45,6 +45,7 @@ class DiTStep:
     def __init__(self, args, dit, device, world):
         self.args, self.dit, self.ema = args, dit, EMA(dit, args.ema)
         self.opt = adamw([p for p in dit.parameters() if p.requires_grad], args.lr, device)
+        dit.grad_ckpt = args.grad_ckpt
         if args.compile:
             models.compile_blocks(dit.blocks)
         self.ddp = ddp(dit, device, world)
@@ -82,9 +83,12 @@ def main():
     p("--decay_end_epoch", type=int, default=800)
     p("--lr", type=float, default=2e-4)
     p("--min_lr", type=float, default=2e-5)
-    p("--batch_size", type=int, default=64, help="per process")
+    p("--batch_size", type=int, help="per process; default: --global_batch / processes, at most 64 (the rest by "
+      "gradient accumulation)")
     p("--global_batch", type=int, default=1024, help="reached by gradient accumulation on fewer GPUs")
     p("--grad_clip", type=float, default=1.0)
+    p("--label_drop", type=float, default=0.1, help="share of labels replaced by the null class (CFG); with one "
+      "class (a flat image folder), 0 trains an unconditional model, to sample with --cfg 1")
     p("--ema", type=float, default=0.9995, help="the released code (the paper text says 0.995)")
     p("--latent_stats", help="reuse statistics from a DiT checkpoint or a latent_stats.pt")
     p("--sample_steps", type=int, default=50, help="Euler grid points for the PNG of EMA samples")
@@ -94,6 +98,8 @@ def main():
     p("--log_every", type=int, default=50)
     p("--vis_every", type=int, default=5)
     p("--compile", action="store_true")
+    p("--grad_ckpt", action="store_true", help="activation checkpointing per transformer block: less GPU memory, "
+      "~1/3 more compute (the release's --grad_checkpointing)")
     p("--save_every", type=int, default=0, help="also keep dit_epoch{E:04d}.pt every N epochs (E counts from 0: "
       "the paper's 600-epoch model is dit_epoch0599.pt, as the release's ditdhxl_epoch_0599)")
     p("--wandb", metavar="PROJECT", help="also send metrics and image grids to this Weights & Biases project")
@@ -102,7 +108,7 @@ def main():
     p("--fid_ref", help="gFID reference: ADM's VIRTUAL_imagenet256_labeled.npz; default: training images")
     p("--inception", help="FID Inception .pth (default: pytorch-fid's release, downloaded once); 'random' for demos")
     args = parse_args(parser, dict(model="demo", demo_images=2000, epochs=60, decay_start_epoch=30, decay_end_epoch=60,
-                                   lr=2e-3, min_lr=1e-4, ema=0.99, batch_size=64, global_batch=64, workers=0,
+                                   lr=2e-3, min_lr=1e-4, ema=0.99, global_batch=64, workers=0,
                                    log_every=20, vis_every=20, sample_steps=10, cfg=4.0, eval_images=200))
     tok_path = args.tokenizer or args.out_dir and os.path.join(args.out_dir, "tokenizer_ft.pt")
     check_args(args, [not (args.data or args.demo) and "--data is required (an ImageNet-style train folder), or use --demo",
@@ -110,8 +116,10 @@ def main():
                       args.latent_stats and models.file_problem("--latent_stats", args.latent_stats, "latent statistics"),
                       args.inception not in (None, "random") and
                       models.file_problem("--inception", args.inception, "FID Inception weights"),
-                      args.fid_ref and models.file_problem("--fid_ref", args.fid_ref, "an .npz", "a folder")],
-               dict(RANGES, epochs=(0, INF)))  # --epochs 0: the latent statistics only
+                      args.fid_ref and models.file_problem("--fid_ref", args.fid_ref, "an .npz", "a folder"),
+                      args.label_drop == 0 and args.cfg > 1 and f"--cfg {args.cfg}: guidance needs the null class "
+                      "that --label_drop 0 leaves untrained; give --cfg 1"],
+               dict(RANGES, epochs=(0, INF), label_drop=(0, 1)))  # --epochs 0: the latent statistics only
     rank, world, device = setup(args, "dit")
     tokenizer = models.load_tokenizer(tok_path, gamma=0.0, mask_ratio=0.0).to(device).eval()
     tokenizer.sem_decoder = None
@@ -140,7 +148,7 @@ def main():
 
     # 2. DiT^DH training
     num_classes = dataset.num_classes
-    dit = models.DiTDH(args.model, tokenizer.dim, tokenizer.grid, num_classes).to(device)
+    dit = models.DiTDH(args.model, tokenizer.dim, tokenizer.grid, num_classes, args.label_drop).to(device)
     log.info(f"DiT^DH-{args.model}: {models.n_params(dit):,} params, {num_classes} classes")
     train_step = DiTStep(args, dit, device, world)
     torch.manual_seed(args.seed + rank)  # from here on each rank draws its own noise, t and flips
@@ -160,7 +168,7 @@ def main():
             real = data.make_loader(real, args.batch_size, False, args.workers, world, rank)
             pool = evaluate.inception_features(inception, (to_uint8(x) for x, _ in real))[0]
             ref = evaluate.feature_stats(gather_rows(pool, len(real.dataset), strided=True)), None
-    classes = [207, 360, 387, 974, 88, 979, 417, 279] if num_classes == 1000 else list(range(min(num_classes, 10)))
+    classes = [207, 360, 387, 974, 88, 979, 417, 279] if num_classes == 1000 else list(range(10))  # image i: label i % classes
     metrics = Metrics(args.out_dir, "dit", rank, step)
     log.info(f"{len(dataset)} images, {steps_per_epoch} steps/epoch, global batch {args.global_batch} = "
              f"{args.batch_size}/GPU x {world} x {accum} accumulation")
@@ -174,7 +182,8 @@ def main():
             batch = []
             for x, y in (next(batches) for _ in range(accum)):
                 with torch.no_grad(), train_step.autocast:  # a posterior sample of the flipped or unflipped image
-                    z = tokenizer.encode(random_flip(x.to(device, non_blocking=True)), sample=True)
+                    x = random_flip(x.to(device, non_blocking=True))
+                    z = tokenizer.encode(x, sample=True, check_range=False)
                 batch.append(((z.float() - mean) / std, y.to(device, non_blocking=True)))
             loss, grad_norm = train_step(batch, lr)
             sums = sums + torch.stack([loss, grad_norm.float()])  # averaged over the log interval
