@@ -130,13 +130,25 @@ def stack(dataset, idx=None):
     """(images (N, 3, H, W), labels (N,)) of the dataset's items idx (default: all), in memory."""
     return torch.utils.data.default_collate([dataset[i] for i in (range(len(dataset)) if idx is None else idx)])
 
+class Sampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler whose next epoch can start `skip` indices into this rank's order: a run resumed
+    inside an epoch reads the batches an uninterrupted run reads next. The order is the sampler's own (its
+    seed and epoch, whether or not set_epoch is called each epoch); the skip applies to one epoch only."""
+
+    skip = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        start = self.skip
+        self.skip = 0
+        return iter(indices[start:])
+
 def make_loader(dataset, batch_size, train, workers=4, world=1, rank=0, seed=0):
-    """DistributedSampler (call loader.sampler.set_epoch(epoch) each epoch) + a DataLoader that keeps
+    """Sampler (call loader.sampler.set_epoch(epoch) each epoch) + a DataLoader that keeps
     its workers alive between epochs and pins memory for asynchronous host-to-device copies. The workers'
     base seed comes from the loader's own generator: drawn from the global RNG, it would shift the training
     process's masks, noise and flips by one draw on the first epoch of a run, so a resumed run would differ."""
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=train,
-                                                  seed=seed, drop_last=train)
+    sampler = Sampler(dataset, num_replicas=world, rank=rank, shuffle=train, seed=seed, drop_last=train)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                                        pin_memory=torch.cuda.is_available(), drop_last=train,
                                        persistent_workers=workers > 0, prefetch_factor=4 if workers else None,

@@ -10,6 +10,8 @@ import logging
 import math
 import os
 import re
+import signal
+import sys
 import time
 
 import numpy as np
@@ -178,7 +180,7 @@ def check_ranks_agree(*modules):
     checksum = torch.stack([p.detach().double().sum() for m in modules for p in m.parameters()]).sum().cpu()
     sums = [None] * dist.get_world_size()
     dist.all_gather_object(sums, checksum.item())
-    if len(set(sums)) != 1:
+    if len(set(map(repr, sums))) != 1:  # by repr: NaN weights are save_epoch's to refuse, not a divergence
         raise RuntimeError(f"DDP ranks diverged: parameter checksums {sums}")
     log.info(f"weights identical on {len(sums)} ranks (checksum {sums[0]:.6f})")
 
@@ -257,58 +259,231 @@ class EMA:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model):
+    def update(self, model, finite):
+        """`finite`: the step's flag (all_finite); a skipped step leaves the EMA as it is (weight 0, on the
+        device). For a finite step the weight is float32(1 - decay), the value the scalar form uses."""
         pairs = [(e, p) for e, p in zip(self.model.parameters(), model.parameters()) if p.requires_grad]
-        torch._foreach_lerp_([e for e, _ in pairs], [p.detach() for _, p in pairs], 1 - self.decay)
+        weight = (1 - self.decay) * finite.float()
+        torch._foreach_lerp_([e for e, _ in pairs], [p.detach() for _, p in pairs], [weight] * len(pairs))
+
+# ---- Non-finite steps are skipped, not applied (every training loop)
+SKIPPED_IN_A_ROW = 20  # that many non-finite steps in a row stop the run: the settings or data are at fault
+
+def all_finite(*tensors):
+    """The step's flag, a 0-dim bool tensor on the device: every loss and grad norm is finite on every rank.
+    The ranks' flags are all-reduced (one number, queued like DDP's all-reduce: no host sync), so that every
+    rank skips the same steps and the weights stay identical."""
+    finite = torch.stack([t.detach().float() for t in tensors]).isfinite().all().float()
+    if dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return finite.bool()
+
+def step_if(finite, opt):
+    """opt.step() only when `finite`, as the release's GradScaler (bf16 needs no scaling, only its skip):
+    parameters, moments and step count stay as they were. Fused AdamW (on CUDA) takes the flag as its
+    `found_inf` input, the same one GradScaler hands it: the kernel returns early on the device, so a step
+    costs no host sync, and a finite step runs the same kernel on the same numbers (bit-identical). The
+    for-loop AdamW (CPU) has no such input; there the flag is read, which costs microseconds on a CPU.
+    Zeroing the gradients and stepping with them would not be a skip: AdamW's moments would decay, its
+    step count advance and its weight decay apply."""
+    if opt.defaults.get("fused"):
+        opt.found_inf = (~finite).float()
+        opt.step()
+    elif finite.item():
+        opt.step()
+
+def buffers_before(module):
+    """Copies of a module's buffers: the PatchGAN's BatchNorm running statistics, which every train-mode
+    forward updates, so a NaN batch would poison them (the release's GradScaler leaves them so)."""
+    return [b.clone() for b in module.buffers()]
+
+def keep_buffers_if(finite, module, before):
+    """A skipped step's buffer updates undone, on the device; a finite step's kept exactly."""
+    for b, old in zip(module.buffers(), before):
+        b.copy_(torch.where(finite, b, old))
+
+class LogInterval:
+    """What one metrics row averages: each value summed over the interval's steps (a skipped step adds 0, so
+    its NaN stays out), the count of skipped steps, and the longest run of them in a row (carried across rows).
+    Device tensors, read once per row; every rank's copy goes into a mid-epoch checkpoint, so the rows of a
+    run resumed inside an epoch are the uninterrupted run's."""
+
+    def __init__(self, device):
+        self.device = device
+        self.sums = {}
+        self.steps = 0
+        self.skipped = torch.zeros((), device=device)
+        self.in_a_row = torch.zeros((), device=device)
+        self.longest = torch.zeros((), device=device)
+
+    def add(self, finite, values):
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0) + torch.where(finite, v, 0)
+        self.steps += 1
+        self.skipped = self.skipped + (~finite).float()
+        self.in_a_row = (self.in_a_row + 1) * (~finite).float()
+        self.longest = torch.maximum(self.longest, self.in_a_row)
+
+    def row(self, world, last_good):
+        """The interval's averages over its finite steps and `skipped` (one host sync, with the all-reduce
+        over ranks), then a new interval. SKIPPED_IN_A_ROW non-finite steps in a row stop the run in one line."""
+        names = sorted(self.sums)
+        stats = reduce_for_log([self.sums[k] / self.steps for k in names] + [self.skipped, self.longest], world)
+        skipped = round(stats[-2])
+        if round(stats[-1]) >= SKIPPED_IN_A_ROW:
+            raise SystemExit(f"{round(stats[-1])} non-finite steps in a row (each skipped, the weights kept): "
+                             f"stopped; the last good checkpoint is {last_good} (lower the learning rate or check "
+                             "the data, then rerun to resume from it)")
+        finite = self.steps - skipped
+        scale = self.steps / finite if finite else math.nan  # averages over the finite steps only
+        record = {k: v * scale if skipped else v for k, v in zip(names, stats)}
+        self.sums = {}
+        self.steps = 0
+        self.skipped = torch.zeros((), device=self.device)
+        self.longest = self.in_a_row
+        return dict(record, skipped=skipped)
+
+    def state_dict(self):
+        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "steps": self.steps,
+                "skipped": self.skipped.cpu(), "in_a_row": self.in_a_row.cpu(), "longest": self.longest.cpu()}
+
+    def load_state_dict(self, state):
+        self.sums = {k: v.to(self.device) for k, v in state["sums"].items()}
+        self.steps = state["steps"]
+        self.skipped = state["skipped"].to(self.device)
+        self.in_a_row = state["in_a_row"].to(self.device)
+        self.longest = state["longest"].to(self.device)
+
+# ---- Preemption: stop after a step, with a checkpoint
+class Preemption:
+    """SIGTERM (what SLURM, Kubernetes and torchrun send before a kill) or SIGUSR1 (SLURM's --signal=USR1@120)
+    asks the run to stop after the current step and write a checkpoint inside the epoch. Installed before
+    the loader starts its workers, which inherit it: a SIGTERM sent to the whole job does not kill them
+    under the training process. With several ranks the flags are all-reduced (max) each step and read one
+    step later, when the next step is already queued on the device (no pipeline bubble): every rank stops
+    after the same step, whichever rank got the signal."""
+
+    def __init__(self, device):
+        self.device = device
+        self.requested = False
+        self.pending = None
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, self.request)
+
+    def request(self, signum, frame):
+        self.requested = True
+
+    def stop_now(self):
+        if not dist.is_initialized():
+            return self.requested
+        flag = torch.full((), float(self.requested), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        previous = self.pending
+        self.pending = flag
+        return previous is not None and previous.item() > 0
+
+    def agreed(self):
+        """Every rank's flag, all-reduced and read now (a host sync: for an epoch's end)."""
+        flag = torch.full((), float(self.requested), device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
+    def exit(self, path, step):
+        """After the checkpoint: one line and a clean exit (status 0), on every rank."""
+        log.info(f"stopped on a signal after step {step}: {path} holds it; the same command resumes from there")
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise SystemExit(0)
 
 # ---- RNG state and checkpoints
-def rng_state(device):
-    """This rank's RNG states, gathered from every rank (each rank draws its own masks and noise)."""
+def rng_state(device, interval=None):
+    """This rank's RNG states (and its log interval's sums, inside an epoch), gathered from every rank (each
+    rank draws its own masks and noise, and sums its own losses)."""
     state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    if interval is not None:
+        state["interval"] = interval.state_dict()
     if not dist.is_initialized():
         return [state]
     states = [None] * dist.get_world_size()
     dist.all_gather_object(states, state)
     return states
 
-def set_rng_state(states, rank, device):
+def set_rng_state(states, rank, device, interval):
     if len(states) != rank_world()[1]:
-        log.warning("resuming with a different number of processes: RNG streams restart from the seed")
+        log.warning(f"resuming {len(states)} process(es)' run on {rank_world()[1]}: the model, optimisers, EMA and "
+                    "schedule continue; the data order of the rest of the run and the RNG streams differ")
         return
     torch.set_rng_state(states[rank]["cpu"])
     if device.type == "cuda" and states[rank]["cuda"] is not None:
         torch.cuda.set_rng_state(states[rank]["cuda"], device)
+    if "interval" in states[rank]:
+        interval.load_state_dict(states[rank]["interval"])
 
 def check_resume(path, saved_args, args, keys):
-    """Refuse, in one line, to resume a checkpoint whose model settings (`keys`) differ from the command's."""
+    """Refuse, in one line, to resume a checkpoint whose model settings or global batch (`keys`) differ from the
+    command's (another number of GPUs is fine: the global batch fixes the steps and the schedule)."""
     differ = [f"--{k} {saved_args[k]} (checkpoint) vs {getattr(args, k)}" for k in keys
               if k in saved_args and saved_args[k] != getattr(args, k)]
     if differ:
-        raise SystemExit(f"{path} was trained with other model settings: {', '.join(differ)}; give another "
+        raise SystemExit(f"{path} was trained with other settings: {', '.join(differ)}; give another "
                          "--out_dir for a new run, or the checkpoint's settings to resume it")
 
 def save_checkpoint(path, state):
-    """Atomic: write a temporary file, then rename, so a crash never leaves a half-written checkpoint."""
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """Atomic: write a temporary file, then rename, so a crash never leaves a half-written checkpoint. A failed
+    write (disk full, permissions) is one line, and the previous checkpoint stays as it was."""
+    try:
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # torch.save's C++ writer reports a full disk as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        raise SystemExit(f"could not write {path} ({str(e).splitlines()[0]}); the previous checkpoint is intact: "
+                         "free space or fix permissions, then rerun the command to resume from it")
     log.info(f"saved {path}")
 
-def save_epoch(path, parts, device, save_every, **state):
-    """End of an epoch: `parts` (modules, optimisers) by key, every rank's RNG state and `state`, written by rank 0;
-    every save_every epochs also kept as <path>_epoch{E:04d}.pt (E from 0: the release's epoch_0599 = 600 epochs)."""
-    state = dict({k: part.state_dict() for k, part in parts.items()}, rng=rng_state(device), **state)
-    if rank_world()[0] == 0:
-        save_checkpoint(path, state)
-        if save_every and state["epoch"] % save_every == 0:
-            save_checkpoint(path.replace(".pt", f"_epoch{state['epoch'] - 1:04d}.pt"), state)
+def non_finite(parts):
+    """The first module weight in `parts` that holds a NaN or inf, or None."""
+    for key, part in parts.items():
+        if isinstance(part, nn.Module):
+            for name, t in part.state_dict().items():
+                if t.is_floating_point() and not t.isfinite().all():
+                    return f"{key}.{name}"
+    return None
 
-def resume(path, ckpt, parts, rank, device):
-    """save_epoch's checkpoint back into `parts` (other shapes: a one-line error) and this rank's RNG; (epoch, step)."""
+def save_epoch(path, parts, device, save_every, interval=None, **state):
+    """At the end of an epoch, or inside one (state's epoch_step > 0, with `interval`, the open log interval):
+    `parts` (modules, optimisers) by key, every rank's RNG state and `state`, written by rank 0; at an epoch end
+    every save_every epochs also kept as <path>_epoch{E:04d}.pt (E from 0: the release's epoch_0599 = 600
+    epochs). Non-finite weights are never written over a good checkpoint; a failed write stops every rank."""
+    bad = non_finite(parts)
+    if bad:
+        raise SystemExit(f"non-finite weights ({bad}) at step {state['step']}: not saved; the last good checkpoint "
+                         f"is {path}")
+    state = dict({k: part.state_dict() for k, part in parts.items()}, rng=rng_state(device, interval), **state)
+    problem = [None]
+    if rank_world()[0] == 0:
+        try:
+            save_checkpoint(path, state)
+            if save_every and not state.get("epoch_step") and state["epoch"] % save_every == 0:
+                save_checkpoint(path.replace(".pt", f"_epoch{state['epoch'] - 1:04d}.pt"), state)
+        except SystemExit as e:
+            problem = [str(e)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(problem, src=0)
+    if problem[0]:
+        raise SystemExit(problem[0])
+
+def resume(path, ckpt, parts, rank, device, interval):
+    """save_epoch's checkpoint back into `parts` (other shapes: a one-line error), this rank's RNG and log
+    interval; (epoch, step, epoch_step): epoch_step steps of epoch `epoch` are done already."""
     for k, part in parts.items():
         models.load_state(part, ckpt[k], path)
-    set_rng_state(ckpt["rng"], rank, device)
-    log.info(f"resumed from {path} at epoch {ckpt['epoch']}, step {ckpt['step']}")
-    return ckpt["epoch"], ckpt["step"]
+    set_rng_state(ckpt["rng"], rank, device, interval)
+    epoch_step = ckpt.get("epoch_step", 0)
+    log.info(f"resumed from {path} at epoch {ckpt['epoch']}, step {ckpt['step']}"
+             + (f" ({epoch_step} steps into the epoch)" if epoch_step else ""))
+    return ckpt["epoch"], ckpt["step"], epoch_step
 
 # ---- What a run leaves to look at
 class Metrics:

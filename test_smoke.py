@@ -412,6 +412,148 @@ def test_progress_lines_have_a_rate_and_the_time_left(caplog):
     assert re.fullmatch(r"sampling: 25/100 images, [0-9.e+]+ images/s, [0-9.]+ min left", caplog.records[-1].getMessage())
 
 
+def nan_images(monkeypatch, which):
+    """Training images (the built-in set with seed 0) whose index is in `which` become NaN."""
+    render = data.Shapes.__getitem__
+
+    def getitem(self, i):
+        x, label = render(self, i)
+        return (torch.full_like(x, math.nan) if self.seed == 0 and i in which else x), label
+    monkeypatch.setattr(data.Shapes, "__getitem__", getitem)
+
+
+def test_a_non_finite_step_is_skipped_and_counted(tmp_path, monkeypatch):
+    import train_tokenizer as tt
+    nan_images(monkeypatch, {5})  # one NaN image: one of the 2 steps of the epoch
+    argv = TINY_TRAIN + ["--disc_start_epoch", "0", "--out_dir", str(tmp_path), "--epochs"]
+    main_of(tt, argv + ["1"], monkeypatch)
+    ckpt = models.read_checkpoint(str(tmp_path / "tokenizer.pt"))
+    for key in ("model", "model_ema", "disc"):
+        assert all(v.isfinite().all() for v in ckpt[key].values() if v.is_floating_point()), key
+    for key in ("opt", "opt_disc"):  # one step applied, the other skipped whole: moments and count untouched
+        assert {s["step"].item() for s in ckpt[key]["state"].values()} == {1.0}
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"loss"' in line]
+    assert sorted(r["skipped"] for r in rows) == [0, 1]
+    assert [math.isnan(r["loss"]) for r in rows] == [r["skipped"] == 1 for r in rows]
+    assert "skipped 1" in (tmp_path / "tokenizer.log").read_text()
+    nan_images(monkeypatch, set(range(16)))  # every step non-finite: the run stops, the checkpoint stays
+    monkeypatch.setattr(plumbing, "SKIPPED_IN_A_ROW", 2)
+    with pytest.raises(SystemExit, match=r"^2 non-finite steps in a row .* stopped; the last good checkpoint is "
+                                         r".*tokenizer.pt \("):
+        main_of(tt, argv + ["3"], monkeypatch)
+    assert models.read_checkpoint(str(tmp_path / "tokenizer.pt"))["step"] == 2
+
+
+def test_skipped_step_changes_nothing_and_a_finite_one_is_the_plain_step():
+    import copy
+    import train_dit
+    from types import SimpleNamespace
+    dit = randomise(tiny_dit())
+    ref = copy.deepcopy(dit)
+    step = train_dit.DiTStep(SimpleNamespace(lr=1e-3, ema=0.9, grad_clip=1.0, compile=False), dit,
+                             torch.device("cpu"), 1)
+    z, y = torch.randn(4, 4, 4, 4), torch.arange(4)
+    # a finite step: bit-identical to the step without the skip (clip, AdamW step, EMA lerp by a scalar)
+    ref_ema = copy.deepcopy(ref)
+    ref_opt = plumbing.adamw([p for p in ref.parameters() if p.requires_grad], 1e-3, torch.device("cpu"))
+    torch.manual_seed(0)
+    models.flow_loss(ref, z, y).backward()
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+    ref_opt.step()
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ref_ema.parameters()), [p.detach() for p in ref.parameters()], 1 - 0.9)
+    torch.manual_seed(0)
+    assert step([(z, y)], 1e-3)[2]
+    for a, b in ((dit, ref), (step.ema.model, ref_ema)):
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    # a NaN batch: weights, EMA, AdamW moments and step count all stay
+    before = copy.deepcopy((dit.state_dict(), step.ema.model.state_dict(), step.opt.state_dict()))
+    assert not step([(z * math.nan, y)], 1e-3)[2]
+    after = (dit.state_dict(), step.ema.model.state_dict(), step.opt.state_dict())
+    for b, a in zip(before[:2], after[:2]):
+        assert all(torch.equal(b[k], a[k]) for k in b)
+    for s in before[2]["state"]:
+        assert all(torch.equal(before[2]["state"][s][k], after[2]["state"][s][k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    # fused AdamW (CUDA's) takes the flag on the device: the same skip, and a finite step equals opt.step()
+    params = [torch.nn.Parameter(torch.randn(8)) for _ in range(2)]
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opts = [torch.optim.AdamW(ps, lr=1e-2, fused=True) for ps in (params, copies)]
+    for grad in (torch.randn(8), torch.full((8,), math.nan)):
+        for ps in (params, copies):
+            for p in ps:
+                p.grad = grad.clone()
+        plumbing.step_if(torch.tensor(grad.isfinite().all().item()), opts[0])
+        if grad.isfinite().all():
+            opts[1].step()
+        assert all(torch.equal(p, q) for p, q in zip(params, copies))
+        assert all(torch.equal(opts[0].state[p]["step"], opts[1].state[q]["step"]) for p, q in zip(params, copies))
+        assert all(torch.equal(opts[0].state[p]["exp_avg"], opts[1].state[q]["exp_avg"]) for p, q in zip(params, copies))
+
+
+def test_sigterm_stops_inside_the_epoch_and_the_resumed_run_is_the_same(tmp_path):
+    import signal
+    import time
+    argv = TINY_TRAIN + ["--demo_images", "48", "--epochs", "2", "--disc_start_epoch", "1"]  # 2 x 6 steps
+    a = run("train_tokenizer.py", *argv, "--out_dir", str(tmp_path / "a"))
+    assert a.returncode == 0, a.stderr[-2000:]
+    b = subprocess.Popen([sys.executable, os.path.join(HERE, "train_tokenizer.py"), *argv, "--out_dir",
+                          str(tmp_path / "b")], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "b" / "metrics.jsonl"
+    while not (metrics.exists() and '"step": 1' in metrics.read_text()) and b.poll() is None:
+        time.sleep(0.02)
+    b.send_signal(signal.SIGTERM)  # during step 2 (or 3): the run finishes that step, then stops
+    err = b.communicate(timeout=120)[1]
+    assert b.returncode == 0, err[-2000:]
+    assert "stopped on a signal after step" in err
+    ckpt = models.read_checkpoint(str(tmp_path / "b" / "tokenizer.pt"))
+    assert ckpt["epoch"] == 0 and 0 < ckpt["epoch_step"] < 6 and ckpt["step"] == ckpt["epoch_step"]
+    again = run("train_tokenizer.py", *argv, "--out_dir", str(tmp_path / "b"))
+    assert again.returncode == 0 and f"({ckpt['epoch_step']} steps into the epoch)" in again.stderr
+    ends = [models.read_checkpoint(str(tmp_path / d / "tokenizer.pt")) for d in "ab"]
+    for key in ("model", "model_ema", "disc"):
+        assert all(torch.equal(ends[0][key][k], ends[1][key][k]) for k in ends[0][key]), key
+    records = {d: [json.loads(line) for line in open(tmp_path / d / "metrics.jsonl")] for d in "ab"}
+    for rows in records.values():
+        for r in rows:
+            r.pop("img_per_sec", None)
+    assert records["a"] == records["b"] and len(records["a"]) == 14  # 12 steps, 2 held-out rows
+
+
+def test_resume_on_another_number_of_ranks(tmp_path):
+    import train_tokenizer as tt
+    argv = TINY_TRAIN + ["--disc_start_epoch", "1", "--out_dir", str(tmp_path), "--epochs"]
+    torch.multiprocessing.spawn(train_rank, (2, argv + ["1"], False), nprocs=2)  # 8 = 4/GPU x 2 ranks
+    train_rank(0, 1, argv + ["2"], False)  # 8 = 4 x 1 rank x 2 accumulation
+    log_text = (tmp_path / "tokenizer.log").read_text()
+    assert "resuming 2 process(es)' run on 1" in log_text and "4/GPU x 1 x 2 accumulation" in log_text
+    ckpt = models.read_checkpoint(str(tmp_path / "tokenizer.pt"))
+    assert ckpt["step"] == 4
+    assert {s["step"].item() for s in ckpt["opt"]["state"].values()} == {4.0}  # AdamW continued
+    assert {s["step"].item() for s in ckpt["opt_disc"]["state"].values()} == {2.0}  # the GAN from epoch 2
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"lr"' in line]
+    base = 1.6e-2 * 8 / 256
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[2]["lr"] == pytest.approx(tt.cosine_lr(1.0, base, 0.1 * 2, 2))  # the schedule of a 2-epoch run
+    assert all(math.isfinite(r["loss"]) and r["gan"] != 0 for r in rows[2:])
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    import train_tokenizer as tt
+    argv = TINY_TRAIN + ["--out_dir", str(tmp_path), "--epochs"]
+    main_of(tt, argv + ["1"], monkeypatch)
+    good = (tmp_path / "tokenizer.pt").read_bytes()
+
+    def full_disk(obj, path):
+        open(path, "wb").write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit, match=r"^could not write .*tokenizer.pt \(\[Errno 28\] No space left on device\); "
+                                         r"the previous checkpoint is intact") as e:
+        main_of(tt, argv + ["2"], monkeypatch)
+    assert "\n" not in str(e.value)
+    assert (tmp_path / "tokenizer.pt").read_bytes() == good and not (tmp_path / "tokenizer.pt.tmp").exists()
+
+
 def test_loss_networks_run_in_fp32_unless_asked(tmp_path):
     import train_tokenizer as tt
     from types import SimpleNamespace
@@ -632,7 +774,7 @@ def test_requirements_pin_the_tested_pair_and_ci_runs_the_readme():
 def test_resume_refuses_another_model_configuration(tmp_path, monkeypatch):
     import train_tokenizer as tt
     torch.save({"args": {"dim": 32, "img_size": 32, "enc_size": "demo"}}, tmp_path / "tokenizer.pt")
-    with pytest.raises(SystemExit, match=r"tokenizer.pt was trained with other model settings: --dim 32 \(checkpoint\) "
+    with pytest.raises(SystemExit, match=r"tokenizer.pt was trained with other settings: --dim 32 \(checkpoint\) "
                                          r"vs 16; give another --out_dir"):
         main_of(tt, TINY_TRAIN + ["--out_dir", str(tmp_path)], monkeypatch)
 
@@ -951,6 +1093,47 @@ def test_sampling_chosen_classes(tmp_path, monkeypatch, capsys):
     assert len(os.listdir(tmp_path / "png")) == 12
     assert "--classes 10: " in one_line_exit("sample", argv + ["10", "--out", str(tmp_path / "x.npz")], monkeypatch,
                                              capsys)
+
+
+def test_sigusr1_stops_train_dit_inside_the_epoch_and_it_resumes_exactly(tmp_path, monkeypatch):
+    import signal
+    import train_dit
+    torch.manual_seed(0)
+    tok = models.Tokenizer(img_size=32, patch_size=8, dim=4, enc_size="tiny", dec_size="tiny", teacher_dim=0)
+    argv = ["--demo", "--demo_images", "32", "--batch_size", "4", "--global_batch", "8", "--log_every", "1",
+            "--vis_every", "9", "--sample_steps", "3", "--epochs", "2", "--out_dir"]  # 2 x 4 steps
+    for d in "ab":
+        os.makedirs(tmp_path / d)
+        torch.save({"model": tok.state_dict(), "model_ema": tok.state_dict()}, tmp_path / d / "tokenizer_ft.pt")
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    lr = train_dit.dit_lr
+
+    def lr_and_signal(epoch_frac, *rest):  # SLURM's --signal=USR1 arriving during the second step
+        if epoch_frac == 0.25:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return lr(epoch_frac, *rest)
+    try:
+        main_of(train_dit, argv + [str(tmp_path / "a")], monkeypatch)
+        monkeypatch.setattr(train_dit, "dit_lr", lr_and_signal)
+        with pytest.raises(SystemExit) as e:
+            main_of(train_dit, argv + [str(tmp_path / "b")], monkeypatch)
+        assert e.value.code == 0
+        ckpt = models.read_checkpoint(str(tmp_path / "b" / "dit.pt"))
+        assert (ckpt["epoch"], ckpt["step"], ckpt["epoch_step"]) == (0, 2, 2)  # the signalled step finished
+        monkeypatch.setattr(train_dit, "dit_lr", lr)
+        main_of(train_dit, argv + [str(tmp_path / "b")], monkeypatch)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    ends = [models.read_checkpoint(str(tmp_path / d / "dit.pt")) for d in "ab"]
+    for key in ("model", "model_ema"):
+        assert all(torch.equal(ends[0][key][k], ends[1][key][k]) for k in ends[0][key]), key
+    records = {d: [json.loads(line) for line in open(tmp_path / d / "metrics.jsonl")] for d in "ab"}
+    for rows in records.values():
+        for r in rows:
+            r.pop("img_per_sec", None)
+    assert records["a"] == records["b"] and [r["step"] for r in records["a"]] == list(range(1, 9))
+    assert all(r["skipped"] == 0 for r in records["a"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,9 +19,10 @@ import torch.nn as nn
 import data
 import evaluate
 import models
-from plumbing import (EMA, INF, RANGES, Metrics, Progress, adamw, bf16, check_args, check_ranks_agree, check_resume,
-                      ddp, dit_lr, gather_rows, grad_accum_steps, log, parse_args, random_flip, reduce_for_log,
-                      resume, save_checkpoint, save_epoch, save_grid, setup, sync_grads_if, to_uint8)
+from plumbing import (EMA, INF, RANGES, LogInterval, Metrics, Preemption, Progress, adamw, all_finite, bf16,
+                      check_args, check_ranks_agree, check_resume, ddp, dit_lr, gather_rows, grad_accum_steps, log,
+                      parse_args, random_flip, resume, save_checkpoint, save_epoch, save_grid, setup, step_if,
+                      sync_grads_if, to_uint8)
 from sample import generate, sample_metrics
 
 @torch.no_grad()
@@ -53,7 +54,8 @@ class DiTStep:
         self.autocast = bf16(device)
 
     def __call__(self, batches, lr):
-        """batches: (z, y) micro-batches. Returns the mean loss and the grad norm as tensors (no host sync)."""
+        """batches: (z, y) micro-batches. Returns the mean loss, the grad norm and the step's finite flag as
+        tensors (no host sync on CUDA). A non-finite step changes nothing (plumbing.step_if)."""
         for group in self.opt.param_groups:
             group["lr"] = lr
         total = 0.0
@@ -63,10 +65,11 @@ class DiTStep:
                 (loss / len(batches)).backward()
             total = total + loss.detach() / len(batches)
         grad_norm = nn.utils.clip_grad_norm_(self.dit.parameters(), self.args.grad_clip)
-        self.opt.step()
+        finite = all_finite(total, grad_norm)
+        step_if(finite, self.opt)
         self.opt.zero_grad(set_to_none=True)
-        self.ema.update(self.dit)
-        return total, grad_norm
+        self.ema.update(self.dit, finite)
+        return total, grad_norm, finite
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -127,7 +130,7 @@ def main():
     dataset = data.make_dataset(args)
     ckpt_path = os.path.join(args.out_dir, "dit.pt")
     ckpt = models.read_checkpoint(ckpt_path) if os.path.exists(ckpt_path) else {}
-    check_resume(ckpt_path, ckpt.get("args", {}), args, ("model", "img_size"))
+    check_resume(ckpt_path, ckpt.get("args", {}), args, ("model", "img_size", "global_batch"))
 
     # 1. latent statistics: posterior means, no flip, whole training set (the release's main_diffusion.py
     #    and utils/train_utils.py compute_stats)
@@ -157,7 +160,9 @@ def main():
     if len(loader) < accum:
         raise SystemExit(f"{len(dataset)} images are too few for one global batch of {args.global_batch}")
     steps_per_epoch = len(loader) // accum
-    epoch, step = resume(ckpt_path, ckpt, train_step.parts, rank, device) if ckpt else (0, 0)
+    interval = LogInterval(device)  # the sums behind the next metrics row
+    epoch, step, epoch_step = resume(ckpt_path, ckpt, train_step.parts, rank, device, interval) if ckpt else (0, 0, 0)
+    loader.sampler.skip = epoch_step * accum * args.batch_size  # inside the epoch: past the batches done
     if args.eval_every:  # gFID / IS against --fid_ref, or against a class-spread part of the training images
         inception = evaluate.demo_judge(args.out_dir, args.img_size, tokenizer.grid, device)[0] if args.demo and \
             not args.inception else evaluate.load_inception(args.inception).to(device)
@@ -172,12 +177,13 @@ def main():
     metrics = Metrics(args.out_dir, "dit", rank, step)
     log.info(f"{len(dataset)} images, {steps_per_epoch} steps/epoch, global batch {args.global_batch} = "
              f"{args.batch_size}/GPU x {world} x {accum} accumulation")
-    t0, n, sums = time.time(), 0, 0
+    preemption = Preemption(device)  # before the loader's workers start: they inherit it
+    t0 = time.time()
     while epoch < args.epochs:
         dit.train()
         loader.sampler.set_epoch(epoch)
         batches = iter(loader)
-        for it in range(steps_per_epoch):
+        for it in range(epoch_step, steps_per_epoch):
             lr = dit_lr(epoch + it / steps_per_epoch, args.lr, args.min_lr, args.decay_start_epoch, args.decay_end_epoch)
             batch = []
             for x, y in (next(batches) for _ in range(accum)):
@@ -185,15 +191,22 @@ def main():
                     x = random_flip(x.to(device, non_blocking=True))
                     z = tokenizer.encode(x, sample=True, check_range=False)
                 batch.append(((z.float() - mean) / std, y.to(device, non_blocking=True)))
-            loss, grad_norm = train_step(batch, lr)
-            sums = sums + torch.stack([loss, grad_norm.float()])  # averaged over the log interval
-            step, n = step + 1, n + 1
+            loss, grad_norm, finite = train_step(batch, lr)
+            interval.add(finite, dict(loss=loss.float(), grad_norm=grad_norm.float()))  # averaged over the log interval
+            step += 1
             if step % args.log_every == 0 or it == steps_per_epoch - 1:
-                loss_v, gn = reduce_for_log(sums / n, world)
-                metrics.write(step=step, epoch=round(epoch + (it + 1) / steps_per_epoch, 4), loss=loss_v, lr=lr,
-                              grad_norm=gn, img_per_sec=n * args.global_batch / world / (time.time() - t0))
-                t0, n, sums = time.time(), 0, 0
+                n = interval.steps
+                record = interval.row(world, ckpt_path)
+                metrics.write(step=step, epoch=round(epoch + (it + 1) / steps_per_epoch, 4), loss=record["loss"],
+                              lr=lr, grad_norm=record["grad_norm"], skipped=record["skipped"],
+                              img_per_sec=n * args.global_batch / world / (time.time() - t0))
+                t0 = time.time()
+            if preemption.stop_now() and it < steps_per_epoch - 1:  # on an epoch's last step: its checkpoint
+                save_epoch(ckpt_path, train_step.parts, device, 0, interval, epoch=epoch, step=step, epoch_step=it + 1,
+                           latent_stats=stats, args=vars(args))
+                preemption.exit(ckpt_path, step)
         epoch += 1
+        epoch_step = 0
         if args.eval_every and epoch % args.eval_every == 0:
             res = sample_metrics(train_step.ema.model, tokenizer, stats_d, inception, ref, args.eval_images,
                                  args.sample_steps, args.cfg, batch_size=args.batch_size)
@@ -205,6 +218,8 @@ def main():
         if rank == 0 and (epoch % args.vis_every == 0 or epoch == args.epochs):
             images = generate(train_step.ema.model, tokenizer, stats_d, classes, args.sample_steps, args.cfg)
             save_grid(os.path.join(args.out_dir, f"dit_samples_epoch{epoch:04d}.png"), [images])
+        if preemption.agreed() and epoch < args.epochs:
+            preemption.exit(ckpt_path, step)
     log.info(f"done: {ckpt_path}")
     if dist.is_initialized():
         dist.destroy_process_group()

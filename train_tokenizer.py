@@ -19,9 +19,9 @@ import torch.nn.functional as F
 import data
 import evaluate
 import models
-from plumbing import (EMA, Metrics, adamw, bf16, check_args, check_ranks_agree, check_resume, cosine_lr, ddp,
-                      grad_accum_steps, log, parse_args, random_flip, reduce_for_log, resume, save_epoch, save_grid,
-                      setup, sync_grads_if)
+from plumbing import (EMA, LogInterval, Metrics, Preemption, adamw, all_finite, bf16, buffers_before, check_args,
+                      check_ranks_agree, check_resume, cosine_lr, ddp, grad_accum_steps, keep_buffers_if, log,
+                      parse_args, random_flip, resume, save_epoch, save_grid, setup, step_if, sync_grads_if)
 # the settings that shape the model (stage 2 has dim and img_size, from its tokenizer): a checkpoint resumes only with these
 MODEL_FLAGS = ("dim", "img_size", "patch_size", "enc_size", "dec_size", "sem_size", "sem_type", "teacher", "teacher_size")
 
@@ -84,10 +84,12 @@ class TokenizerStep:
 
     def __call__(self, batches, lr, use_gan):
         """batches: the micro-batches (x in [-1, 1]) of one global batch. Returns the loss terms averaged
-        over micro-batches and the generator's grad norm, as tensors (no host sync)."""
+        over micro-batches, the generator's grad norm and the step's finite flag, as tensors (no host sync on
+        CUDA). A step with a non-finite loss or grad norm changes nothing (plumbing.step_if)."""
         for group in self.opt.param_groups + self.opt_d.param_groups:
             group["lr"] = lr
         sums = {}
+        disc_stats = buffers_before(self.disc)
         # the release runs LPIPS, ConvNeXt-S and both GAN terms with autocast off; --bf16_losses trades that for speed
         loss_precision = self.autocast if self.args.bf16_losses else contextlib.nullcontext()
         for i, x in enumerate(batches):
@@ -110,14 +112,18 @@ class TokenizerStep:
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0) + v.detach() / len(batches)
         grad_norm = nn.utils.clip_grad_norm_(self.trainable, self.args.grad_clip)
-        self.opt.step()
+        norms = [grad_norm]
+        if use_gan:  # clipped before the generator's step, which it does not depend on: the same numbers
+            norms.append(nn.utils.clip_grad_norm_(self.disc.parameters(), self.args.grad_clip))
+        finite = all_finite(*sums.values(), *norms)
+        step_if(finite, self.opt)
         self.opt.zero_grad(set_to_none=True)
         if use_gan:
-            nn.utils.clip_grad_norm_(self.disc.parameters(), self.args.grad_clip)
-            self.opt_d.step()
+            step_if(finite, self.opt_d)
+            keep_buffers_if(finite, self.disc, disc_stats)
         self.opt_d.zero_grad(set_to_none=True)
-        self.ema.update(self.model)
-        return sums, grad_norm
+        self.ema.update(self.model, finite)
+        return sums, grad_norm, finite
 
 def train(args, stage, model, ema, teacher, rank, world, device):
     """Train a Tokenizer with TokenizerStep; resumes from <out_dir>/<stage>.pt if it exists.
@@ -138,36 +144,43 @@ def train(args, stage, model, ema, teacher, rank, world, device):
     steps_per_epoch = len(loader) // accum
     torch.manual_seed(args.seed + rank)  # from here on each rank draws its own masks, noise and flips
     ckpt_path = os.path.join(args.out_dir, f"{stage}.pt")
-    epoch, step = 0, 0
+    interval = LogInterval(device)  # the sums behind the next metrics row
+    epoch, step, epoch_step = 0, 0, 0
     if os.path.exists(ckpt_path):
         ckpt = models.read_checkpoint(ckpt_path)
-        check_resume(ckpt_path, ckpt["args"], args, MODEL_FLAGS)
-        epoch, step = resume(ckpt_path, ckpt, train_step.parts, rank, device)
+        check_resume(ckpt_path, ckpt["args"], args, MODEL_FLAGS + ("global_batch",))
+        epoch, step, epoch_step = resume(ckpt_path, ckpt, train_step.parts, rank, device, interval)
+    loader.sampler.skip = epoch_step * accum * args.batch_size  # inside the epoch: past the batches done
     log.info(f"{len(loader.dataset)} images, {steps_per_epoch} steps/epoch, global batch {args.global_batch} = "
              f"{args.batch_size}/GPU x {world} x {accum} accumulation, lr {train_step.base_lr:.2e}")
     metrics = Metrics(args.out_dir, stage, rank, step)
-    t0, n, sums = time.time(), 0, {}
+    preemption = Preemption(device)  # before the loader's workers start: they inherit it
+    t0 = time.time()
     while epoch < args.epochs:
         model.train(), train_step.disc.train()
         loader.sampler.set_epoch(epoch)
         use_gan = epoch >= args.disc_start_epoch and args.disc_weight > 0
         batches = iter(loader)
-        for it in range(steps_per_epoch):
+        for it in range(epoch_step, steps_per_epoch):
             lr = cosine_lr(epoch + it / steps_per_epoch, train_step.base_lr, args.warmup_rate * args.epochs, args.epochs)
             xs = [random_flip(next(batches)[0].to(device, non_blocking=True)) for _ in range(accum)]
-            terms, grad_norm = train_step(xs, lr, use_gan)
-            for k, v in dict(terms, grad_norm=grad_norm).items():  # averaged over the log interval
-                sums[k] = sums.get(k, 0) + v
-            step, n = step + 1, n + 1
+            terms, grad_norm, finite = train_step(xs, lr, use_gan)
+            interval.add(finite, dict(terms, grad_norm=grad_norm))  # averaged over the log interval
+            step += 1
             if step % args.log_every == 0 or it == steps_per_epoch - 1:
-                names = sorted(sums)
-                record = dict(zip(names, reduce_for_log([sums[k] / n for k in names], world)))
-                loss = sum(v for k, v in record.items() if k not in ("disc", "grad_norm"))  # the generator's total
+                n = interval.steps
+                record = interval.row(world, ckpt_path)
+                loss = sum(v for k, v in record.items() if k not in ("disc", "grad_norm", "skipped"))  # the generator's
                 metrics.write(step=step, epoch=round(epoch + (it + 1) / steps_per_epoch, 4), loss=loss,
                               loss_no_gan=loss - record.get("gan", 0.0), **record, lr=lr,
                               img_per_sec=n * args.global_batch / world / (time.time() - t0))
-                t0, n, sums = time.time(), 0, {}
+                t0 = time.time()
+            if preemption.stop_now() and it < steps_per_epoch - 1:  # on an epoch's last step: its checkpoint
+                save_epoch(ckpt_path, train_step.parts, device, 0, interval, epoch=epoch, step=step, epoch_step=it + 1,
+                           args=vars(args))
+                preemption.exit(ckpt_path, step)
         epoch += 1
+        epoch_step = 0
         with torch.no_grad(), train_step.autocast:
             recon = ema.model.decode(ema.model.encode(held_out))
         metrics.write(step=step, epoch=epoch, held_out_psnr_ema=evaluate.psnr_per_image(held_out, recon).mean().item())
@@ -179,6 +192,8 @@ def train(args, stage, model, ema, teacher, rank, world, device):
         save_epoch(ckpt_path, train_step.parts, device, args.save_every, epoch=epoch, step=step, args=vars(args))
         if rank == 0 and (epoch % args.vis_every == 0 or epoch == args.epochs):
             save_grid(os.path.join(args.out_dir, f"{stage}_recon_epoch{epoch:04d}.png"), [held_out, recon])
+        if preemption.agreed() and epoch < args.epochs:
+            preemption.exit(ckpt_path, step)
     log.info(f"done: {ckpt_path}")
 
 def common_args(parser):
