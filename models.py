@@ -187,7 +187,9 @@ class Tokenizer(nn.Module):
     def __init__(self, img_size=256, patch_size=16, dim=128, enc_size="base", dec_size="base",
                  sem_size="tiny", sem_type="transformer", teacher_dim=1024, mask_ratio=0.4,
                  mask_ratio_min=-0.1, gamma=1.0, noise_schedule="shift", sem_noisy=True, kl=True):
+        model_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
+        self.model_args = model_args  # every construction argument, saved with the weights (load_tokenizer)
         self.grid = img_size // patch_size
         self.dim, self.mask_ratio, self.mask_ratio_min = dim, mask_ratio, mask_ratio_min
         self.gamma, self.noise_schedule, self.sem_noisy, self.kl = gamma, noise_schedule, sem_noisy, kl
@@ -360,25 +362,38 @@ def file_problem(flag, path, *wanted):
     if not set(kinds) & set(wanted):
         return f"{flag} {path}: should be {' or '.join(wanted)}; it is {' + '.join(kinds)}"
 
-def load_tokenizer(path, ema=True, **overrides):
-    """A Tokenizer from our checkpoints or the authors' release (`model` / `model_ema`), sized from the tensors;
-    training hyper-parameters come from our checkpoint's args, and `overrides` (e.g. gamma=0) win over both."""
-    ckpt = read_checkpoint(path)
-    key = "model_ema" if ema and "model_ema" in ckpt else "model"
-    if "encoder.latent_head.weight" not in ckpt.get(key, {}):
-        raise SystemExit(f"{path}: not a tokenizer checkpoint (no {key}.encoder.latent_head.weight)")
-    sd = _release_to_ours(ckpt[key])
-    patch, args = sd["encoder.patch_embed.weight"].shape[-1], ckpt.get("args", {})
-    kl = not args.get("no_kl", False)
-    kw = dict(img_size=math.isqrt(sd["encoder.positional_embedding"].shape[1]) * patch, patch_size=patch, kl=kl,
-              dim=sd["encoder.latent_head.weight"].shape[0] // (2 if kl else 1), enc_size=_size_of(sd, "encoder."),
+def released_tokenizer_args(sd, path):
+    """The construction arguments of a tokenizer in the authors' release layout, read off its tensors."""
+    patch = sd["encoder.patch_embed.weight"].shape[-1]
+    kw = dict(img_size=math.isqrt(sd["encoder.positional_embedding"].shape[1]) * patch, patch_size=patch,
+              dim=sd["encoder.latent_head.weight"].shape[0] // 2, enc_size=_size_of(sd, "encoder."),
               dec_size=_size_of(sd, "decoder."), teacher_dim=0)
     if "sem_decoder.out.weight" in sd:
         kw.update(sem_type="transformer", sem_size=_size_of(sd, "sem_decoder."),
                   teacher_dim=sd["sem_decoder.out.weight"].shape[0])
     elif "sem_decoder.mlp.2.weight" in sd:
         kw.update(sem_type="mlp", teacher_dim=sd["sem_decoder.mlp.2.weight"].shape[0])
-    kw.update({k: args[k] for k in ("mask_ratio", "mask_ratio_min", "gamma", "noise_schedule") if k in args})
+    return kw
+
+def construction_args(ckpt, sd, path, released_args):
+    """Our checkpoints' model_args, or for the authors' files (which hold no args) released_args(sd, path)."""
+    if "model_args" in ckpt:
+        return dict(ckpt["model_args"])
+    if "args" in ckpt:
+        raise SystemExit(f"{path}: saved by an older version of this code (no model_args); train it again")
+    return released_args(sd, path)
+
+def load_tokenizer(path, ema=True, **overrides):
+    """A Tokenizer from our checkpoints (rebuilt from their model_args) or the authors' release (`model` /
+    `model_ema`, sized from the tensors); `overrides` (e.g. gamma=0) win."""
+    ckpt = read_checkpoint(path)
+    key = "model_ema" if ema and "model_ema" in ckpt else "model"
+    if "encoder.latent_head.weight" not in ckpt.get(key, {}):
+        raise SystemExit(f"{path}: not a tokenizer checkpoint (no {key}.encoder.latent_head.weight)")
+    sd = _release_to_ours(ckpt[key])
+    kw = construction_args(ckpt, sd, path, released_tokenizer_args)
+    if not any(k.startswith("sem_decoder.") for k in sd):  # saved without its semantic decoder (stage 2)
+        kw["teacher_dim"] = 0
     kw.update(overrides)
     model = Tokenizer(**kw)
     load_state(model, sd, path)
@@ -652,7 +667,9 @@ class FourierTimeEmbed(nn.Module):  # Gaussian Fourier features of t (256 fixed 
 class DiTDH(nn.Module):
     """x (B, dim, grid, grid), t, y -> v, as released: t=0 noise, t=1 data, v = data - noise; y = num_classes: null."""
     def __init__(self, size="XL", dim=128, grid=16, num_classes=1000, label_drop=0.1):
+        model_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
+        self.model_args = model_args  # every construction argument, saved with the weights (load_dit)
         width, self.depth, heads, head_width, head_depth, head_heads = DIT_SIZES[size]
         self.size, self.dim, self.grid, self.num_classes, self.label_drop = size, dim, grid, num_classes, label_drop
         self.grad_ckpt = False  # --grad_ckpt: recompute each block's activations in the backward pass
@@ -707,25 +724,29 @@ def flow_loss(dit, x, y):
     tb = t.view(-1, 1, 1, 1)
     return F.mse_loss(dit(tb * x + (1 - tb) * eps, t, y), x - eps)
 
-def load_dit(path, ema=True):
-    """DiT^DH from our checkpoints or the authors' release (`model` / `model_ema`), sized from the tensors.
-    Returns (model in eval mode, the checkpoint's other entries, e.g. latent_stats and args)."""
-    ckpt = read_checkpoint(path)
-    key = "model_ema" if ema and "model_ema" in ckpt else "model"
-    if "s_embedder.proj.weight" not in ckpt.get(key, {}):
-        raise SystemExit(f"{path}: not a DiT^DH checkpoint (no {key}.s_embedder.proj.weight)")
-    sd = {k: v for k, v in ckpt[key].items() if "_feat_rope.freqs_" not in k}  # the release stores its RoPE tables
+def released_dit_args(sd, path):
+    """The construction arguments of a DiT^DH in the authors' release layout, read off its tensors."""
     width, head_width = sd["s_embedder.proj.weight"].shape[0], sd["x_embedder.proj.weight"].shape[0]
     widths = [v.shape[0] for k, v in sd.items() if k.startswith("blocks.") and k.endswith(".norm1.weight")]
     shape = (width, widths.count(width), head_width, len(widths) - widths.count(width))
     size = next((n for n, c in DIT_SIZES.items() if (c[0], c[1], c[3], c[4]) == shape), None)
     if size is None:
         raise SystemExit(f"{path}: a DiT^DH of no known size (width/depth/head width/head depth {shape})")
-    model = DiTDH(size, dim=sd["x_embedder.proj.weight"].shape[1], grid=math.isqrt(sd["pos_embed"].shape[1]),
-                  num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1,
-                  label_drop=ckpt.get("args", {}).get("label_drop", 0.1))  # 0: no null class to guide with
+    return dict(size=size, dim=sd["x_embedder.proj.weight"].shape[1], grid=math.isqrt(sd["pos_embed"].shape[1]),
+                num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1)
+
+def load_dit(path, ema=True):
+    """DiT^DH from our checkpoints (rebuilt from their model_args) or the authors' release (`model` /
+    `model_ema`, sized from the tensors). Returns (model in eval mode, the checkpoint's other entries, e.g.
+    latent_stats and args)."""
+    ckpt = read_checkpoint(path)
+    key = "model_ema" if ema and "model_ema" in ckpt else "model"
+    if "s_embedder.proj.weight" not in ckpt.get(key, {}):
+        raise SystemExit(f"{path}: not a DiT^DH checkpoint (no {key}.s_embedder.proj.weight)")
+    sd = {k: v for k, v in ckpt[key].items() if "_feat_rope.freqs_" not in k}  # the release stores its RoPE tables
+    model = DiTDH(**construction_args(ckpt, sd, path, released_dit_args))
     load_state(model, sd, path)
-    log.info(f"loaded DiT^DH-{size} {path} ({key}): dim {model.dim}, {model.num_classes} classes")
+    log.info(f"loaded DiT^DH-{model.size} {path} ({key}): dim {model.dim}, {model.num_classes} classes")
     return model.eval(), {k: v for k, v in ckpt.items() if k not in ("model", "model_ema", "opt")}
 
 # ---- FID Inception-v3 (paper Sec. 4.1, rFID / gFID): the 2015-12-05 TF graph, named as in pytorch-fid's weights (evaluate.load_inception)

@@ -461,6 +461,7 @@ def save_epoch(path, parts, device, save_every, interval=None, **state):
         raise SystemExit(f"non-finite weights ({bad}) at step {state['step']}: not saved; the last good checkpoint "
                          f"is {path}")
     state = dict({k: part.state_dict() for k, part in parts.items()}, rng=rng_state(device, interval), **state)
+    state["model_args"] = parts["model"].model_args  # what rebuilds the model (models.load_tokenizer / load_dit)
     problem = [None]
     if rank_world()[0] == 0:
         try:

@@ -123,7 +123,7 @@ def test_no_kl_is_a_deterministic_autoencoder(tmp_path):
     m.gamma, m.mask_ratio = 0.0, 0.0
     x_hat, kl, _, _ = m(x)
     assert kl.item() == 0 and torch.equal(x_hat, m.decode(m.encode(x)))
-    torch.save({"model": m.state_dict(), "model_ema": m.state_dict(), "args": {"no_kl": True}}, tmp_path / "ae.pt")
+    torch.save({"model": m.state_dict(), "model_ema": m.state_dict(), "model_args": m.model_args}, tmp_path / "ae.pt")
     loaded = models.load_tokenizer(str(tmp_path / "ae.pt"))
     assert loaded.dim == 8 and not loaded.kl and torch.equal(loaded.encode(x), m.encode(x))
 
@@ -174,9 +174,15 @@ def test_checkpoint_round_trip_and_release_layout(tmp_path):
     torch.manual_seed(0)
     m = tiny_tokenizer(dim=32).eval()
     sd = m.state_dict()
-    torch.save({"model": sd, "model_ema": sd, "args": {"gamma": 0.5}}, tmp_path / "ours.pt")
+    model_args = dict(m.model_args, gamma=0.5, sem_noisy=False, noise_schedule="lognorm")  # not in the tensors
+    torch.save({"model": sd, "model_ema": sd, "model_args": model_args}, tmp_path / "ours.pt")
     loaded = models.load_tokenizer(str(tmp_path / "ours.pt")).eval()
-    assert loaded.gamma == 0.5
+    assert loaded.model_args == model_args
+    assert (loaded.gamma, loaded.sem_noisy, loaded.noise_schedule) == (0.5, False, "lognorm")
+    assert models.load_tokenizer(str(tmp_path / "ours.pt"), gamma=0.0).gamma == 0.0  # overrides win
+    torch.save({"model": sd, "model_ema": sd, "args": {"gamma": 0.5}}, tmp_path / "old.pt")  # before model_args
+    with pytest.raises(SystemExit, match=r"old.pt: saved by an older version of this code \(no model_args\)"):
+        models.load_tokenizer(str(tmp_path / "old.pt"))
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         assert torch.equal(loaded.decode(loaded.encode(x)), m.decode(m.encode(x)))
@@ -883,11 +889,13 @@ def test_load_roundtrip_and_release_layout(tmp_path):
     model = randomise(tiny_dit(num_classes=10))
     x, t, y = torch.randn(2, 4, 4, 4), torch.rand(2), torch.tensor([3, 10])
     ours = tmp_path / "ours.pt"
-    torch.save({"model": model.state_dict(), "model_ema": model.state_dict(), "args": {"size": "tiny"},
-                "latent_stats": (1, 2)}, ours)
+    model_args = dict(model.model_args, label_drop=0.0)  # not in the tensors
+    torch.save({"model": model.state_dict(), "model_ema": model.state_dict(), "model_args": model_args,
+                "args": {"model": "tiny"}, "latent_stats": (1, 2)}, ours)
     loaded, extra = models.load_dit(ours)
     assert (loaded.size, loaded.dim, loaded.grid, loaded.num_classes, loaded.training) == ("tiny", 4, 4, 10, False)
-    assert extra == {"args": {"size": "tiny"}, "latent_stats": (1, 2)}
+    assert loaded.label_drop == 0.0
+    assert extra == {"model_args": model_args, "args": {"model": "tiny"}, "latent_stats": (1, 2)}
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
     assert torch.equal(loaded(x, t, y), model.eval()(x, t, y))
     # the authors' release: "model" also holds RoPE buffers, "model_ema" holds parameters only

@@ -297,9 +297,12 @@ def main():
         path = None if args.random_frozen_nets else models.teacher_file(teacher_name, args.teacher_ckpt)
         teacher = models.load_teacher(teacher_name, path, args.teacher_size, args.img_size // args.patch_size,
                                       args.teacher_input == "release", args.teacher_rope_rescale).to(device)
-    model = models.Tokenizer(args.img_size, args.patch_size, args.dim, args.enc_size, args.dec_size, args.sem_size,
-                             args.sem_type, teacher.dim if teacher else 0, args.mask_ratio, args.mask_ratio_min,
-                             args.gamma, args.noise_schedule, sem_noisy=not args.no_fsd, kl=not args.no_kl).to(device)
+    model = models.Tokenizer(img_size=args.img_size, patch_size=args.patch_size, dim=args.dim,
+                             enc_size=args.enc_size, dec_size=args.dec_size, sem_size=args.sem_size,
+                             sem_type=args.sem_type, teacher_dim=teacher.dim if teacher else 0,
+                             mask_ratio=args.mask_ratio, mask_ratio_min=args.mask_ratio_min, gamma=args.gamma,
+                             noise_schedule=args.noise_schedule, sem_noisy=not args.no_fsd, kl=not args.no_kl)
+    model.to(device)  # its construction arguments go into every checkpoint (model_args)
     train(args, "tokenizer", model, EMA(model, args.ema), teacher, rank, world, device)
     if dist.is_initialized():
         dist.destroy_process_group()
