@@ -454,8 +454,8 @@ def test_skipped_step_changes_nothing_and_a_finite_one_is_the_plain_step():
 def test_sigterm_stops_inside_the_epoch_and_the_resumed_run_is_the_same(tmp_path):
     import signal
     import time
-    argv = TINY_TRAIN + ["--demo_images", "48", "--epochs", "2", "--disc_start_epoch", "1"]  # 2 x 6 steps
-    a = run("train_tokenizer.py", *argv, "--out_dir", str(tmp_path / "a"))
+    argv = TINY_TRAIN + ["--demo_images", "32", "--epochs", "1", "--disc_start_epoch", "0"]  # 4 steps, GAN on
+    a = run("train_tokenizer.py", *argv, "--out_dir", str(tmp_path / "a"), timeout=600)
     assert a.returncode == 0, a.stderr[-2000:]
     b = subprocess.Popen([sys.executable, os.path.join(HERE, "train_tokenizer.py"), *argv, "--out_dir",
                           str(tmp_path / "b")], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -463,12 +463,12 @@ def test_sigterm_stops_inside_the_epoch_and_the_resumed_run_is_the_same(tmp_path
     while not (metrics.exists() and '"step": 1' in metrics.read_text()) and b.poll() is None:
         time.sleep(0.02)
     b.send_signal(signal.SIGTERM)  # during step 2 (or 3): the run finishes that step, then stops
-    err = b.communicate(timeout=120)[1]
+    err = b.communicate(timeout=600)[1]
     assert b.returncode == 0, err[-2000:]
     assert "stopped on a signal after step" in err
     ckpt = models.read_checkpoint(str(tmp_path / "b" / "tokenizer.pt"))
-    assert ckpt["epoch"] == 0 and 0 < ckpt["epoch_step"] < 6 and ckpt["step"] == ckpt["epoch_step"]
-    again = run("train_tokenizer.py", *argv, "--out_dir", str(tmp_path / "b"))
+    assert ckpt["epoch"] == 0 and 0 < ckpt["epoch_step"] < 4 and ckpt["step"] == ckpt["epoch_step"]
+    again = run("train_tokenizer.py", *argv, "--out_dir", str(tmp_path / "b"), timeout=600)
     assert again.returncode == 0 and f"({ckpt['epoch_step']} steps into the epoch)" in again.stderr
     ends = [models.read_checkpoint(str(tmp_path / d / "tokenizer.pt")) for d in "ab"]
     for key in ("model", "model_ema", "disc"):
@@ -477,7 +477,7 @@ def test_sigterm_stops_inside_the_epoch_and_the_resumed_run_is_the_same(tmp_path
     for rows in records.values():
         for r in rows:
             r.pop("img_per_sec", None)
-    assert records["a"] == records["b"] and len(records["a"]) == 14  # 12 steps, 2 held-out rows
+    assert records["a"] == records["b"] and len(records["a"]) == 5  # 4 steps, the held-out row
 
 
 def test_resume_on_another_number_of_ranks(tmp_path):
@@ -494,7 +494,7 @@ def test_resume_on_another_number_of_ranks(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"lr"' in line]
     base = 1.6e-2 * 8 / 256
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert rows[2]["lr"] == pytest.approx(tt.cosine_lr(1.0, base, 0.1 * 2, 2))  # the schedule of a 2-epoch run
+    assert rows[2]["lr"] == pytest.approx(tt.cosine_lr(1.0, base, 0.1 * 2, 2), abs=1e-6)  # a 2-epoch run's
     assert all(math.isfinite(r["loss"]) and r["gan"] != 0 for r in rows[2:])
 
 
