@@ -3,6 +3,7 @@ import importlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -294,8 +295,14 @@ TINY_TRAIN = TINY_FT + ["--img_size", "32", "--teacher", "dinov3_vitl16", "--tea
 
 
 def main_of(module, argv, monkeypatch):
+    """module.main() with argv; the SIGTERM / SIGUSR1 handlers a training loop installs are undone after it."""
     monkeypatch.setattr(sys, "argv", [module.__name__ + ".py"] + argv)
-    module.main()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        module.main()
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
 
 
 def test_tokenizer_loss_falls_on_a_fixed_batch():
@@ -334,12 +341,15 @@ def train_rank(rank, world, argv, crash):
             raise KeyboardInterrupt
         return lr(epoch_frac, *rest)
     tt.cosine_lr, sys.argv = lr_or_crash, ["train_tokenizer.py"] + argv
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}  # the loop installs its own
     try:
         tt.main()
     except KeyboardInterrupt:
         assert crash
     finally:
         tt.cosine_lr, sys.argv = lr, argv0
+        for s, h in handlers.items():
+            signal.signal(s, h)
 
 
 @pytest.mark.parametrize("workers,world", [(0, 1), (2, 1), (2, 2)])
@@ -452,7 +462,6 @@ def test_skipped_step_changes_nothing_and_a_finite_one_is_the_plain_step():
 
 
 def test_sigterm_stops_inside_the_epoch_and_the_resumed_run_is_the_same(tmp_path):
-    import signal
     import time
     argv = TINY_TRAIN + ["--demo_images", "32", "--epochs", "1", "--disc_start_epoch", "0"]  # 4 steps, GAN on
     a = run("train_tokenizer.py", *argv, "--out_dir", str(tmp_path / "a"), timeout=600)
@@ -913,7 +922,6 @@ def test_train_dit_stats_and_resume(tmp_path, monkeypatch):
 
 
 def test_sigusr1_stops_train_dit_inside_the_epoch_and_it_resumes_exactly(tmp_path, monkeypatch):
-    import signal
     import train_dit
     torch.manual_seed(0)
     tok = models.Tokenizer(img_size=32, patch_size=8, dim=4, enc_size="tiny", dec_size="tiny", teacher_dim=0)
@@ -922,26 +930,21 @@ def test_sigusr1_stops_train_dit_inside_the_epoch_and_it_resumes_exactly(tmp_pat
     for d in "ab":
         os.makedirs(tmp_path / d)
         torch.save({"model": tok.state_dict(), "model_ema": tok.state_dict()}, tmp_path / d / "tokenizer_ft.pt")
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     lr = train_dit.dit_lr
 
     def lr_and_signal(epoch_frac, *rest):  # SLURM's --signal=USR1 arriving during the second step
         if epoch_frac == 0.25:
             os.kill(os.getpid(), signal.SIGUSR1)
         return lr(epoch_frac, *rest)
-    try:
-        main_of(train_dit, argv + [str(tmp_path / "a")], monkeypatch)
-        monkeypatch.setattr(train_dit, "dit_lr", lr_and_signal)
-        with pytest.raises(SystemExit) as e:
-            main_of(train_dit, argv + [str(tmp_path / "b")], monkeypatch)
-        assert e.value.code == 0
-        ckpt = models.read_checkpoint(str(tmp_path / "b" / "dit.pt"))
-        assert (ckpt["epoch"], ckpt["step"], ckpt["epoch_step"]) == (0, 2, 2)  # the signalled step finished
-        monkeypatch.setattr(train_dit, "dit_lr", lr)
+    main_of(train_dit, argv + [str(tmp_path / "a")], monkeypatch)
+    monkeypatch.setattr(train_dit, "dit_lr", lr_and_signal)
+    with pytest.raises(SystemExit) as e:
         main_of(train_dit, argv + [str(tmp_path / "b")], monkeypatch)
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
+    assert e.value.code == 0
+    ckpt = models.read_checkpoint(str(tmp_path / "b" / "dit.pt"))
+    assert (ckpt["epoch"], ckpt["step"], ckpt["epoch_step"]) == (0, 2, 2)  # the signalled step finished
+    monkeypatch.setattr(train_dit, "dit_lr", lr)
+    main_of(train_dit, argv + [str(tmp_path / "b")], monkeypatch)
     ends = [models.read_checkpoint(str(tmp_path / d / "dit.pt")) for d in "ab"]
     for key in ("model", "model_ema"):
         assert all(torch.equal(ends[0][key][k], ends[1][key][k]) for k in ends[0][key]), key
