@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -301,8 +302,14 @@ TINY_TRAIN = TINY_FT + ["--img_size", "32", "--teacher", "dinov3_vitl16", "--tea
 
 
 def main_of(module, argv, monkeypatch):
+    """module.main() with argv; the SIGTERM / SIGUSR1 handlers a training loop installs are undone after it."""
     monkeypatch.setattr(sys, "argv", [module.__name__ + ".py"] + argv)
-    module.main()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        module.main()
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
 
 
 def test_tokenizer_loss_falls_on_a_fixed_batch():
@@ -341,12 +348,15 @@ def train_rank(rank, world, argv, crash):
             raise KeyboardInterrupt
         return lr(epoch_frac, *rest)
     tt.cosine_lr, sys.argv = lr_or_crash, ["train_tokenizer.py"] + argv
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}  # the loop installs its own
     try:
         tt.main()
     except KeyboardInterrupt:
         assert crash
     finally:
         tt.cosine_lr, sys.argv = lr, argv0
+        for s, h in handlers.items():
+            signal.signal(s, h)
 
 
 @pytest.mark.parametrize("workers,world", [(0, 1), (2, 1), (2, 2)])
@@ -497,10 +507,9 @@ def test_skipped_step_changes_nothing_and_a_finite_one_is_the_plain_step():
 
 
 def test_sigterm_stops_inside_the_epoch_and_the_resumed_run_is_the_same(tmp_path):
-    import signal
     import time
-    argv = TINY_TRAIN + ["--demo_images", "48", "--epochs", "2", "--disc_start_epoch", "1"]  # 2 x 6 steps
-    a = run("train_tokenizer.py", *argv, "--out_dir", str(tmp_path / "a"))
+    argv = TINY_TRAIN + ["--demo_images", "32", "--epochs", "1", "--disc_start_epoch", "0"]  # 4 steps, GAN on
+    a = run("train_tokenizer.py", *argv, "--out_dir", str(tmp_path / "a"), timeout=600)
     assert a.returncode == 0, a.stderr[-2000:]
     b = subprocess.Popen([sys.executable, os.path.join(HERE, "train_tokenizer.py"), *argv, "--out_dir",
                           str(tmp_path / "b")], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -508,12 +517,12 @@ def test_sigterm_stops_inside_the_epoch_and_the_resumed_run_is_the_same(tmp_path
     while not (metrics.exists() and '"step": 1' in metrics.read_text()) and b.poll() is None:
         time.sleep(0.02)
     b.send_signal(signal.SIGTERM)  # during step 2 (or 3): the run finishes that step, then stops
-    err = b.communicate(timeout=120)[1]
+    err = b.communicate(timeout=600)[1]
     assert b.returncode == 0, err[-2000:]
     assert "stopped on a signal after step" in err
     ckpt = models.read_checkpoint(str(tmp_path / "b" / "tokenizer.pt"))
-    assert ckpt["epoch"] == 0 and 0 < ckpt["epoch_step"] < 6 and ckpt["step"] == ckpt["epoch_step"]
-    again = run("train_tokenizer.py", *argv, "--out_dir", str(tmp_path / "b"))
+    assert ckpt["epoch"] == 0 and 0 < ckpt["epoch_step"] < 4 and ckpt["step"] == ckpt["epoch_step"]
+    again = run("train_tokenizer.py", *argv, "--out_dir", str(tmp_path / "b"), timeout=600)
     assert again.returncode == 0 and f"({ckpt['epoch_step']} steps into the epoch)" in again.stderr
     ends = [models.read_checkpoint(str(tmp_path / d / "tokenizer.pt")) for d in "ab"]
     for key in ("model", "model_ema", "disc"):
@@ -522,7 +531,7 @@ def test_sigterm_stops_inside_the_epoch_and_the_resumed_run_is_the_same(tmp_path
     for rows in records.values():
         for r in rows:
             r.pop("img_per_sec", None)
-    assert records["a"] == records["b"] and len(records["a"]) == 14  # 12 steps, 2 held-out rows
+    assert records["a"] == records["b"] and len(records["a"]) == 5  # 4 steps, the held-out row
 
 
 def test_resume_on_another_number_of_ranks(tmp_path):
@@ -539,7 +548,7 @@ def test_resume_on_another_number_of_ranks(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"lr"' in line]
     base = 1.6e-2 * 8 / 256
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert rows[2]["lr"] == pytest.approx(tt.cosine_lr(1.0, base, 0.1 * 2, 2))  # the schedule of a 2-epoch run
+    assert rows[2]["lr"] == pytest.approx(tt.cosine_lr(1.0, base, 0.1 * 2, 2), abs=1e-6)  # a 2-epoch run's
     assert all(math.isfinite(r["loss"]) and r["gan"] != 0 for r in rows[2:])
 
 
@@ -1104,7 +1113,6 @@ def test_sampling_chosen_classes(tmp_path, monkeypatch, capsys):
 
 
 def test_sigusr1_stops_train_dit_inside_the_epoch_and_it_resumes_exactly(tmp_path, monkeypatch):
-    import signal
     import train_dit
     torch.manual_seed(0)
     tok = models.Tokenizer(img_size=32, patch_size=8, dim=4, enc_size="tiny", dec_size="tiny", teacher_dim=0)
@@ -1113,26 +1121,21 @@ def test_sigusr1_stops_train_dit_inside_the_epoch_and_it_resumes_exactly(tmp_pat
     for d in "ab":
         os.makedirs(tmp_path / d)
         torch.save({"model": tok.state_dict(), "model_ema": tok.state_dict()}, tmp_path / d / "tokenizer_ft.pt")
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     lr = train_dit.dit_lr
 
     def lr_and_signal(epoch_frac, *rest):  # SLURM's --signal=USR1 arriving during the second step
         if epoch_frac == 0.25:
             os.kill(os.getpid(), signal.SIGUSR1)
         return lr(epoch_frac, *rest)
-    try:
-        main_of(train_dit, argv + [str(tmp_path / "a")], monkeypatch)
-        monkeypatch.setattr(train_dit, "dit_lr", lr_and_signal)
-        with pytest.raises(SystemExit) as e:
-            main_of(train_dit, argv + [str(tmp_path / "b")], monkeypatch)
-        assert e.value.code == 0
-        ckpt = models.read_checkpoint(str(tmp_path / "b" / "dit.pt"))
-        assert (ckpt["epoch"], ckpt["step"], ckpt["epoch_step"]) == (0, 2, 2)  # the signalled step finished
-        monkeypatch.setattr(train_dit, "dit_lr", lr)
+    main_of(train_dit, argv + [str(tmp_path / "a")], monkeypatch)
+    monkeypatch.setattr(train_dit, "dit_lr", lr_and_signal)
+    with pytest.raises(SystemExit) as e:
         main_of(train_dit, argv + [str(tmp_path / "b")], monkeypatch)
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
+    assert e.value.code == 0
+    ckpt = models.read_checkpoint(str(tmp_path / "b" / "dit.pt"))
+    assert (ckpt["epoch"], ckpt["step"], ckpt["epoch_step"]) == (0, 2, 2)  # the signalled step finished
+    monkeypatch.setattr(train_dit, "dit_lr", lr)
+    main_of(train_dit, argv + [str(tmp_path / "b")], monkeypatch)
     ends = [models.read_checkpoint(str(tmp_path / d / "dit.pt")) for d in "ab"]
     for key in ("model", "model_ema"):
         assert all(torch.equal(ends[0][key][k], ends[1][key][k]) for k in ends[0][key]), key
