@@ -131,7 +131,7 @@ def stack(dataset, idx=None):
     return torch.utils.data.default_collate([dataset[i] for i in (range(len(dataset)) if idx is None else idx)])
 
 def make_loader(dataset, batch_size, train, workers=4, world=1, rank=0, seed=0):
-    """DistributedSampler (loader.sampler.set_epoch(epoch) draws another order; the release never calls it) + a DataLoader that keeps
+    """DistributedSampler (its set_epoch(epoch) draws another order; the release never calls it) + a DataLoader that keeps
     its workers alive between epochs and pins memory for asynchronous host-to-device copies. The workers'
     base seed comes from the loader's own generator: drawn from the global RNG, it would shift the training
     process's masks, noise and flips by one draw on the first epoch of a run, so a resumed run would differ."""

@@ -6,7 +6,7 @@
     python evaluate.py --tokenizer tok.pt --data val/ --ref val256.npz --grid r.png  # PSNR, rFID
     python evaluate.py --linear_probe --tokenizer tok.pt --data train/ --val_data val/
     python evaluate.py --viz --tokenizer tok.pt --data val/                          # PCA / cosine maps of z_t
-    python evaluate.py --demo                                    # the demo pipeline's outputs, judged by the evaluator judge
+    python evaluate.py --demo                                    # the demo pipeline's outputs, judged by the evaluator
     torchrun --nproc_per_node 8 evaluate.py ...                                      # any of these, over ranks
 
 Linear probe (the paper gives no recipe; ours): frozen features of centre crops, averaged over tokens: the posterior
@@ -260,7 +260,7 @@ def demo_judge(out_dir, size, device, role, grid=1, n_train=640):
     return judge.eval().requires_grad_(False), ckpt["accuracy"]
 
 def demo(args, device):
-    """The demo pipeline's outputs in --out_dir judged by the evaluator judge: samples.npz (image i has label i % 10) against
+    """The demo pipeline's outputs in --out_dir judged by the evaluator: samples.npz (image i has label i % 10) against
     Shapes(500, seed 2); the tokenizer (stage 2, else 1) on Shapes(200, seed 1), its probe trained on Shapes(640)."""
     toks = [p for p in (os.path.join(args.out_dir, f) for f in ("tokenizer_ft.pt", "tokenizer.pt")) if os.path.isfile(p)]
     samples = os.path.join(args.out_dir, "samples.npz")
@@ -306,7 +306,7 @@ def main(argv=None):
     a("--probe_epochs", type=int, default=10)
     a("--probe_lr", type=float, default=1e-3)
     a("--viz", action="store_true", help="PCA / cosine maps of --tokenizer's z_t on 8 --data images")
-    a("--demo", action="store_true", help="evaluate the demo pipeline's outputs in --out_dir with the evaluator judge")
+    a("--demo", action="store_true", help="evaluate the demo pipeline's outputs in --out_dir with the demo's evaluator")
     a("--out_dir", help="JSON, PNGs and evaluate.log (default: out/eval; --demo: out/demo)")
     a("--out", help="JSON path (default: next to --samples, else <out_dir>/<mode>.json)")
     a("--inception", help="FID Inception .pth (default: pytorch-fid's release); 'random' for demos")

@@ -779,8 +779,8 @@ class InceptionV3(nn.Module):
 
 # ---- The demo judges: small CNNs trained in seconds on demo images' labels (evaluate.demo_judge), standing in for
 # the pretrained networks at demo scale, where random weights would make FSD and every metric meaningless. As DINO
-# and Inception in the real pipeline, the teacher (FSD targets) and the evaluator (every demo metric) are two
-# networks: another architecture, seed and set of training images, so no metric is scored by the net trained against.
+# and Inception in the real pipeline, the teacher (FSD targets) and the evaluator (every demo metric) are two networks
+# (architecture, seed, training images): no metric is scored by the network a tokenizer was trained against.
 JUDGE_LAYERS = {"teacher": ((32, 1), (64, 2), (64, 1), (64, 2), (64, 1)),  # (out channels, stride) per conv
                 "evaluator": ((32, 2), (64, 1), (96, 2), (96, 1))}
 
