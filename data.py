@@ -98,6 +98,7 @@ class Shapes(torch.utils.data.Dataset):
 
     def __init__(self, n=512, size=64, seed=0):
         self.n, self.size, self.seed = n, size, seed
+        self.rendered = {}  # index -> item: every epoch revisits the same images, rendering is ~5% of a demo step
 
     def __len__(self):
         return self.n
@@ -123,8 +124,10 @@ class Shapes(torch.utils.data.Dataset):
         return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), label
 
     def __getitem__(self, i):
-        arr, label = self.render(i)
-        return to_tensor(arr), label
+        if i not in self.rendered:
+            arr, label = self.render(i)
+            self.rendered[i] = (to_tensor(arr), label)
+        return self.rendered[i]
 
 def stack(dataset, idx=None):
     """(images (N, 3, H, W), labels (N,)) of the dataset's items idx (default: all), in memory."""
@@ -144,7 +147,7 @@ class Sampler(torch.utils.data.DistributedSampler):
         return iter(indices[start:])
 
 def make_loader(dataset, batch_size, train, workers=4, world=1, rank=0, seed=0):
-    """Sampler (call loader.sampler.set_epoch(epoch) each epoch) + a DataLoader that keeps
+    """Sampler (its set_epoch(epoch) draws another order; the release never calls it) + a DataLoader that keeps
     its workers alive between epochs and pins memory for asynchronous host-to-device copies. The workers'
     base seed comes from the loader's own generator: drawn from the global RNG, it would shift the training
     process's masks, noise and flips by one draw on the first epoch of a run, so a resumed run would differ."""

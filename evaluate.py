@@ -6,7 +6,7 @@
     python evaluate.py --tokenizer tok.pt --data val/ --ref val256.npz --grid r.png  # PSNR, rFID
     python evaluate.py --linear_probe --tokenizer tok.pt --data train/ --val_data val/
     python evaluate.py --viz --tokenizer tok.pt --data val/                          # PCA / cosine maps of z_t
-    python evaluate.py --demo                                    # the demo pipeline's outputs, judged by the demo judge
+    python evaluate.py --demo                                    # the demo pipeline's outputs, judged by the evaluator
     torchrun --nproc_per_node 8 evaluate.py ...                                      # any of these, over ranks
 
 Linear probe (the paper gives no recipe; ours): frozen features of centre crops, averaged over tokens: the posterior
@@ -232,18 +232,24 @@ def save_maps(tokenizer, x, out_dir, seed=0):
 def spread(n, k):  # k indices evenly spread over range(n), all if k >= n: class-balanced on class-sorted folders
     return np.linspace(0, n - 1, min(k, n)).round().astype(int).tolist()
 
-def demo_judge(out_dir, size, grid, device, n_train=640, seed=0):
-    """models.DemoJudge, trained deterministically on the demo training images (Shapes seed 0) and cached in
-    <out_dir>/judge.pt with its held-out accuracy (Shapes seed 1): every rank trains the same net or reads the file."""
-    path = os.path.join(out_dir, "judge.pt")
+# The demo judges' seeds (init, Shapes): the teacher learns from the first demo training images (Shapes seed 0), the
+# evaluator from images no stage trains on (seed 4); both are scored on held-out images (seed 1).
+JUDGE_SEEDS = {"teacher": (0, 0), "evaluator": (1, 4)}
+
+def demo_judge(out_dir, size, device, role, grid=1, n_train=640):
+    """models.DemoJudge of `role` ("teacher": FSD targets, `grid` x `grid` patch features; "evaluator": every demo
+    metric), trained deterministically and cached in <out_dir>/judge_<role>.pt with its held-out accuracy: every
+    rank trains the same net or reads the file."""
+    path = os.path.join(out_dir, f"judge_{role}.pt")
     ckpt = models.read_checkpoint(path) if os.path.isfile(path) else {}
+    init_seed, data_seed = JUDGE_SEEDS[role]
     with torch.random.fork_rng(devices=[]):  # the same net whatever the caller's RNG state, rank or stage
-        torch.manual_seed(seed)
-        judge = models.DemoJudge(grid).to(device)
+        torch.manual_seed(init_seed)
+        judge = models.DemoJudge(grid, role).to(device)
         if ckpt.get("size") == size:
             judge.load_state_dict(ckpt["model"])
         else:
-            x, y = data.stack(data.Shapes(n_train, size))
+            x, y = data.stack(data.Shapes(n_train, size, seed=data_seed))
             progress = Progress("training the demo judge", 15 * n_train)
             opt = torch.optim.AdamW(judge.parameters(), 3e-3, weight_decay=0.05)
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=15 * -(-n_train // 64))
@@ -262,11 +268,11 @@ def demo_judge(out_dir, size, grid, device, n_train=640, seed=0):
             ckpt = {"model": judge.state_dict(), "size": size, "accuracy": accuracy}
             if rank_world()[0] == 0:
                 save_checkpoint(path, ckpt)
-    log.info(f"demo judge: {ckpt['accuracy']:.1%} held-out accuracy on the demo classes ({path})")
+    log.info(f"demo {role} judge: {ckpt['accuracy']:.1%} held-out accuracy on the demo classes ({path})")
     return judge.eval().requires_grad_(False), ckpt["accuracy"]
 
 def demo(args, device):
-    """The demo pipeline's outputs in --out_dir judged by the demo judge: samples.npz (image i has label i % 10) against
+    """The demo pipeline's outputs in --out_dir judged by the evaluator: samples.npz (image i has label i % 10) against
     Shapes(500, seed 2); the tokenizer (stage 2, else 1) on Shapes(200, seed 1), its probe trained on Shapes(640)."""
     toks = [p for p in (os.path.join(args.out_dir, f) for f in ("tokenizer_ft.pt", "tokenizer.pt")) if os.path.isfile(p)]
     samples = os.path.join(args.out_dir, "samples.npz")
@@ -277,7 +283,7 @@ def demo(args, device):
     rank, world = rank_world()
     tokenizer = models.load_tokenizer(toks[0], gamma=0.0, mask_ratio=0.0).to(device)
     size, bs = tokenizer.grid * tokenizer.decoder.patch_size, 50
-    judge, judge_accuracy = demo_judge(args.out_dir, size, tokenizer.grid, device)
+    judge, judge_accuracy = demo_judge(args.out_dir, size, device, "evaluator")
     loader = lambda ds: data.make_loader(ds, bs, False, 0, world, rank)
     n, read = data.open_images(samples)
     ref_pool = gather_rows(inception_features(judge, (to_uint8(x) for x, _ in loader(data.Shapes(500, size, seed=2))))[0],
@@ -290,7 +296,7 @@ def demo(args, device):
     if rank == 0:
         save_maps(tokenizer, torch.stack([shapes[i][0] for i in range(8)]).to(device), args.out_dir)
         probe = {k: train_probe(tx[k], ty, vx[k], vy, 10, epochs=100, lr=1e-2, batch_size=64) for k in tx}
-        return {"judge": {"held_out_accuracy": judge_accuracy}, "tokenizer": toks[0], "reconstruction": rec,
+        return {"evaluator": {"held_out_accuracy": judge_accuracy}, "tokenizer": toks[0], "reconstruction": rec,
                 "samples": samples, "generation": gen, "linear_probe_top1": probe}
 
 def main(argv=None):
@@ -312,7 +318,7 @@ def main(argv=None):
     a("--probe_epochs", type=int, default=10)
     a("--probe_lr", type=float, default=1e-3)
     a("--viz", action="store_true", help="PCA / cosine maps of --tokenizer's z_t on 8 --data images")
-    a("--demo", action="store_true", help="evaluate the demo pipeline's outputs in --out_dir with the demo judge")
+    a("--demo", action="store_true", help="evaluate the demo pipeline's outputs in --out_dir with the demo's evaluator")
     a("--out_dir", help="JSON, PNGs and evaluate.log (default: out/eval; --demo: out/demo)")
     a("--out", help="JSON path (default: next to --samples, else <out_dir>/<mode>.json)")
     a("--inception", help="FID Inception .pth (default: pytorch-fid's release); 'random' for demos")

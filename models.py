@@ -858,21 +858,25 @@ class InceptionV3(nn.Module):
             pool = x.mean((2, 3))
         return pool, (pool.double() @ self.fc.weight.double().T).float()  # an fp64 matmul cannot fall to TF32
 
-# ---- The demo judge: a small CNN trained in seconds on the demo images' labels (evaluate.demo_judge), standing in
-# for the pretrained networks at demo scale, where random weights would make FSD and every metric meaningless.
+# ---- The demo judges: small CNNs trained in seconds on demo images' labels (evaluate.demo_judge), standing in for
+# the pretrained networks at demo scale, where random weights would make FSD and every metric meaningless. As DINO
+# and Inception in the real pipeline, the teacher (FSD targets) and the evaluator (every demo metric) are two networks
+# (architecture, seed, training images): no metric is scored by the network a tokenizer was trained against.
+JUDGE_LAYERS = {"teacher": ((32, 1), (64, 2), (64, 1), (64, 2), (64, 1)),  # (out channels, stride) per conv
+                "evaluator": ((32, 2), (64, 1), (96, 2), (96, 1))}
 
 class DemoJudge(nn.Module):
     """Float images in [-1, 1] -> patch features (B, grid * grid, dim), the teachers' interface (FSD); uint8 images ->
     (pooled features (B, dim), class logits), the FID Inception's (demo FID, precision / recall, IS, accuracy)."""
-    def __init__(self, grid, num_classes=10, dim=64):
+    def __init__(self, grid, role="teacher", num_classes=10):
         super().__init__()
-        self.grid, self.dim = grid, dim
+        self.grid, self.dim = grid, JUDGE_LAYERS[role][-1][0]
         layers, ch = [], 3
-        for out, stride in ((32, 1), (dim, 2), (dim, 1), (dim, 2), (dim, 1)):
+        for out, stride in JUDGE_LAYERS[role]:
             layers += [nn.Conv2d(ch, out, 3, stride, 1), nn.BatchNorm2d(out), nn.GELU()]
             ch = out
         self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(dim, num_classes)
+        self.head = nn.Linear(self.dim, num_classes)
 
     def forward(self, x):
         if x.dtype == torch.uint8:

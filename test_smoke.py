@@ -359,9 +359,9 @@ def train_rank(rank, world, argv, crash):
             signal.signal(s, h)
 
 
-@pytest.mark.parametrize("workers,world", [(0, 1), (2, 1), (2, 2)])
-def test_resume_follows_the_same_trajectory(workers, world, tmp_path):
-    argv = TINY_TRAIN + ["--epochs", "2", "--disc_start_epoch", "1", "--workers", str(workers)]  # 2 x 2 steps, GAN in epoch 2
+@pytest.mark.parametrize("workers,world,order", [(0, 1, []), (2, 1, ["--reshuffle"]), (2, 2, [])])
+def test_resume_follows_the_same_trajectory(workers, world, order, tmp_path):
+    argv = TINY_TRAIN + ["--epochs", "2", "--disc_start_epoch", "1", "--workers", str(workers)] + order  # 2 x 2 steps
 
     def train(out, crash=False):
         args = (world, argv + ["--out_dir", str(tmp_path / out)], crash)
@@ -548,7 +548,7 @@ def test_resume_on_another_number_of_ranks(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"lr"' in line]
     base = 1.6e-2 * 8 / 256
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert rows[2]["lr"] == pytest.approx(tt.cosine_lr(1.0, base, 0.1 * 2, 2), abs=1e-6)  # a 2-epoch run's
+    assert rows[2]["lr"] == pytest.approx(tt.cosine_lr(1.0, base, int(0.1 * 2), 2), abs=1e-6)  # a 2-epoch run's
     assert all(math.isfinite(r["loss"]) and r["gan"] != 0 for r in rows[2:])
 
 
@@ -567,6 +567,31 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch)
         main_of(tt, argv + ["2"], monkeypatch)
     assert "\n" not in str(e.value)
     assert (tmp_path / "tokenizer.pt").read_bytes() == good and not (tmp_path / "tokenizer.pt.tmp").exists()
+
+
+@pytest.mark.parametrize("order,warmup_rate,warmup_epochs", [([], 0.5, 1), (["--reshuffle"], 0.3, 0)])
+def test_whole_epoch_warmup_and_the_release_data_order(order, warmup_rate, warmup_epochs, tmp_path, monkeypatch):
+    """Warm-up: int(warmup_rate * epochs) whole epochs (1 for 1.5, none for 0.9). Data order: one permutation for
+    every epoch unless --reshuffle (the release never calls set_epoch)."""
+    import train_tokenizer as tt
+    seen, getitem = [], data.Shapes.__getitem__
+
+    def record(self, i):  # the training images (Shapes seed 0) in the order the loader asks for them
+        if self.seed == 0:
+            seen.append(i)
+        return getitem(self, i)
+    monkeypatch.setattr(data.Shapes, "__getitem__", record)
+    main_of(tt, TINY_TRAIN + ["--epochs", "3", "--warmup_rate", str(warmup_rate), "--out_dir", str(tmp_path)] + order,
+            monkeypatch)
+    epochs = [seen[16 * e:16 * (e + 1)] for e in range(3)]  # 16 images, 2 steps of 8 per epoch
+    assert all(sorted(e) == list(range(16)) for e in epochs)
+    assert (epochs[0] == epochs[1] == epochs[2]) != bool(order)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    base = 1.6e-2 * 8 / 256  # the demo's blr at global batch 8
+    expected = [tt.cosine_lr(s / 2, base, warmup_epochs, 3) for s in range(6)]
+    assert lrs == pytest.approx(expected, abs=1e-6)  # the log rounds to 6 decimals
+    assert (lrs[0] == 0) == (warmup_epochs > 0)  # the fractional 1.5 and 0.9 epochs would differ at steps 2 and 0
 
 
 def test_loss_networks_run_in_fp32_unless_asked(tmp_path):
@@ -1392,21 +1417,72 @@ def test_viz_mode_writes_pca_and_cosine_grids(tmp_path):
         assert (tile == np.repeat(np.repeat(tile[::32, ::32], 32, 0), 32, 1)).all()
 
 
-def test_demo_judge_learns_the_demo_classes_and_is_cached(tmp_path):
-    judge, accuracy = ev.demo_judge(str(tmp_path), 32, 8, torch.device("cpu"))
-    assert accuracy >= 0.95  # held-out Shapes (seed 1), after a few seconds of training
+def test_demo_judges_learn_the_demo_classes_differ_and_are_cached(tmp_path, monkeypatch):
+    seeds, init = [], data.Shapes.__init__
+
+    def record(self, n=512, size=64, seed=0):  # every Shapes set a judge is built with: (size of it, seed)
+        seeds.append((n, seed))
+        init(self, n, size, seed)
+    monkeypatch.setattr(data.Shapes, "__init__", record)
+    judges = {}
+    for role in ("teacher", "evaluator"):
+        seeds.clear()
+        judge, accuracy = ev.demo_judge(str(tmp_path), 32, torch.device("cpu"), role, grid=8)
+        assert accuracy >= 0.9, role  # held-out Shapes (seed 1), after a few seconds of training
+        judges[role] = (judge, seeds[0])
+    assert judges["teacher"][1] == (640, 0)  # the teacher learns from demo training images (seed 0) ...
+    assert judges["evaluator"][1][1] not in (0, 1, 2)  # ... the evaluator from others: not training, held-out, ref
+    teacher, evaluator = judges["teacher"][0], judges["evaluator"][0]
+    assert [p.shape for p in teacher.parameters()] != [p.shape for p in evaluator.parameters()]  # other architecture
     x = torch.stack([data.Shapes(4, 32, seed=5)[i][0] for i in range(4)])
-    assert judge(x).shape == (4, 64, judge.dim)  # the teachers' interface: patch features on the 8 x 8 token grid
-    pool, logits = judge(plumbing.to_uint8(x))  # the FID Inception's interface
-    assert pool.shape == (4, judge.dim) and logits.shape == (4, 10)
-    mtime = os.path.getmtime(tmp_path / "judge.pt")
-    again, accuracy2 = ev.demo_judge(str(tmp_path), 32, 8, torch.device("cpu"))  # read back, not retrained
-    assert os.path.getmtime(tmp_path / "judge.pt") == mtime and accuracy2 == accuracy
-    assert torch.equal(again(x), judge(x)) and not any(p.requires_grad for p in again.parameters())
+    assert teacher(x).shape == (4, 64, teacher.dim)  # the teachers' interface: patch features on the 8 x 8 token grid
+    pool, logits = evaluator(plumbing.to_uint8(x))  # the FID Inception's interface
+    assert pool.shape == (4, evaluator.dim) and logits.shape == (4, 10)
+    mtime = os.path.getmtime(tmp_path / "judge_teacher.pt")
+    again = ev.demo_judge(str(tmp_path), 32, torch.device("cpu"), "teacher", grid=8)[0]  # read back, not retrained
+    assert os.path.getmtime(tmp_path / "judge_teacher.pt") == mtime and (tmp_path / "judge_evaluator.pt").exists()
+    assert torch.equal(again(x), teacher(x)) and not any(p.requires_grad for p in again.parameters())
     torch.rand(7)  # another global RNG state, as in another stage or on another rank
     os.makedirs(tmp_path / "other")
-    other = ev.demo_judge(str(tmp_path / "other"), 32, 8, torch.device("cpu"))[0]  # trained again: the same net
-    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), judge.state_dict().values()))
+    other = ev.demo_judge(str(tmp_path / "other"), 32, torch.device("cpu"), "teacher", grid=8)[0]  # the same net
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), teacher.state_dict().values()))
+
+
+def judge_calls(monkeypatch, n_train=64):
+    """Every DemoJudge call outside the judges' own training, as (role, input dtype); the judges train on n_train
+    images (64: fast, not accurate)."""
+    calls, inside, forward, demo_judge = [], [], models.DemoJudge.forward, ev.demo_judge
+    roles = {layers[-1][0]: role for role, layers in models.JUDGE_LAYERS.items()}  # told apart by their width
+
+    def record(self, x):  # the outer call only (the uint8 path calls the float one)
+        if not inside:
+            calls.append((roles[self.dim], x.dtype))
+        inside.append(True)
+        try:
+            return forward(self, x)
+        finally:
+            inside.pop()
+
+    def build(*args, **kw):
+        inside.append(True)
+        try:
+            return demo_judge(*args, **kw, n_train=n_train)
+        finally:
+            inside.pop()
+    monkeypatch.setattr(models.DemoJudge, "forward", record)
+    monkeypatch.setattr(ev, "demo_judge", build)
+    return calls
+
+
+def test_training_feeds_on_the_teacher_and_metrics_read_the_evaluator(tmp_path, monkeypatch):
+    """Stage 1 with the judge teacher and online metrics: the teacher only gives FSD targets (float images), the
+    evaluator only scores (uint8 images, the FID Inception's interface)."""
+    import train_tokenizer as tt
+    calls = judge_calls(monkeypatch)
+    main_of(tt, ["--demo", "--demo_images", "16", "--batch_size", "8", "--global_batch", "8", "--epochs", "1",
+                 "--eval_every", "1", "--eval_images", "8", "--out_dir", str(tmp_path)], monkeypatch)
+    assert set(calls) == {("teacher", torch.float32), ("evaluator", torch.uint8)}
+    assert json.loads(open(tmp_path / "metrics.jsonl").readlines()[-1])["eval_rfid"] >= 0
 
 
 def test_demo_mode(tmp_path, monkeypatch):
@@ -1417,9 +1493,11 @@ def test_demo_mode(tmp_path, monkeypatch):
         ev.main(["--demo", "--out_dir", str(tmp_path)])
     real = data.Shapes(20, 32, seed=3)  # "samples" that are real images of their class i % 10
     np.savez(tmp_path / "samples.npz", arr_0=np.stack([real.render(i)[0] for i in range(20)]))
+    calls = judge_calls(monkeypatch, n_train=640)
     ev.main(["--demo", "--out_dir", str(tmp_path)])
+    assert set(calls) == {("evaluator", torch.uint8)}  # every demo metric reads the evaluator, never the teacher
     res = json.load(open(tmp_path / "eval.json"))
-    assert res["judge"]["held_out_accuracy"] >= 0.95 and res["tokenizer"].endswith("tokenizer.pt")
+    assert 0 <= res["evaluator"]["held_out_accuracy"] <= 1 and res["tokenizer"].endswith("tokenizer.pt")
     gen = res["generation"]
     assert gen["n"] == 20 and gen["class_accuracy"] >= 0.9 and gen["fid"] > 0 and gen["is_mean"] > 1
     assert 0 <= gen["precision"] <= 1 and 0 <= gen["recall"] <= 1

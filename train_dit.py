@@ -98,6 +98,7 @@ def main():
     p("--cfg", type=float, default=1.0, help="guidance scale for the PNG of EMA samples")
     p("--workers", type=int, default=8)
     p("--seed", type=int, default=0)
+    p("--reshuffle", action="store_true", help="a new data order every epoch (the release: one order, drawn once)")
     p("--log_every", type=int, default=50)
     p("--vis_every", type=int, default=5)
     p("--compile", action="store_true")
@@ -164,7 +165,7 @@ def main():
     epoch, step, epoch_step = resume(ckpt_path, ckpt, train_step.parts, rank, device, interval) if ckpt else (0, 0, 0)
     loader.sampler.skip = epoch_step * accum * args.batch_size  # inside the epoch: past the batches done
     if args.eval_every:  # gFID / IS against --fid_ref, or against a class-spread part of the training images
-        inception = evaluate.demo_judge(args.out_dir, args.img_size, tokenizer.grid, device)[0] if args.demo and \
+        inception = evaluate.demo_judge(args.out_dir, args.img_size, device, "evaluator")[0] if args.demo and \
             not args.inception else evaluate.load_inception(args.inception).to(device)
         if args.fid_ref:
             ref = evaluate.reference(inception, args.fid_ref, args.batch_size)
@@ -181,7 +182,8 @@ def main():
     t0 = time.time()
     while epoch < args.epochs:
         dit.train()
-        loader.sampler.set_epoch(epoch)
+        if args.reshuffle:  # the release never calls set_epoch: every epoch visits one permutation
+            loader.sampler.set_epoch(epoch)
         batches = iter(loader)
         for it in range(epoch_step, steps_per_epoch):
             lr = dit_lr(epoch + it / steps_per_epoch, args.lr, args.min_lr, args.decay_start_epoch, args.decay_end_epoch)

@@ -136,12 +136,13 @@ def train(args, stage, model, ema, teacher, rank, world, device):
     held_out = torch.stack([val[i][0] for i in evaluate.spread(len(val), 8)]).to(device)  # across a sorted folder's classes
     train_step = TokenizerStep(args, model, ema, teacher, device, world)
     if args.eval_every:  # PSNR + rFID of the EMA weights on a fixed, class-spread part of --val_data
-        inception = evaluate.demo_judge(args.out_dir, args.img_size, model.grid, device)[0] if args.demo else \
+        inception = evaluate.demo_judge(args.out_dir, args.img_size, device, "evaluator")[0] if args.demo else \
             evaluate.load_inception("random" if args.random_frozen_nets else args.inception).to(device)
         val = torch.utils.data.Subset(val, evaluate.spread(len(val), args.eval_images))
         eval_loader = data.make_loader(val, args.batch_size, False, args.workers, world, rank)
         ref = evaluate.reference(inception, args.fid_ref, args.batch_size)[0] if args.fid_ref else None
     steps_per_epoch = len(loader) // accum
+    warmup_epochs = int(args.warmup_rate * args.epochs)  # whole epochs, as the release (utils/train_utils.py:56)
     torch.manual_seed(args.seed + rank)  # from here on each rank draws its own masks, noise and flips
     ckpt_path = os.path.join(args.out_dir, f"{stage}.pt")
     interval = LogInterval(device)  # the sums behind the next metrics row
@@ -158,11 +159,12 @@ def train(args, stage, model, ema, teacher, rank, world, device):
     t0 = time.time()
     while epoch < args.epochs:
         model.train(), train_step.disc.train()
-        loader.sampler.set_epoch(epoch)
+        if args.reshuffle:  # the release never calls set_epoch: every epoch visits one permutation
+            loader.sampler.set_epoch(epoch)
         use_gan = epoch >= args.disc_start_epoch and args.disc_weight > 0
         batches = iter(loader)
         for it in range(epoch_step, steps_per_epoch):
-            lr = cosine_lr(epoch + it / steps_per_epoch, train_step.base_lr, args.warmup_rate * args.epochs, args.epochs)
+            lr = cosine_lr(epoch + it / steps_per_epoch, train_step.base_lr, warmup_epochs, args.epochs)
             xs = [random_flip(next(batches)[0].to(device, non_blocking=True)) for _ in range(accum)]
             terms, grad_norm, finite = train_step(xs, lr, use_gan)
             interval.add(finite, dict(terms, grad_norm=grad_norm))  # averaged over the log interval
@@ -210,7 +212,7 @@ def common_args(parser):
       "gradient accumulation)")
     p("--global_batch", type=int, default=1024, help="reached by gradient accumulation on fewer GPUs")
     p("--blr", type=float, default=1e-4, help="lr = blr * global_batch / 256")
-    p("--warmup_rate", type=float, default=0.25, help="fraction of epochs of linear warm-up")
+    p("--warmup_rate", type=float, default=0.25, help="linear warm-up for int(warmup_rate * epochs) epochs")
     p("--weight_decay", type=float, default=1e-4)
     p("--grad_clip", type=float, default=3.0)
     p("--ema", type=float, default=0.999)
@@ -225,6 +227,7 @@ def common_args(parser):
     p("--random_frozen_nets", action="store_true", help="random teacher / VGG / ConvNeXt weights (demo, tests)")
     p("--workers", type=int, default=8)
     p("--seed", type=int, default=0)
+    p("--reshuffle", action="store_true", help="a new data order every epoch (the release: one order, drawn once)")
     p("--log_every", type=int, default=50)
     p("--vis_every", type=int, default=5)
     p("--compile", action="store_true")
@@ -261,7 +264,7 @@ def main():
     p("--sem_size", default="tiny", choices=sorted(models.SIZES))
     p("--sem_type", default="transformer", choices=["transformer", "mlp"])
     p("--teacher", choices=["dinov2_vitl14", "dinov3_vitl16", "judge"], help="default: DINOv2 below dim 64, DINOv3 "
-      "from 64; 'judge': the demo judge, a small CNN trained on the demo images (evaluate.demo_judge)")
+      "from 64; 'judge': the demo's teacher judge, a small CNN trained on demo images (evaluate.demo_judge)")
     p("--teacher_ckpt", help="Meta's release .pth; default: download DINOv2 (DINOv3 is gated: pass its file)")
     p("--teacher_size", default="large", choices=sorted(models.TEACHER_SIZES), help="'tiny': a small random teacher")
     p("--mask_ratio", type=float, default=0.4, help="RAD: ratio ~ max(0, U(mask_ratio_min, mask_ratio)); 0 = off")
@@ -292,7 +295,8 @@ def main():
     rank, world, device = setup(args, "tokenizer")
     teacher = None
     if args.sem_weight > 0 and teacher_name == "judge":
-        teacher = evaluate.demo_judge(args.out_dir, args.img_size, args.img_size // args.patch_size, device)[0]
+        grid = args.img_size // args.patch_size
+        teacher = evaluate.demo_judge(args.out_dir, args.img_size, device, "teacher", grid)[0]
     elif args.sem_weight > 0:
         path = None if args.random_frozen_nets else models.teacher_file(teacher_name, args.teacher_ckpt)
         teacher = models.load_teacher(teacher_name, path, args.teacher_size, args.img_size // args.patch_size,
