@@ -48,7 +48,8 @@ def test_tokenizer_shapes(dim):
     assert m.decode(z).shape == (2, 3, 64, 64)
     x_hat, kl, pred, ids_keep = m(x)
     assert x_hat.shape == (2, 3, 64, 64) and kl.shape == () and pred.shape == (2, 16, 32)
-    assert ids_keep is None or (ids_keep.shape[0] == 2 and ids_keep.shape[1] <= 16)
+    assert ids_keep.shape[0] == 2 and 10 <= ids_keep.shape[1] <= 16  # ceil(16 (1 - ratio)), ratio in [0, 0.4]
+    assert all(len(set(row.tolist())) == ids_keep.shape[1] for row in ids_keep)  # distinct tokens per image
 
 
 def test_param_counts_match_the_authors():
@@ -1303,7 +1304,8 @@ def test_script_save_stats_and_evaluate(tmp_path, monkeypatch):
     ev.main(common + ["--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref")])
     res = json.load(open(tmp_path / "samples_metrics.json"))
     assert res["n"] == 10 and res["precision"] == res["recall"] == 1.0  # the same images as the reference
-    assert res["is_mean"] >= 1 - 1e-9 and res["is_std"] >= 0
+    logits = StandInInception()(torch.from_numpy(imgs).permute(0, 3, 1, 2))[1]
+    assert (res["is_mean"], res["is_std"]) == pytest.approx(ev.inception_score(logits))  # the samples' logits
     out = str(tmp_path / "r.json")
     ev.main(common + ["--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "stats.npz"), "--out", out])
     res = json.load(open(out))
@@ -1381,7 +1383,8 @@ def test_train_probe_separates_separable_features():
     x = centres[y] + torch.randn(800, 16, generator=g) + 5  # offset: the BatchNorm has to centre it
     acc = ev.train_probe(x[:600], y[:600], x[600:], y[600:], 4, epochs=20, lr=1e-2, batch_size=64)
     assert acc > 0.9
-    assert ev.train_probe(x[:601], y[:601], x[600:], y[600:], 4, epochs=1, batch_size=600) >= 0  # a batch of one
+    # 601 images in batches of 600: the last batch holds one image (BatchNorm in training mode must cope)
+    assert ev.train_probe(x[:601], y[:601], x[600:], y[600:], 4, epochs=20, lr=1e-2, batch_size=600) > 0.5
 
 
 def test_linear_probe_mode(tmp_path):
@@ -1392,7 +1395,7 @@ def test_linear_probe_mode(tmp_path):
     res = json.load(open(tmp_path / "linear_probe.json"))
     assert res["n_train"] == 10 and res["n_val"] == 6
     assert set(res["top1"]) == {"z_t0.0", "z_t0.5", "encoder_block-2"}
-    assert all(0 <= acc <= 1 for acc in res["top1"].values())
+    assert all(acc * 6 == pytest.approx(round(acc * 6)) for acc in res["top1"].values())  # a share of the 6
 
 
 def test_probe_features_pool_the_latents_and_the_hooked_block(tmp_path):
@@ -1482,7 +1485,7 @@ def test_training_feeds_on_the_teacher_and_metrics_read_the_evaluator(tmp_path, 
     main_of(tt, ["--demo", "--demo_images", "16", "--batch_size", "8", "--global_batch", "8", "--epochs", "1",
                  "--eval_every", "1", "--eval_images", "8", "--out_dir", str(tmp_path)], monkeypatch)
     assert set(calls) == {("teacher", torch.float32), ("evaluator", torch.uint8)}
-    assert json.loads(open(tmp_path / "metrics.jsonl").readlines()[-1])["eval_rfid"] >= 0
+    assert json.loads(open(tmp_path / "metrics.jsonl").readlines()[-1])["eval_rfid"] > 0  # 1 epoch: not perfect
 
 
 def test_demo_mode(tmp_path, monkeypatch):
@@ -1497,14 +1500,14 @@ def test_demo_mode(tmp_path, monkeypatch):
     ev.main(["--demo", "--out_dir", str(tmp_path)])
     assert set(calls) == {("evaluator", torch.uint8)}  # every demo metric reads the evaluator, never the teacher
     res = json.load(open(tmp_path / "eval.json"))
-    assert 0 <= res["evaluator"]["held_out_accuracy"] <= 1 and res["tokenizer"].endswith("tokenizer.pt")
+    assert res["evaluator"]["held_out_accuracy"] >= 0.9 and res["tokenizer"].endswith("tokenizer.pt")
     gen = res["generation"]
     assert gen["n"] == 20 and gen["class_accuracy"] >= 0.9 and gen["fid"] > 0 and gen["is_mean"] > 1
-    assert 0 <= gen["precision"] <= 1 and 0 <= gen["recall"] <= 1
+    assert gen["precision"] > 0.5 and gen["recall"] > 0.5  # real images of the reference's distribution
     rec = res["reconstruction"]
     assert rec["n"] == 200 and np.isfinite(rec["psnr"]) and rec["rfid"] > 0
     assert set(res["linear_probe_top1"]) == {"z_t0.0", "z_t0.5", "encoder_block-2"}
-    assert all(0 <= v <= 1 for v in res["linear_probe_top1"].values())
+    assert all(v * 200 == pytest.approx(round(v * 200)) for v in res["linear_probe_top1"].values())  # of 200
     assert (tmp_path / "latent_pca.png").exists() and (tmp_path / "latent_cos.png").exists()
 
 
