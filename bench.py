@@ -127,7 +127,7 @@ def bench_data(args):
     rate = n / (time.perf_counter() - t0) / max(args.workers, 1)
     print(f"| {'data: decode + crop, per worker':<42} | {rate:9.2f} | {'-':>7} | {'-':>9} | {'-':>6} | {'-':>9} |")
 
-def main():
+def main(argv=None):
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p = parser.add_argument
@@ -150,7 +150,7 @@ def main():
     p("--peak_tflops", type=float, default=989.0, help="dense bf16 peak of one device (H100/H200: 989)")
     p("--data", help="folder of JPEGs for the data-pipeline rate")
     p("--workers", type=int, default=4)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     start = time.perf_counter()
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:

@@ -12,15 +12,17 @@ import torch.distributed as dist
 
 import models
 from plumbing import EMA, check_args, parse_args, setup
-from train_tokenizer import DEMO, common_args, input_problems, train
+from train_tokenizer import DEMO_BOTH_STAGES, common_args, input_problems, train
 
-def main():
+DEMO = dict(DEMO_BOTH_STAGES, epochs=36, blr=3.2e-2)  # --demo: README, quick start
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common_args(parser)
     parser.add_argument("--tokenizer", help="stage-1 checkpoint, ours or the authors' RecTok.pth "
                                             "(default: <out_dir>/tokenizer.pt)")
     parser.set_defaults(epochs=100, blr=5e-5, warmup_rate=0.05, disc_start_epoch=0)
-    args = parse_args(parser, dict(DEMO, epochs=36, blr=3.2e-2))
+    args = parse_args(parser, DEMO, argv)
     args.kl_weight = args.sem_weight = 0.0  # stage 2 has neither term
     path = args.tokenizer or args.out_dir and os.path.join(args.out_dir, "tokenizer.pt")
     check_args(args, input_problems(args) + [path and models.file_problem("--tokenizer", path, "a tokenizer checkpoint")])

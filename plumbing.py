@@ -11,7 +11,6 @@ import math
 import os
 import re
 import signal
-import sys
 import time
 
 import numpy as np
@@ -64,14 +63,17 @@ def check_install():
 
 MAX_BATCH = 64  # a derived per-process batch is at most this (the fixed --batch_size default before)
 
-def parse_args(parser, demo_defaults):
-    """--demo swaps in small defaults and the folder out/demo; any flag given explicitly still wins. Outside
-    --demo, check_args asks for --out_dir: a shared default would resume (or overwrite) another run.
+def parse_args(parser, demo, argv=None):
+    """The flags (argv: sys.argv's by default). --demo makes the script's recipe `demo` the defaults, in the
+    folder out/demo; flags given explicitly still win, and --help lists the recipe. Outside --demo,
+    check_args asks for --out_dir: a shared default would resume (or overwrite) another run.
     --batch_size not given (None): derived, see per_process_batch."""
-    args = parser.parse_args()
+    recipe = " ".join(f"--{k}" if v is True else f"--{k} {v}" for k, v in demo.items())
+    parser.add_argument("--demo", action="store_true", help=f"the CPU demo on built-in data in out/demo: {recipe}")
+    args = parser.parse_args(argv)
     if args.demo:
-        parser.set_defaults(**demo_defaults, out_dir="out/demo")
-        args = parser.parse_args()
+        parser.set_defaults(**demo, out_dir="out/demo")
+        args = parser.parse_args(argv)
     if getattr(args, "batch_size", 0) is None:
         args.batch_size = per_process_batch(args.global_batch, int(os.environ.get("WORLD_SIZE", 1)), MAX_BATCH)
     return args

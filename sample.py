@@ -105,7 +105,89 @@ def save_pngs(images, folder):
         Image.fromarray(np.asarray(image)).save(os.path.join(folder, f"{i:06d}.png"))
         progress.update(1)
 
-def main():
+def load_models(args, paths, device):
+    """The DiT^DH (and --guide), the tokenizer and the latent statistics, checked against each other and the flags."""
+    dit, extra = models.load_dit(paths["dit"])
+    guide = models.load_dit(args.guide)[0].to(device) if args.guide else None
+    tokenizer = models.load_tokenizer(paths["tokenizer"]).to(device).eval()
+    if args.latent_stats:  # latent_stats.pt, or a DiT^DH checkpoint that holds them
+        stats = models.read_checkpoint(args.latent_stats)
+        stats = stats.get("latent_stats", stats)
+    else:
+        stats = extra.get("latent_stats")
+    if stats is None:
+        raise SystemExit(f"--latent_stats: {args.dit} holds no latent statistics; compute them with "
+                         "`train_dit.py --tokenizer ... --data ... --epochs 0` and pass latent_stats.pt")
+    if (tokenizer.dim, tokenizer.grid) != (dit.dim, dit.grid):
+        raise SystemExit(f"--tokenizer: latents {tokenizer.dim}x{tokenizer.grid}^2 do not fit the DiT's "
+                         f"{dit.dim}x{dit.grid}^2")
+    bad = [c for c in args.classes or [] if not 0 <= c < dit.num_classes]
+    if bad:
+        raise SystemExit(f"--classes {' '.join(map(str, bad))}: {paths['dit']} has classes 0 to "
+                         f"{dit.num_classes - 1}")
+    if dit.label_drop == 0 and guide is None and (args.cfg > 1 or args.cfg_list):
+        raise SystemExit(f"--cfg: {paths['dit']} was trained with --label_drop 0, so it has no null class for "
+                         "classifier-free guidance; sample with --cfg 1, or give --guide")
+    dit.to(device)
+    if args.compile:
+        for net in (dit, guide) if guide else (dit,):
+            models.compile_blocks(net.blocks)
+    stats = {k: v.to(device) for k, v in stats.items()}
+    return dit, guide, tokenizer, stats, extra.get("step")
+
+# ---- The resumable output: one memory-mapped array shared by all ranks plus a `done` flag per image, so a
+# rerun with the same settings finishes the job, and one with more --num_images extends a finished one
+# (image i does not depend on the count).
+
+def open_output(out, settings, size, rank):
+    """(images, done) memory maps for settings["num_images"] images of `out`, or None if `out` already holds
+    them. An earlier run into `out` with other settings is refused in one line."""
+    n = settings["num_images"]
+    finished = os.path.exists(out) and not os.path.exists(out + ".done.npy")  # the .npy files: a run under way
+    old = {} if finished else None  # what an earlier run into `out` was asked for ({}: not recorded)
+    if os.path.exists(out + ".settings.json"):
+        with open(out + ".settings.json") as f:
+            old = json.load(f)
+    if old is not None:
+        extend = finished and n > old.get("num_images", n)
+        differ = [f"--{k} {old.get(k)} (now {v})" for k, v in settings.items()
+                  if old.get(k) != v and not (k == "num_images" and extend)]
+        if differ:
+            raise SystemExit(f"{out} was sampled with other settings: {', '.join(differ)}; give the same ones to "
+                             "finish it (or more --num_images to extend it), or another --out")
+        if finished and not extend:
+            return None
+    if rank == 0 and (old is None or finished):  # a new run, or the extension of a finished one
+        images = np.lib.format.open_memmap(f"{out}.images.npy", "w+", np.uint8, (n, size, size, 3))
+        done = np.lib.format.open_memmap(f"{out}.done.npy", "w+", np.bool_, (n,))
+        if finished:
+            with np.load(out) as f:
+                images[:len(f["arr_0"])] = f["arr_0"]
+                done[:len(f["arr_0"])] = True
+        images.flush()
+        done.flush()
+        with open(out + ".settings.json", "w") as f:
+            json.dump(settings, f)
+    barrier()
+    return np.load(f"{out}.images.npy", mmap_mode="r+"), np.load(f"{out}.done.npy", mmap_mode="r+")
+
+def close_output(out, images, png=None):
+    """Rank 0, once every image is done: `out` as an ADM .npz (written atomically), a grid of the first images
+    (up to 4 rows of 10), the --png files; the memory maps are removed."""
+    rows = [images[r * 10:(r + 1) * 10] for r in range(max(1, min(4, len(images) // 10)))]
+    save_grid(os.path.join(os.path.dirname(out) or ".", "samples_grid.png"),
+              [torch.from_numpy(np.array(r)).permute(0, 3, 1, 2).float() / 127.5 - 1 for r in rows])
+    np.savez(out + ".tmp.npz", arr_0=images)
+    os.replace(out + ".tmp.npz", out)
+    if png:
+        save_pngs(images, png)
+    for name in ("images", "done"):
+        os.remove(f"{out}.{name}.npy")
+    log.info(f"wrote {out} ({len(images)} images)")
+
+DEMO = dict(num_images=100, steps=10, cfg=4.0, per_proc_batch=50)  # --demo: README, quick start
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p = parser.add_argument
     p("--dit", help="DiT^DH checkpoint (ours, or the authors' ditdhxl_epoch_0599.pth); --demo: <out_dir>/dit.pt")
@@ -123,13 +205,12 @@ def main():
     p("--out_dir", help="folder of dit.pt, tokenizer_ft.pt and samples.npz unless given; default: --out's folder")
     p("--out", help="ADM-format .npz (arr_0: uint8 N x H x W x 3); default <out_dir>/samples.npz")
     p("--compile", action="store_true", help="torch.compile the blocks of the DiT^DH (and of --guide)")
-    p("--demo", action="store_true", help="sample the demo DiT from --out_dir; other flags still override")
     p("--cfg_list", type=float, nargs="+", help="guidance search: FID of --search_images samples per scale, then "
       "--num_images at the best (the release's --cfg_list); needs --ref")
     p("--search_images", type=int, default=10_000)
     p("--ref", help="FID reference for --cfg_list: ADM's VIRTUAL_imagenet256_labeled.npz (mu, sigma)")
     p("--inception", help="FID Inception .pth (default: pytorch-fid's release, downloaded once)")
-    args = parse_args(parser, dict(num_images=100, steps=10, cfg=4.0, per_proc_batch=50))
+    args = parse_args(parser, DEMO, argv)
     args.out_dir = args.out_dir or args.out and os.path.dirname(os.path.abspath(args.out))
     paths = {"dit": args.dit or args.out_dir and os.path.join(args.out_dir, "dit.pt"), "guide": args.guide,
              "tokenizer": args.tokenizer or args.out_dir and os.path.join(args.out_dir, "tokenizer_ft.pt"),
@@ -138,67 +219,24 @@ def main():
     check_args(args, [v and models.file_problem(f"--{k}", v, kinds.get(k, "latent statistics")) for k, v in paths.items()]
                + [args.cfg_list and not args.ref and "--cfg_list needs --ref (the FID reference of the search)"])
     rank, world, device = setup(args, "sample")
-    dit, extra = models.load_dit(paths["dit"])
-    guide = models.load_dit(args.guide)[0].to(device) if args.guide else None
-    tokenizer = models.load_tokenizer(paths["tokenizer"]).to(device).eval()
-    stats = models.read_checkpoint(args.latent_stats) if args.latent_stats else extra
-    stats = stats.get("latent_stats", stats if args.latent_stats else None)  # latent_stats.pt, or a DiT holding them
-    if stats is None:
-        raise SystemExit(f"--latent_stats: {args.dit} holds no latent statistics; compute them with "
-                         "`train_dit.py --tokenizer ... --data ... --epochs 0` and pass latent_stats.pt")
-    if (tokenizer.dim, tokenizer.grid) != (dit.dim, dit.grid):
-        raise SystemExit(f"--tokenizer: latents {tokenizer.dim}x{tokenizer.grid}^2 do not fit the DiT's {dit.dim}x{dit.grid}^2")
-    bad = [c for c in args.classes or [] if not 0 <= c < dit.num_classes]
-    if bad:
-        raise SystemExit(f"--classes {' '.join(map(str, bad))}: {paths['dit']} has classes 0 to "
-                         f"{dit.num_classes - 1}")
-    if dit.label_drop == 0 and guide is None and (args.cfg > 1 or args.cfg_list):
-        raise SystemExit(f"--cfg: {paths['dit']} was trained with --label_drop 0, so it has no null class for "
-                         "classifier-free guidance; sample with --cfg 1, or give --guide")
-    dit.to(device)
-    if args.compile:
-        for net in (dit, guide) if guide else (dit,):
-            models.compile_blocks(net.blocks)
-    stats = {k: v.to(device) for k, v in stats.items()}
-    size = tokenizer.grid * tokenizer.decoder.patch_size
+    dit, guide, tokenizer, stats, dit_step = load_models(args, paths, device)
     if args.cfg_list:
         args.cfg = search_cfg(args, dit, guide, tokenizer, stats, device)
-    # One memory-mapped array shared by all ranks plus a `done` flag per image, so a rerun with the same settings
-    # finishes the job, and one with more --num_images extends a finished one (image i does not depend on the count).
     out = args.out or os.path.join(args.out_dir, "samples.npz")
     named = {k: v if str(v).startswith("hf://") else v and os.path.abspath(v) for k, v in paths.items()}
     settings = dict(named, cfg=args.cfg, steps=args.steps, seed=args.seed, num_images=args.num_images,
                     classes=args.classes)
-    settings["dit"] += f" (step {extra.get('step')})"  # a DiT trained further makes other images
-    finished = os.path.exists(out) and not os.path.exists(out + ".done.npy")  # the .npy files: a run under way
-    old = {} if finished else None  # what an earlier run into `out` was asked for ({}: not recorded)
-    if os.path.exists(out + ".settings.json"):
-        with open(out + ".settings.json") as f:
-            old = json.load(f)
-    if old is not None:
-        extend = finished and args.num_images > old.get("num_images", args.num_images)
-        differ = [f"--{k} {old.get(k)} (now {v})" for k, v in settings.items()
-                  if old.get(k) != v and not (k == "num_images" and extend)]
-        if differ:
-            raise SystemExit(f"{out} was sampled with other settings: {', '.join(differ)}; give the same ones to finish "
-                             "it (or more --num_images to extend it), or another --out")
-        if finished and not extend:
-            log.info(f"{out} already holds these {args.num_images} images: nothing to sample")
-            if args.png and rank == 0:
-                with np.load(out) as f:
-                    save_pngs(f["arr_0"], args.png)
-            return
-    if rank == 0 and (old is None or finished):  # a new run, or the extension of a finished one
-        images, done = (np.lib.format.open_memmap(f"{out}.{name}.npy", "w+", dtype, s) for name, dtype, s in (
-            ("images", np.uint8, (args.num_images, size, size, 3)), ("done", np.bool_, (args.num_images,))))
-        if finished:
+    settings["dit"] += f" (step {dit_step})"  # a DiT trained further makes other images
+    maps = open_output(out, settings, tokenizer.grid * tokenizer.decoder.patch_size, rank)
+    if maps is None:
+        log.info(f"{out} already holds these {args.num_images} images: nothing to sample")
+        if args.png and rank == 0:
             with np.load(out) as f:
-                images[:len(f["arr_0"])], done[:len(f["arr_0"])] = f["arr_0"], True
-        images.flush(), done.flush()
-        with open(out + ".settings.json", "w") as f:
-            json.dump(settings, f)
-    barrier()
-    images, done = (np.load(f"{out}.{n}.npy", mmap_mode="r+") for n in ("images", "done"))
+                save_pngs(f["arr_0"], args.png)
+        return
+    images, done = maps
+
+    # Sample this rank's share of the images not done yet (image i: rank i % world), batch by batch
     todo = [i for i in range(rank, args.num_images, world) if not done[i]]
     log.info(f"{args.num_images - int(done.sum())} of {args.num_images} images left; "
              f"{'AutoGuidance' if guide else 'CFG'} {args.cfg}, {args.steps} grid points")
@@ -209,20 +247,11 @@ def main():
         images[idx] = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
         done[idx] = True
         progress.update(len(idx))
-    images.flush(), done.flush()
+    images.flush()
+    done.flush()
     barrier()
     if rank == 0:
-        rows = [images[r * 10:(r + 1) * 10] for r in range(max(1, min(4, args.num_images // 10)))]  # up to 4 rows of 10
-        save_grid(os.path.join(os.path.dirname(out) or ".", "samples_grid.png"),
-                  [torch.from_numpy(np.array(r)).permute(0, 3, 1, 2).float() / 127.5 - 1 for r in rows])
-        np.savez(out + ".tmp.npz", arr_0=images)
-        os.replace(out + ".tmp.npz", out)
-        if args.png:
-            save_pngs(images, args.png)
-        del images, done
-        for name in ("images", "done"):
-            os.remove(f"{out}.{name}.npy")
-        log.info(f"wrote {out} ({args.num_images} images)")
+        close_output(out, images, args.png)
     if dist.is_initialized():
         dist.destroy_process_group()
 

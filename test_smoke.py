@@ -302,12 +302,12 @@ TINY_FT = ["--demo", "--demo_images", "16", "--batch_size", "4", "--global_batch
 TINY_TRAIN = TINY_FT + ["--img_size", "32", "--teacher", "dinov3_vitl16", "--teacher_size", "tiny"]  # not the judge
 
 
-def main_of(module, argv, monkeypatch):
-    """module.main() with argv; the SIGTERM / SIGUSR1 handlers a training loop installs are undone after it."""
-    monkeypatch.setattr(sys, "argv", [module.__name__ + ".py"] + argv)
+def main_of(module, argv):
+    """module.main(argv), as every in-process test calls a script; the SIGTERM / SIGUSR1 handlers a training
+    loop installs are undone after it."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        module.main()
+        module.main(argv)
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
@@ -342,22 +342,19 @@ def train_rank(rank, world, argv, crash):
     if world > 1:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                           MASTER_PORT="29534")
-    lr, argv0 = tt.cosine_lr, sys.argv
+    lr = tt.cosine_lr
 
     def lr_or_crash(epoch_frac, *rest):
         if crash and epoch_frac >= 1.5:
             raise KeyboardInterrupt
         return lr(epoch_frac, *rest)
-    tt.cosine_lr, sys.argv = lr_or_crash, ["train_tokenizer.py"] + argv
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}  # the loop installs its own
+    tt.cosine_lr = lr_or_crash
     try:
-        tt.main()
+        main_of(tt, argv)
     except KeyboardInterrupt:
         assert crash
     finally:
-        tt.cosine_lr, sys.argv = lr, argv0
-        for s, h in handlers.items():
-            signal.signal(s, h)
+        tt.cosine_lr = lr
 
 
 @pytest.mark.parametrize("workers,world,order", [(0, 1, []), (2, 1, ["--reshuffle"]), (2, 2, [])])
@@ -396,10 +393,9 @@ def test_per_process_batch_is_derived_from_the_global_batch_and_world_size(monke
     assert plumbing.per_process_batch(1024, 3, 64) is None and plumbing.per_process_batch(96, 1, 64) == 48
     monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun sets it: checked before any process group or model
     with pytest.raises(SystemExit, match="--global_batch 16 cannot be split over 3 processes"):
-        main_of(importlib.import_module("train_tokenizer"), ["--demo"], monkeypatch)
+        main_of(importlib.import_module("train_tokenizer"), ["--demo"])
     with pytest.raises(SystemExit, match=r"--batch_size x processes = 4 x 3"):
-        main_of(importlib.import_module("train_dit"), ["--demo", "--global_batch", "20", "--batch_size", "4"],
-                monkeypatch)
+        main_of(importlib.import_module("train_dit"), ["--demo", "--global_batch", "20", "--batch_size", "4"])
 
 
 def test_every_demo_stage_runs_under_torchrun_with_two_processes(tmp_path):
@@ -443,7 +439,7 @@ def test_a_non_finite_step_is_skipped_and_counted(tmp_path, monkeypatch):
     import train_tokenizer as tt
     nan_images(monkeypatch, {5})  # one NaN image: one of the 2 steps of the epoch
     argv = TINY_TRAIN + ["--disc_start_epoch", "0", "--out_dir", str(tmp_path), "--epochs"]
-    main_of(tt, argv + ["1"], monkeypatch)
+    main_of(tt, argv + ["1"])
     ckpt = models.read_checkpoint(str(tmp_path / "tokenizer.pt"))
     for key in ("model", "model_ema", "disc"):
         assert all(v.isfinite().all() for v in ckpt[key].values() if v.is_floating_point()), key
@@ -457,7 +453,7 @@ def test_a_non_finite_step_is_skipped_and_counted(tmp_path, monkeypatch):
     monkeypatch.setattr(plumbing, "SKIPPED_IN_A_ROW", 2)
     with pytest.raises(SystemExit, match=r"^2 non-finite steps in a row .* stopped; the last good checkpoint is "
                                          r".*tokenizer.pt \("):
-        main_of(tt, argv + ["3"], monkeypatch)
+        main_of(tt, argv + ["3"])
     assert models.read_checkpoint(str(tmp_path / "tokenizer.pt"))["step"] == 2
 
 
@@ -556,7 +552,7 @@ def test_resume_on_another_number_of_ranks(tmp_path):
 def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     import train_tokenizer as tt
     argv = TINY_TRAIN + ["--out_dir", str(tmp_path), "--epochs"]
-    main_of(tt, argv + ["1"], monkeypatch)
+    main_of(tt, argv + ["1"])
     good = (tmp_path / "tokenizer.pt").read_bytes()
 
     def full_disk(obj, path):
@@ -565,7 +561,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch)
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(SystemExit, match=r"^could not write .*tokenizer.pt \(\[Errno 28\] No space left on device\); "
                                          r"the previous checkpoint is intact") as e:
-        main_of(tt, argv + ["2"], monkeypatch)
+        main_of(tt, argv + ["2"])
     assert "\n" not in str(e.value)
     assert (tmp_path / "tokenizer.pt").read_bytes() == good and not (tmp_path / "tokenizer.pt.tmp").exists()
 
@@ -582,8 +578,7 @@ def test_whole_epoch_warmup_and_the_release_data_order(order, warmup_rate, warmu
             seen.append(i)
         return getitem(self, i)
     monkeypatch.setattr(data.Shapes, "__getitem__", record)
-    main_of(tt, TINY_TRAIN + ["--epochs", "3", "--warmup_rate", str(warmup_rate), "--out_dir", str(tmp_path)] + order,
-            monkeypatch)
+    main_of(tt, TINY_TRAIN + ["--epochs", "3", "--warmup_rate", str(warmup_rate), "--out_dir", str(tmp_path)] + order)
     epochs = [seen[16 * e:16 * (e + 1)] for e in range(3)]  # 16 images, 2 steps of 8 per epoch
     assert all(sorted(e) == list(range(16)) for e in epochs)
     assert (epochs[0] == epochs[1] == epochs[2]) != bool(order)
@@ -613,21 +608,21 @@ def test_loss_networks_run_in_fp32_unless_asked(tmp_path):
         assert len(seen) == 5 and set(seen) == {dtype}  # VGG on x and x_hat; D(x_hat) for G; D(x), D(x_hat) for D
 
 
-def test_release_defaults_and_milestones(tmp_path, monkeypatch):
+def test_release_defaults_and_milestones(tmp_path):
     import train_tokenizer as tt
     parser = __import__("argparse").ArgumentParser()
     tt.common_args(parser)  # both stages' flags
     assert parser.parse_args([]).disc_weight == 0.1  # the GAN weight the release trains with
-    main_of(tt, TINY_TRAIN + ["--epochs", "3", "--save_every", "2", "--out_dir", str(tmp_path)], monkeypatch)
+    main_of(tt, TINY_TRAIN + ["--epochs", "3", "--save_every", "2", "--out_dir", str(tmp_path)])
     assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".pt")) == ["tokenizer.pt", "tokenizer_epoch0001.pt"]
     assert models.read_checkpoint(str(tmp_path / "tokenizer_epoch0001.pt"))["epoch"] == 2
 
 
-def test_finetune_changes_only_the_pixel_decoder(tmp_path, monkeypatch):
+def test_finetune_changes_only_the_pixel_decoder(tmp_path):
     import finetune_decoder as fd
     import train_tokenizer as tt
-    main_of(tt, TINY_TRAIN + ["--epochs", "1", "--out_dir", str(tmp_path)], monkeypatch)
-    main_of(fd, TINY_FT + ["--epochs", "1", "--out_dir", str(tmp_path)], monkeypatch)
+    main_of(tt, TINY_TRAIN + ["--epochs", "1", "--out_dir", str(tmp_path)])
+    main_of(fd, TINY_FT + ["--epochs", "1", "--out_dir", str(tmp_path)])
     before = models.read_checkpoint(str(tmp_path / "tokenizer.pt"))["model"]
     after = models.read_checkpoint(str(tmp_path / "tokenizer_ft.pt"))["model"]
     assert not any(k.startswith("sem_decoder") for k in after)
@@ -660,7 +655,7 @@ def test_wandb_gets_the_metrics_records_and_grids(tmp_path, monkeypatch):
     stub = StubWandb()
     monkeypatch.setitem(sys.modules, "wandb", stub)
     monkeypatch.setattr(plumbing, "wandb", None)
-    main_of(tt, TINY_TRAIN + ["--epochs", "1", "--out_dir", str(tmp_path), "--wandb", "rectok-test"], monkeypatch)
+    main_of(tt, TINY_TRAIN + ["--epochs", "1", "--out_dir", str(tmp_path), "--wandb", "rectok-test"])
     assert stub.inits[0]["project"] == "rectok-test" and stub.inits[0]["config"]["epochs"] == 1
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     scalars = [(r, step) for r, step, commit in stub.logged if commit]
@@ -676,7 +671,7 @@ def test_wandb_without_the_package_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError
     tokenizer_file(tmp_path / "tokenizer_ft.pt")
     with pytest.raises(SystemExit, match="--wandb: the wandb package is not installed"):
-        main_of(train_dit, ["--demo", "--out_dir", str(tmp_path), "--wandb", "p"], monkeypatch)
+        main_of(train_dit, ["--demo", "--out_dir", str(tmp_path), "--wandb", "p"])
 
 
 def test_corrupt_image_is_skipped(tmp_path, caplog):
@@ -711,10 +706,10 @@ def test_bad_input_is_a_one_line_error(argv, needle):
     assert needle in r.stderr.strip().splitlines()[-1]
 
 
-def one_line_exit(script, argv, monkeypatch, capsys):
+def one_line_exit(script, argv, capsys):
     """The message of a script that must stop in one line (its own SystemExit, or argparse's last line)."""
     with pytest.raises(SystemExit) as e:
-        main_of(importlib.import_module(script), argv, monkeypatch)
+        main_of(importlib.import_module(script), argv)
     msg = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err.strip().splitlines()[-1]
     assert "\n" not in msg
     return msg
@@ -743,20 +738,20 @@ def one_line_exit(script, argv, monkeypatch, capsys):
     ("evaluate", ["--batch_size", "0"], "--batch_size 0: must be >= 1")])
 def test_bad_numeric_flag_is_one_line_naming_it(script, argv, needle, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert needle in one_line_exit(script, ["--demo"] + argv, monkeypatch, capsys)
+    assert needle in one_line_exit(script, ["--demo"] + argv, capsys)
 
 
 def test_missing_inputs_are_reported_together_before_any_model(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    msg = one_line_exit("train_tokenizer", ["--dim", "128", "--batch_size", "0"], monkeypatch, capsys)
+    msg = one_line_exit("train_tokenizer", ["--dim", "128", "--batch_size", "0"], capsys)
     for needle in ("--batch_size 0", "--out_dir is needed outside --demo", "--data is required", "--teacher_ckpt"):
         assert needle in msg
-    msg = one_line_exit("sample", ["--out_dir", "run"], monkeypatch, capsys)
+    msg = one_line_exit("sample", ["--out_dir", "run"], capsys)
     assert "--dit run/dit.pt: should be a DiT^DH checkpoint; it is missing" in msg and "--tokenizer run/tokenizer_ft.pt" in msg
     assert not os.path.exists(tmp_path / "run")  # stopped before setup made the folder
 
 
-def test_file_flags_say_what_the_file_should_be_and_is(tmp_path, monkeypatch, capsys):
+def test_file_flags_say_what_the_file_should_be_and_is(tmp_path, capsys):
     tok = tokenizer_file(tmp_path / "tokenizer_ft.pt")
     (tmp_path / "cut.pt").write_bytes(open(tok, "rb").read()[:5000])  # a truncated copy
     demo = ["--demo", "--out_dir", str(tmp_path)]
@@ -768,7 +763,7 @@ def test_file_flags_say_what_the_file_should_be_and_is(tmp_path, monkeypatch, ca
             ("train_tokenizer", ["--teacher_ckpt", tok], f"--teacher_ckpt {tok}: should be DINOv2/v3 weights; it is a tokenizer"),
             ("finetune_decoder", ["--tokenizer", str(tmp_path / "cut.pt")], "corrupt or truncated"),
             ("evaluate", ["--tokenizer", str(tmp_path / "cut.pt"), "--data", str(tmp_path)], "delete it")):
-        assert needle in one_line_exit(script, argv + demo, monkeypatch, capsys), script
+        assert needle in one_line_exit(script, argv + demo, capsys), script
 
 
 @pytest.mark.parametrize("torch_v,vision_v,lpips_ok,needle", [
@@ -785,7 +780,7 @@ def test_a_broken_install_is_one_line_at_start_up(torch_v, vision_v, lpips_ok, n
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(plumbing, "install_problem", lambda *a: problem)
     for script in ("train_tokenizer", "finetune_decoder", "train_dit", "sample", "evaluate"):
-        assert one_line_exit(script, ["--demo"], monkeypatch, capsys) == problem, script
+        assert one_line_exit(script, ["--demo"], capsys) == problem, script
     assert not os.path.exists(tmp_path / "out")  # stopped before anything was made
 
 
@@ -812,12 +807,12 @@ def test_requirements_pin_the_tested_pair_and_ci_runs_the_readme():
     assert tests == "pip install -r requirements.txt pytest && python -m pytest -q test_smoke.py"
 
 
-def test_resume_refuses_another_model_configuration(tmp_path, monkeypatch):
+def test_resume_refuses_another_model_configuration(tmp_path):
     import train_tokenizer as tt
     torch.save({"args": {"dim": 32, "img_size": 32, "enc_size": "demo"}}, tmp_path / "tokenizer.pt")
     with pytest.raises(SystemExit, match=r"tokenizer.pt was trained with other settings: --dim 32 \(checkpoint\) "
                                          r"vs 16; give another --out_dir"):
-        main_of(tt, TINY_TRAIN + ["--out_dir", str(tmp_path)], monkeypatch)
+        main_of(tt, TINY_TRAIN + ["--out_dir", str(tmp_path)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1048,7 +1043,7 @@ def test_released_files_by_name_download_once_into_the_hub_cache(tmp_path, monke
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     msg = one_line_exit("sample", ["--dit", "hf://QingyuShi/RecTok/ditdhxl_epoch_0599.pth", "--tokenizer", name,
-                                   "--out_dir", str(tmp_path)], monkeypatch, capsys)
+                                   "--out_dir", str(tmp_path)], capsys)
     assert msg.startswith("could not download https://huggingface.co/QingyuShi/RecTok/resolve/main/ditdhxl_epoch_0599"
                           ".pth (<urlopen error [Errno -3] Temporary failure in name resolution>); offline, put the "
                           f"file in {tmp_path / 'hub' / 'checkpoints'}")
@@ -1064,24 +1059,24 @@ def test_guidance_search_picks_the_best_scale(tmp_path, monkeypatch):
     scores = iter([3.0, 1.0, 2.0])  # one FID per scale, in --cfg_list order
     monkeypatch.setattr(ev, "frechet_distance", lambda *a: next(scores))
     main_of(sample, argv + ["--cfg_list", "2.0", "1.25", "1.0", "--search_images", "10", "--ref",  # argv: --cfg 1.5
-                            str(tmp_path / "ref.npz"), "--out", str(tmp_path / "best.npz")], monkeypatch)
+                            str(tmp_path / "ref.npz"), "--out", str(tmp_path / "best.npz")])
     search = json.load(open(tmp_path / "cfg_search.json"))
     assert search == {"images": 10, "fid": {"2.0": 3.0, "1.25": 1.0, "1.0": 2.0}, "best": 1.25}
     main_of(sample, argv + ["--cfg_list", "2.0", "1.25", "1.0", "--search_images", "10", "--ref",  # read back:
-                            str(tmp_path / "ref.npz"), "--out", str(tmp_path / "again.npz")], monkeypatch)  # no FID call
-    main_of(sample, argv + ["--cfg", "1.25", "--out", str(tmp_path / "direct.npz")], monkeypatch)
+                            str(tmp_path / "ref.npz"), "--out", str(tmp_path / "again.npz")])  # no FID call
+    main_of(sample, argv + ["--cfg", "1.25", "--out", str(tmp_path / "direct.npz")])
     assert np.array_equal(np.load(tmp_path / "again.npz")["arr_0"], np.load(tmp_path / "direct.npz")["arr_0"])
     assert np.array_equal(np.load(tmp_path / "best.npz")["arr_0"], np.load(tmp_path / "direct.npz")["arr_0"])
 
 
-def test_train_dit_stats_and_resume(tmp_path, monkeypatch):
+def test_train_dit_stats_and_resume(tmp_path):
     import train_dit
     torch.manual_seed(0)
     tok = models.Tokenizer(img_size=32, patch_size=8, dim=4, enc_size="tiny", dec_size="tiny", teacher_dim=0)
     torch.save({"model": tok.state_dict(), "model_ema": tok.state_dict()}, tmp_path / "tokenizer_ft.pt")
     argv = ["--demo", "--demo_images", "32", "--batch_size", "8", "--global_batch", "16", "--log_every", "1",
             "--vis_every", "1", "--sample_steps", "3", "--out_dir", str(tmp_path), "--epochs"]
-    main_of(train_dit, argv + ["2"], monkeypatch)
+    main_of(train_dit, argv + ["2"])
     ckpt = models.read_checkpoint(str(tmp_path / "dit.pt"))
     images = torch.stack([data.Shapes(32, 32)[i][0] for i in range(32)])
     mean = tok.eval().posterior(images)[0].flatten(0, 1)
@@ -1090,14 +1085,14 @@ def test_train_dit_stats_and_resume(tmp_path, monkeypatch):
     assert ckpt["step"] == 4 and os.path.exists(tmp_path / "dit_samples_epoch0002.png")
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert {"step", "epoch", "loss", "lr", "grad_norm", "img_per_sec"} <= set(records[-1])
-    main_of(train_dit, argv + ["4"], monkeypatch)  # resumes at epoch 2
+    main_of(train_dit, argv + ["4"])  # resumes at epoch 2
     assert models.read_checkpoint(str(tmp_path / "dit.pt"))["step"] == 8
     three_classes = shapes_folder(tmp_path / "three", 8, 3)  # the checkpoint's DiT^DH has 10 classes
     with pytest.raises(SystemExit, match=r"dit.pt: does not match the model: .*wrong shapes y_embedder.embedding_table"):
-        main_of(train_dit, argv + ["6", "--data", three_classes], monkeypatch)
+        main_of(train_dit, argv + ["6", "--data", three_classes])
 
 
-def test_flat_folder_trains_an_unconditional_dit_and_samples_without_guidance(tmp_path, monkeypatch, capsys):
+def test_flat_folder_trains_an_unconditional_dit_and_samples_without_guidance(tmp_path, capsys):
     import sample
     import train_dit
     flat = tmp_path / "flat"
@@ -1109,19 +1104,19 @@ def test_flat_folder_trains_an_unconditional_dit_and_samples_without_guidance(tm
     tokenizer_file(tmp_path / "tokenizer_ft.pt")
     argv = ["--demo", "--data", str(flat), "--out_dir", str(tmp_path), "--global_batch", "8", "--epochs", "1",
             "--sample_steps", "3", "--label_drop", "0"]
-    assert "guidance needs the null class" in one_line_exit("train_dit", argv, monkeypatch, capsys)  # demo: --cfg 4
-    main_of(train_dit, argv + ["--cfg", "1"], monkeypatch)
+    assert "guidance needs the null class" in one_line_exit("train_dit", argv, capsys)  # demo: --cfg 4
+    main_of(train_dit, argv + ["--cfg", "1"])
     dit = models.load_dit(str(tmp_path / "dit.pt"))[0]
     assert dit.num_classes == 1 and dit.label_drop == 0
     out = ["--out_dir", str(tmp_path), "--num_images", "4", "--steps", "3", "--per_proc_batch", "4"]
-    assert "--label_drop 0, so it has no null class" in one_line_exit("sample", out + ["--cfg", "2"], monkeypatch, capsys)
-    main_of(sample, out + ["--cfg", "1", "--png", str(tmp_path / "png")], monkeypatch)
+    assert "--label_drop 0, so it has no null class" in one_line_exit("sample", out + ["--cfg", "2"], capsys)
+    main_of(sample, out + ["--cfg", "1", "--png", str(tmp_path / "png")])
     images = np.load(tmp_path / "samples.npz")["arr_0"]
     assert sorted(os.listdir(tmp_path / "png")) == [f"{i:06d}.png" for i in range(4)]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "png" / "000003.png")), images[3])
 
 
-def test_sampling_chosen_classes(tmp_path, monkeypatch, capsys):
+def test_sampling_chosen_classes(tmp_path, capsys):
     import sample
     argv = tiny_pipeline(tmp_path) + ["--out", str(tmp_path / "some.npz"), "--classes", "3", "7"]  # 12 images
     dit, extra = models.load_dit(str(tmp_path / "dit.pt"))
@@ -1130,12 +1125,11 @@ def test_sampling_chosen_classes(tmp_path, monkeypatch, capsys):
     sample.generate(dit, models.load_tokenizer(str(tmp_path / "tok.pt")), extra["latent_stats"], [0, 1, 2, 5], 2,
                     classes=[3, 7])
     assert seen[0].tolist() == [3, 7, 3, 7]  # image i: classes[i % len(classes)]
-    main_of(sample, argv, monkeypatch)
-    assert "--classes [3, 7] (now [3])" in one_line_exit("sample", argv[:-1], monkeypatch, capsys)  # resumable output
-    main_of(sample, argv + ["--png", str(tmp_path / "png")], monkeypatch)  # finished: only the PNG export
+    main_of(sample, argv)
+    assert "--classes [3, 7] (now [3])" in one_line_exit("sample", argv[:-1], capsys)  # resumable output
+    main_of(sample, argv + ["--png", str(tmp_path / "png")])  # finished: only the PNG export
     assert len(os.listdir(tmp_path / "png")) == 12
-    assert "--classes 10: " in one_line_exit("sample", argv + ["10", "--out", str(tmp_path / "x.npz")], monkeypatch,
-                                             capsys)
+    assert "--classes 10: " in one_line_exit("sample", argv + ["10", "--out", str(tmp_path / "x.npz")], capsys)
 
 
 def test_sigusr1_stops_train_dit_inside_the_epoch_and_it_resumes_exactly(tmp_path, monkeypatch):
@@ -1153,15 +1147,15 @@ def test_sigusr1_stops_train_dit_inside_the_epoch_and_it_resumes_exactly(tmp_pat
         if epoch_frac == 0.25:
             os.kill(os.getpid(), signal.SIGUSR1)
         return lr(epoch_frac, *rest)
-    main_of(train_dit, argv + [str(tmp_path / "a")], monkeypatch)
+    main_of(train_dit, argv + [str(tmp_path / "a")])
     monkeypatch.setattr(train_dit, "dit_lr", lr_and_signal)
     with pytest.raises(SystemExit) as e:
-        main_of(train_dit, argv + [str(tmp_path / "b")], monkeypatch)
+        main_of(train_dit, argv + [str(tmp_path / "b")])
     assert e.value.code == 0
     ckpt = models.read_checkpoint(str(tmp_path / "b" / "dit.pt"))
     assert (ckpt["epoch"], ckpt["step"], ckpt["epoch_step"]) == (0, 2, 2)  # the signalled step finished
     monkeypatch.setattr(train_dit, "dit_lr", lr)
-    main_of(train_dit, argv + [str(tmp_path / "b")], monkeypatch)
+    main_of(train_dit, argv + [str(tmp_path / "b")])
     ends = [models.read_checkpoint(str(tmp_path / d / "dit.pt")) for d in "ab"]
     for key in ("model", "model_ema"):
         assert all(torch.equal(ends[0][key][k], ends[1][key][k]) for k in ends[0][key]), key
@@ -1295,19 +1289,19 @@ def test_script_save_stats_and_evaluate(tmp_path, monkeypatch):
         Image.fromarray(im).save(tmp_path / "ref" / f"{i}.png")
     monkeypatch.setattr(ev, "load_inception", lambda path: StandInInception())
     common = ["--inception", "random", "--batch_size", "4"]
-    ev.main(common + ["--samples", str(tmp_path / "ref"), "--save_stats", str(tmp_path / "stats.npz")])
+    main_of(ev, common + ["--samples", str(tmp_path / "ref"), "--save_stats", str(tmp_path / "stats.npz")])
     stats = np.load(tmp_path / "stats.npz")
     assert stats["mu"].shape == (2048,) and stats["sigma"].shape == (2048, 2048)
     # sqrtm of 2048 x 2048 takes a minute on 2 cores; FID itself is tested above, here only what reaches it
     seen = []
     monkeypatch.setattr(ev, "frechet_distance", lambda *a: seen.append(a) or 0.0)
-    ev.main(common + ["--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref")])
+    main_of(ev, common + ["--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref")])
     res = json.load(open(tmp_path / "samples_metrics.json"))
     assert res["n"] == 10 and res["precision"] == res["recall"] == 1.0  # the same images as the reference
     logits = StandInInception()(torch.from_numpy(imgs).permute(0, 3, 1, 2))[1]
     assert (res["is_mean"], res["is_std"]) == pytest.approx(ev.inception_score(logits))  # the samples' logits
     out = str(tmp_path / "r.json")
-    ev.main(common + ["--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "stats.npz"), "--out", out])
+    main_of(ev, common + ["--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "stats.npz"), "--out", out])
     res = json.load(open(out))
     assert res["precision"] is None and res["recall"] is None  # stats only: no precision / recall
     # the .npz and the .png folder give the same features; the saved stats are those of the folder
@@ -1343,7 +1337,7 @@ def test_reconstruction_mode_with_the_random_inception(tmp_path, monkeypatch):
     torch.save(ckpt, tok)
     seen = []  # sqrtm at 2048 dims takes a minute on 2 cores: FID itself is tested above; here what reaches it
     monkeypatch.setattr(ev, "frechet_distance", lambda *a: seen.append(a) or 1.0)
-    ev.main(["--tokenizer", tok, "--data", val, "--inception", "random", "--batch_size", "3", "--workers", "0",
+    main_of(ev, ["--tokenizer", tok, "--data", val, "--inception", "random", "--batch_size", "3", "--workers", "0",
              "--out_dir", str(tmp_path), "--grid", str(tmp_path / "grid.png"), "--weights", "raw", "ema"])
     res = json.load(open(tmp_path / "recon.json"))
     assert res.keys() == {"raw", "ema"} and res["raw"]["psnr"] != res["ema"]["psnr"]  # two weight sets, both scored
@@ -1390,7 +1384,7 @@ def test_train_probe_separates_separable_features():
 def test_linear_probe_mode(tmp_path):
     tok = tokenizer_file(tmp_path / "tok.pt")
     train, val = shapes_folder(tmp_path / "train", 4, 3), shapes_folder(tmp_path / "val", 2, 3, seed=1)
-    ev.main(["--linear_probe", "--tokenizer", tok, "--data", train, "--val_data", val, "--probe_images", "10",
+    main_of(ev, ["--linear_probe", "--tokenizer", tok, "--data", train, "--val_data", val, "--probe_images", "10",
              "--probe_epochs", "3", "--batch_size", "4", "--workers", "0", "--out_dir", str(tmp_path)])
     res = json.load(open(tmp_path / "linear_probe.json"))
     assert res["n_train"] == 10 and res["n_val"] == 6
@@ -1412,7 +1406,7 @@ def test_probe_features_pool_the_latents_and_the_hooked_block(tmp_path):
 
 def test_viz_mode_writes_pca_and_cosine_grids(tmp_path):
     tok, val = tokenizer_file(tmp_path / "tok.pt"), shapes_folder(tmp_path / "val", 3, 2)  # 6 images
-    ev.main(["--viz", "--tokenizer", tok, "--data", val, "--workers", "0", "--out_dir", str(tmp_path)])
+    main_of(ev, ["--viz", "--tokenizer", tok, "--data", val, "--workers", "0", "--out_dir", str(tmp_path)])
     for name in ("pca", "cos"):  # rows: images; columns: the image, then t = 0, 0.25, 0.5, 0.75
         img = Image.open(tmp_path / f"latent_{name}.png")
         assert img.size == (5 * 128, 6 * 128)  # 32 px images, shown x4
@@ -1483,21 +1477,21 @@ def test_training_feeds_on_the_teacher_and_metrics_read_the_evaluator(tmp_path, 
     import train_tokenizer as tt
     calls = judge_calls(monkeypatch)
     main_of(tt, ["--demo", "--demo_images", "16", "--batch_size", "8", "--global_batch", "8", "--epochs", "1",
-                 "--eval_every", "1", "--eval_images", "8", "--out_dir", str(tmp_path)], monkeypatch)
+                 "--eval_every", "1", "--eval_images", "8", "--out_dir", str(tmp_path)])
     assert set(calls) == {("teacher", torch.float32), ("evaluator", torch.uint8)}
     assert json.loads(open(tmp_path / "metrics.jsonl").readlines()[-1])["eval_rfid"] > 0  # 1 epoch: not perfect
 
 
 def test_demo_mode(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="train_tokenizer.py --demo"):
-        ev.main(["--demo", "--out_dir", str(tmp_path)])
+        main_of(ev, ["--demo", "--out_dir", str(tmp_path)])
     tokenizer_file(tmp_path / "tokenizer.pt", img_size=32)
     with pytest.raises(SystemExit, match="sample.py --demo"):
-        ev.main(["--demo", "--out_dir", str(tmp_path)])
+        main_of(ev, ["--demo", "--out_dir", str(tmp_path)])
     real = data.Shapes(20, 32, seed=3)  # "samples" that are real images of their class i % 10
     np.savez(tmp_path / "samples.npz", arr_0=np.stack([real.render(i)[0] for i in range(20)]))
     calls = judge_calls(monkeypatch, n_train=640)
-    ev.main(["--demo", "--out_dir", str(tmp_path)])
+    main_of(ev, ["--demo", "--out_dir", str(tmp_path)])
     assert set(calls) == {("evaluator", torch.uint8)}  # every demo metric reads the evaluator, never the teacher
     res = json.load(open(tmp_path / "eval.json"))
     assert res["evaluator"]["held_out_accuracy"] >= 0.9 and res["tokenizer"].endswith("tokenizer.pt")
@@ -1518,7 +1512,7 @@ def test_bad_paths_name_the_flag(tmp_path):
                        (["--linear_probe", "--tokenizer", tok, "--data", str(tmp_path), "--val_data", "x/"], "--val_data"),
                        (["--samples", str(tmp_path / "s.npz"), "--ref", "r.npz"], "--samples")):
         with pytest.raises(SystemExit, match=flag):
-            ev.main(argv + ["--out_dir", str(tmp_path)])
+            main_of(ev, argv + ["--out_dir", str(tmp_path)])
 
 
 class Dimmer(torch.nn.Module):  # a "tokenizer" whose reconstructions lose a different PSNR on every image
@@ -1561,16 +1555,14 @@ def test_online_eval_in_the_training_scripts(tmp_path, monkeypatch):
     import train_dit
     import train_tokenizer as tt
     monkeypatch.setattr(ev, "load_inception", lambda path: StandInInception(dim=8))
-    main_of(tt, TINY_TRAIN + ["--epochs", "1", "--eval_every", "1", "--eval_images", "6", "--out_dir", str(tmp_path)],
-            monkeypatch)
+    main_of(tt, TINY_TRAIN + ["--epochs", "1", "--eval_every", "1", "--eval_images", "6", "--out_dir", str(tmp_path)])
     rec = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if "eval_psnr" in line]
     assert len(rec) == 1 and rec[0]["eval_images"] == 6 and math.isfinite(rec[0]["eval_rfid"])
     torch.manual_seed(0)
     tok = models.Tokenizer(img_size=32, patch_size=8, dim=4, enc_size="tiny", dec_size="tiny", teacher_dim=0)
     torch.save({"model": tok.state_dict(), "model_ema": tok.state_dict()}, tmp_path / "tokenizer_ft.pt")
     main_of(train_dit, ["--demo", "--demo_images", "32", "--batch_size", "8", "--global_batch", "16", "--epochs", "1",
-                        "--eval_every", "1", "--eval_images", "12", "--sample_steps", "3", "--out_dir", str(tmp_path)],
-            monkeypatch)
+                        "--eval_every", "1", "--eval_images", "12", "--sample_steps", "3", "--out_dir", str(tmp_path)])
     gen = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if "eval_gfid" in line]
     assert len(gen) == 1 and gen[0]["eval_images"] == 12 and gen[0]["eval_gfid"] > 0 and gen[0]["eval_is"] >= 1
 
@@ -1619,11 +1611,10 @@ def test_dit_compile_and_bf16_stay_within_tolerance():
     assert err_loss < 2e-2 and 0 < err_grad < 2e-2 and 0 < err_x < 2e-2  # bf16 really ran, within its tolerance
 
 
-def test_bench_tokenizer_times_fp32_and_bf16_losses(monkeypatch, capsys):
+def test_bench_tokenizer_times_fp32_and_bf16_losses(capsys):
     import bench
-    monkeypatch.setattr(sys, "argv", ["bench.py", "--only", "tokenizer", "--tok_size", "tiny", "--img_size", "32",
-                                      "--dtype", "bf16", "--repeats", "1", "--convnext_weight", "0"])
-    bench.main()
+    main_of(bench, ["--only", "tokenizer", "--tok_size", "tiny", "--img_size", "32", "--dtype", "bf16",
+                    "--repeats", "1", "--convnext_weight", "0"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tokenizer step")]
     assert len(rows) == 2 and "fp32 losses" in rows[0] and "bf16 losses" in rows[1]
     assert all(float(row.split("|")[2]) > 0 for row in rows)

@@ -71,15 +71,19 @@ class DiTStep:
         self.ema.update(self.dit, finite)
         return total, grad_norm, finite
 
-def main():
+# --demo (README, quick start): DiT^DH-demo on the demo tokenizer's latents of the 2,000 built-in images
+DEMO = dict(model="demo", demo_images=2000, epochs=60, decay_start_epoch=30, decay_end_epoch=60, lr=2e-3,
+            min_lr=1e-4, ema=0.99, global_batch=64, workers=0, log_every=20, vis_every=20, sample_steps=10,
+            cfg=4.0, eval_images=200)
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p = parser.add_argument
     p("--tokenizer", help="tokenizer checkpoint (ours or RecTok_decft.pth); --demo: <out_dir>/tokenizer_ft.pt")
     p("--data", help="ImageNet-style train folder (class sub-folders); omit with --demo")
     p("--data_list", help="optional `relative/path label` file list")
     p("--out_dir", help="the run's folder (rerun with it to resume); --demo: out/demo")
-    p("--demo", action="store_true", help="small DiT on built-in data, CPU-friendly; other flags still override")
-    p("--demo_images", type=int, default=640)
+    p("--demo_images", type=int, help="size of the built-in dataset of --demo")
     p("--model", default="XL", choices=list(models.DIT_SIZES), help="DiT^DH size ('tiny': tests, 'demo': --demo)")
     p("--epochs", type=int, default=800)
     p("--decay_start_epoch", type=int, default=40)
@@ -111,9 +115,7 @@ def main():
     p("--eval_images", type=int, default=10_000)
     p("--fid_ref", help="gFID reference: ADM's VIRTUAL_imagenet256_labeled.npz; default: training images")
     p("--inception", help="FID Inception .pth (default: pytorch-fid's release, downloaded once); 'random' for demos")
-    args = parse_args(parser, dict(model="demo", demo_images=2000, epochs=60, decay_start_epoch=30, decay_end_epoch=60,
-                                   lr=2e-3, min_lr=1e-4, ema=0.99, global_batch=64, workers=0,
-                                   log_every=20, vis_every=20, sample_steps=10, cfg=4.0, eval_images=200))
+    args = parse_args(parser, DEMO, argv)
     tok_path = args.tokenizer or args.out_dir and os.path.join(args.out_dir, "tokenizer_ft.pt")
     check_args(args, [not (args.data or args.demo) and "--data is required (an ImageNet-style train folder), or use --demo",
                       tok_path and models.file_problem("--tokenizer", tok_path, "a tokenizer checkpoint"),

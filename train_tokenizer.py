@@ -205,8 +205,7 @@ def common_args(parser):
     p("--data_list", help="optional `relative/path label` file list, like the authors' train.txt")
     p("--val_data", help="ImageNet val folder for the held-out PSNR batch (default: a train batch)")
     p("--out_dir", help="the run's folder (rerun with it to resume); --demo: out/demo")
-    p("--demo", action="store_true", help="tiny model on built-in data, CPU-friendly; other flags still override")
-    p("--demo_images", type=int, default=640, help="size of the built-in dataset for --demo")
+    p("--demo_images", type=int, help="size of the built-in dataset of --demo")
     p("--epochs", type=int, default=200)
     p("--batch_size", type=int, help="per process; default: --global_batch / processes, at most 64 (the rest by "
       "gradient accumulation)")
@@ -245,14 +244,18 @@ def input_problems(args):
             args.inception and models.file_problem("--inception", args.inception, "FID Inception weights"),
             args.fid_ref and models.file_problem("--fid_ref", args.fid_ref, "an .npz", "a folder")]
 
-# --demo (both stages): 2,000 built-in 32-px images, lr 1e-3 at batch 16; no perceptual term (its VGG would be
-# random: a demo downloads nothing, and it was most of a step's FLOPs) and no GAN (at this scale it costs PSNR
-# and time), so the reconstructions visibly sharpen within minutes on 2 CPU cores (README, quick start).
-DEMO = dict(demo_images=2000, epochs=32, global_batch=16, blr=1.6e-2, warmup_rate=0.1, ema=0.99,
-            perceptual_weight=0.0, convnext_weight=0.0, disc_weight=0.0, random_frozen_nets=True, workers=0,
-            log_every=25, vis_every=4, eval_images=200)
+# --demo, both stages (README, quick start): 2,000 built-in 32-px images, lr 1e-3 at batch 16; no perceptual
+# term (its VGG would be random: a demo downloads nothing, and it was most of a step's FLOPs) and no GAN (at this
+# scale it costs PSNR and time), so the reconstructions visibly sharpen within minutes on 2 CPU cores.
+DEMO_BOTH_STAGES = dict(demo_images=2000, global_batch=16, warmup_rate=0.1, ema=0.99, perceptual_weight=0.0,
+                        convnext_weight=0.0, disc_weight=0.0, random_frozen_nets=True, workers=0, log_every=25,
+                        vis_every=4, eval_images=200)
 
-def main():
+# --demo, stage 1: a 16-channel latent of 4 x 4 tokens, the demo's teacher judge as the semantic teacher
+DEMO = dict(DEMO_BOTH_STAGES, epochs=32, blr=1.6e-2, img_size=32, dim=16, patch_size=8, enc_size="demo",
+            dec_size="tiny", sem_size="demo", teacher="judge")
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common_args(parser)
     p = parser.add_argument
@@ -281,8 +284,7 @@ def main():
     p("--no_kl", action="store_true", help="ablation: plain autoencoder, deterministic z and no KL (the paper's AE)")
     p("--kl_weight", type=float, default=1e-6)
     p("--sem_weight", type=float, default=1.0)
-    args = parse_args(parser, dict(DEMO, img_size=32, dim=16, patch_size=8, enc_size="demo", dec_size="tiny",
-                                   sem_size="demo", teacher="judge"))
+    args = parse_args(parser, DEMO, argv)
     if args.sem_target == "masked" and (args.sem_type == "mlp" or args.mask_ratio <= 0):
         parser.error("--sem_target masked needs --sem_type transformer and --mask_ratio > 0")
     teacher_name = args.teacher or ("dinov2_vitl14" if args.dim < 64 else "dinov3_vitl16")
