@@ -1,5 +1,6 @@
-"""Evaluation (paper Sec. 4.1, Tab. 1-2): FID / IS / precision-recall on our own FID Inception-v3, matched to torch-fidelity's
-`inception-v3-compat` extractor that the paper's numbers used; tokenizer PSNR / rFID; latent linear probe and maps.
+"""Evaluation (paper Sec. 4.1, Tab. 1-2): FID / IS / precision-recall on our own FID Inception-v3,
+matched to torch-fidelity's `inception-v3-compat` extractor that the paper's numbers used; tokenizer
+PSNR / rFID; latent linear probe and maps.
 
     python evaluate.py --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz   # gFID, IS, P/R -> JSON
     python evaluate.py --samples val/ --image_size 256 --save_stats val256.npz       # rFID reference mu, sigma
@@ -9,9 +10,10 @@
     python evaluate.py --demo                                    # the demo pipeline's outputs, judged by the evaluator
     torchrun --nproc_per_node 8 evaluate.py ...                                      # any of these, over ranks
 
-Linear probe (the paper gives no recipe; ours): frozen features of centre crops, averaged over tokens: the posterior
-mean z (t = 0), z_t = 0.5 z + 0.5 eps (t = 0.5, fixed seed), the second-last encoder block. Each trains its own
-BatchNorm1d(affine=False) + Linear with AdamW (weight decay 0.01, batch 1024, cosine from --probe_lr), no augmentation.
+Linear probe (the paper gives no recipe; ours): frozen features of centre crops, averaged over
+tokens: the posterior mean z (t = 0), z_t = 0.5 z + 0.5 eps (t = 0.5, fixed seed), the second-last
+encoder block. Each trains its own BatchNorm1d(affine=False) + Linear with AdamW (weight decay 0.01,
+batch 1024, cosine from --probe_lr), no augmentation.
 """
 import argparse
 import functools
@@ -28,29 +30,40 @@ import torch.nn.functional as F
 
 import data
 import models
-from plumbing import (Progress, bf16, check_args, gather_rows, log, rank_world, save_checkpoint, save_grid, setup,
-                      to_uint8, wandb_summary)
-FID_WEIGHTS = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
-PROBE_TS, VIZ_TS = (0.0, 0.5), (0.0, 0.25, 0.5, 0.75)
+from plumbing import (Progress, bf16, check_args, gather_rows, log, rank_world, save_checkpoint,
+                      save_grid, setup, to_uint8, wandb_summary)
+FID_WEIGHTS = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+               "pt_inception-2015-12-05-6726825d.pth")
+PROBE_TS = (0.0, 0.5)
+VIZ_TS = (0.0, 0.25, 0.5, 0.75)
 
 def load_inception(path=None):
-    """The frozen FID Inception: a .pth in pytorch-fid's layout, its release (None; cached by torch hub) or "random"."""
-    with torch.random.fork_rng(devices=[]):  # CPU init; "random" is then the same net in every process
+    """The frozen FID Inception: a .pth in pytorch-fid's layout, its release (None; cached by torch
+    hub) or "random"."""
+    # CPU init; "random" is then the same net in every process
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = models.InceptionV3().eval().requires_grad_(False)
-        for m in model.modules():  # He init keeps random features O(1); PyTorch's default shrinks them to ~1e-7
+        # He init keeps random features O(1); PyTorch's default shrinks them to ~1e-7
+        for m in model.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
     if path == "random":
-        log.warning("!!! RANDOM Inception weights: FID / IS / precision / recall are MEANINGLESS !!!")
+        log.warning("!!! RANDOM Inception weights: "
+                    "FID / IS / precision / recall are MEANINGLESS !!!")
         return model
     try:
-        state = models.read_checkpoint(path) if path else torch.hub.load_state_dict_from_url(FID_WEIGHTS, map_location="cpu")
+        if path:
+            state = models.read_checkpoint(path)
+        else:
+            state = torch.hub.load_state_dict_from_url(FID_WEIGHTS, map_location="cpu")
     except Exception as e:  # offline: urllib's URLError
         raise models.download_error(f"FID Inception ({FID_WEIGHTS})", e)
-    keys = lambda d: {k for k in d if not k.endswith("num_batches_tracked")}  # a BN training counter, unused here
+    # num_batches_tracked: a BN training counter, unused here
+    keys = lambda d: {k for k in d if not k.endswith("num_batches_tracked")}
     for k in sorted(keys(model.state_dict()) ^ keys(state)):
-        raise SystemExit(f"--inception {path or FID_WEIGHTS}: should be pytorch-fid's FID Inception weights; it has "
+        raise SystemExit(f"--inception {path or FID_WEIGHTS}: should be pytorch-fid's FID "
+                         "Inception weights; it has "
                          f"{'an unexpected' if k in state else 'no'} key {k}")
     model.load_state_dict(state, strict=False)
     return model
@@ -64,9 +77,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
         log.warning("FID: singular covariance product, adding 1e-6 to the diagonals")
         eps = 1e-6 * np.eye(len(mu1))
         covmean = scipy.linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps))
-    if np.iscomplexobj(covmean) and not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):  # beyond rounding
-        raise ValueError(f"FID: imaginary component {np.abs(covmean.imag).max():.3g} in sqrtm(S1 S2)")
-    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
+    # an imaginary part beyond rounding
+    if np.iscomplexobj(covmean) and not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+        raise ValueError(f"FID: imaginary component {np.abs(covmean.imag).max():.3g} "
+                         "in sqrtm(S1 S2)")
+    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2)
+                 - 2 * np.trace(covmean.real))
 
 def feature_stats(feats):
     f = torch.as_tensor(feats).double().cpu().numpy()
@@ -76,40 +92,51 @@ def fid_from_feats(feats, ref_mu, ref_sigma):
     return frechet_distance(*feature_stats(feats), ref_mu, ref_sigma)
 
 def inception_score(logits, splits=10):
-    """(mean, std) over splits of exp(E_x KL(p(y|x) || p(y))), fp64; torch-fidelity's shuffle and splits."""
+    """(mean, std) over splits of exp(E_x KL(p(y|x) || p(y))), fp64; torch-fidelity's shuffle and
+    splits."""
     n = len(logits)
     logits = torch.as_tensor(logits).double().cpu()[np.random.RandomState(2020).permutation(n)]
-    p, log_p, scores = logits.softmax(1), logits.log_softmax(1), []
+    p = logits.softmax(1)
+    log_p = logits.log_softmax(1)
+    scores = []
     for s in (slice(i * n // splits, (i + 1) * n // splits) for i in range(splits)):
         scores.append((p[s] * (log_p[s] - p[s].mean(0).log())).sum(1).mean().exp().item())
     return float(np.mean(scores)), float(np.std(scores))
 
 def precision_recall(real_feats, fake_feats, k=3, batch=10000):
-    """Kynkaanniemi et al. 2019 as in the ADM suite: a set's manifold is the union of balls reaching each point's
-    k-th nearest neighbour (self excluded); precision: share of fakes inside the real manifold, recall: vice versa."""
-    real, fake = torch.as_tensor(real_feats).double(), torch.as_tensor(fake_feats).double()
-    radii = lambda x: torch.cat([torch.cdist(b, x).kthvalue(k + 1, dim=1).values for b in x.split(batch)])
-    inside = lambda x, y, r: torch.cat([(torch.cdist(b, y) <= r).any(1) for b in x.split(batch)]).double().mean().item()
+    """Kynkaanniemi et al. 2019 as in the ADM suite: a set's manifold is the union of balls reaching
+    each point's k-th nearest neighbour (self excluded); precision: share of fakes inside the real
+    manifold, recall: vice versa."""
+    real = torch.as_tensor(real_feats).double()
+    fake = torch.as_tensor(fake_feats).double()
+    radii = lambda x: torch.cat([torch.cdist(b, x).kthvalue(k + 1, dim=1).values
+                                 for b in x.split(batch)])
+    inside = lambda x, y, r: torch.cat([(torch.cdist(b, y) <= r).any(1)
+                                        for b in x.split(batch)]).double().mean().item()
     return inside(fake, real, radii(real)), inside(real, fake, radii(fake))
 
 # ---- Features of a folder / .npz of images, split over ranks
 def image_batches(n, read, batch_size):
-    """This rank's contiguous share of n images as uint8 (B, 3, H, W) batches. Every rank gets ceil(n / world)
-    (the last image repeated as padding) so that all_gather sees equal sizes; gather_rows drops the padding."""
+    """This rank's contiguous share of n images as uint8 (B, 3, H, W) batches. Every rank gets
+    ceil(n / world) (the last image repeated as padding) so that all_gather sees equal sizes;
+    gather_rows drops the padding."""
     rank, world = rank_world()
     per = -(-n // world)
     for i in range(rank * per, (rank + 1) * per, batch_size):
-        j, lo = min(i + batch_size, (rank + 1) * per), min(i, n - 1)
+        j = min(i + batch_size, (rank + 1) * per)
+        lo = min(i, n - 1)
         x = read(lo, max(min(j, n), lo + 1))
-        yield torch.from_numpy(np.concatenate([x, np.repeat(x[-1:], j - i - len(x), 0)])).permute(0, 3, 1, 2)
+        padding = np.repeat(x[-1:], j - i - len(x), 0)
+        yield torch.from_numpy(np.concatenate([x, padding])).permute(0, 3, 1, 2)
 
 @torch.no_grad()
 def inception_features(model, batches, total=None):
-    """(pool (N, 2048), logits (N, 1008)) of uint8 (B, 3, H, W) batches, on the model's device; progress is
-    logged against `total` images (this rank's)."""
+    """(pool (N, 2048), logits (N, 1008)) of uint8 (B, 3, H, W) batches, on the model's device;
+    progress is logged against `total` images (this rank's)."""
     device = next(model.parameters()).device
     progress = Progress("features for FID", total)
-    pool, logits = [], []
+    pool = []
+    logits = []
     for x in batches:
         feats, class_logits = model(x.to(device))
         pool.append(feats)
@@ -117,46 +144,62 @@ def inception_features(model, batches, total=None):
         progress.update(len(x))
     return torch.cat(pool), torch.cat(logits)
 
-def features(model, path, batch_size, crop=None):  # pool features of an .npz / folder of images, all ranks'
+# pool features of an .npz / folder of images, all ranks'
+def features(model, path, batch_size, crop=None):
     n, read = data.open_images(path, crop)
     per_rank = -(-n // rank_world()[1])
-    return gather_rows(inception_features(model, image_batches(n, read, batch_size), per_rank)[0], n)
+    pool = inception_features(model, image_batches(n, read, batch_size), per_rank)[0]
+    return gather_rows(pool, n)
 
 def reference(model, path, batch_size, crop=None):
-    """--ref -> ((mu, sigma), pool features for precision / recall or None): .npz of mu, sigma (+ arr_0), or images."""
+    """--ref -> ((mu, sigma), pool features for precision / recall or None): .npz of mu, sigma
+    (+ arr_0), or images."""
     ref = np.load(path) if path.endswith(".npz") and os.path.isfile(path) else {}
     pool = features(model, path, batch_size, crop) if "mu" not in ref or "arr_0" in ref else None
     return (ref["mu"], ref["sigma"]) if "mu" in ref else feature_stats(pool), pool
 
-# ---- Online evaluation (the training scripts call these too): every rank its share; a dict on rank 0, else None
+# ---- Online evaluation (the training scripts call these too): every rank its share; a dict on
+# rank 0, else None
 def psnr_per_image(x, x_hat):
-    """PSNR of each image on [0, 1], the reconstruction clamped (the release's utils/train_utils.py evaluation)."""
+    """PSNR of each image on [0, 1], the reconstruction clamped (the release's utils/train_utils.py
+    evaluation)."""
     mse = (((x.float() + 1) / 2 - ((x_hat.float() + 1) / 2).clamp(0, 1)) ** 2).mean(dim=(1, 2, 3))
     return 10 * torch.log10(1 / mse.clamp_min(1e-10))
 
-def n_images(loader):  # a loader not sharded by data.make_loader(..., world, rank) would gather silently wrong rows
+# a loader not sharded by data.make_loader(..., world, rank) would gather silently wrong rows
+def n_images(loader):
     if getattr(loader.sampler, "num_replicas", 1) != rank_world()[1]:
-        raise ValueError("the loader must be sharded over the ranks: data.make_loader(dataset, ..., world, rank)")
+        raise ValueError("the loader must be sharded over the ranks: "
+                         "data.make_loader(dataset, ..., world, rank)")
     return len(loader.dataset)
 
 def generation_metrics(inception, batches, ref_mu, ref_sigma, ref_pool=None, n=None, labels=None):
-    """FID / IS / precision-recall (+ class accuracy, given the labels) of uint8 (B, 3, H, W) batches, n in all."""
+    """FID / IS / precision-recall (+ class accuracy, given the labels) of uint8 (B, 3, H, W)
+    batches, n in all."""
     pool, logits = inception_features(inception, batches, n and -(-n // rank_world()[1]))
     n = n or len(pool) * rank_world()[1]
-    pool, logits = gather_rows(pool, n), gather_rows(logits, n)
+    pool = gather_rows(pool, n)
+    logits = gather_rows(logits, n)
     if rank_world()[0] != 0:
         return None
     res = {"n": n, "fid": fid_from_feats(pool, ref_mu, ref_sigma)}
     res["is_mean"], res["is_std"] = inception_score(logits)
-    res["precision"], res["recall"] = precision_recall(ref_pool, pool) if ref_pool is not None else (None, None)
+    if ref_pool is not None:
+        res["precision"], res["recall"] = precision_recall(ref_pool, pool)
+    else:
+        res["precision"] = None
+        res["recall"] = None
     if labels is not None:
         res["class_accuracy"] = (logits.argmax(1).cpu() == labels).float().mean().item()
     return res
 
 @torch.no_grad()
 def reconstruction_metrics(tokenizer, loader, inception, device, ref=None):
-    """PSNR and rFID (against ref's mu, sigma, else the real images) of a loader's posterior-mean reconstructions."""
-    psnr, fake, real = [], [], []
+    """PSNR and rFID (against ref's mu, sigma, else the real images) of a loader's posterior-mean
+    reconstructions."""
+    psnr = []
+    fake = []
+    real = []
     progress = Progress("reconstructions for PSNR / rFID", len(loader.sampler))
     for x, _ in loader:
         progress.update(len(x))
@@ -165,19 +208,25 @@ def reconstruction_metrics(tokenizer, loader, inception, device, ref=None):
             x_hat = tokenizer.decode(tokenizer.encode(x))
         psnr.append(psnr_per_image(x, x_hat))
         fake.append(inception(to_uint8(x_hat))[0])
-        real += [inception(to_uint8(x))[0]] if ref is None else []
+        if ref is None:
+            real.append(inception(to_uint8(x))[0])
     n = n_images(loader)
-    psnr, fake = gather_rows(torch.cat(psnr), n, True), gather_rows(torch.cat(fake), n, True)
+    psnr = gather_rows(torch.cat(psnr), n, True)
+    fake = gather_rows(torch.cat(fake), n, True)
     ref = ref if ref is not None else feature_stats(gather_rows(torch.cat(real), n, True))
-    return {"n": n, "psnr": psnr.mean().item(), "rfid": fid_from_feats(fake, *ref)} if rank_world()[0] == 0 else None
+    if rank_world()[0] != 0:
+        return None
+    return {"n": n, "psnr": psnr.mean().item(), "rfid": fid_from_feats(fake, *ref)}
 
 # ---- Latents: linear probe (recipe in the module docstring) and maps
 @torch.no_grad()
 def probe_features(tokenizer, loader, device, seed=0):
-    """Token-pooled frozen features of a make_loader(train=False) loader's images, gathered in dataset order:
-    ({"z_t0.0", "z_t0.5", "encoder_block-2"}: (N, C), labels (N,)). z_t = (1 - t) z + t eps (paper Eq. 1 and Sec. 3.2, FSD)."""
+    """Token-pooled frozen features of a make_loader(train=False) loader's images, gathered in
+    dataset order: ({"z_t0.0", "z_t0.5", "encoder_block-2"}: (N, C), labels (N,)).
+    z_t = (1 - t) z + t eps (paper Eq. 1 and Sec. 3.2, FSD)."""
     gen = torch.Generator(device).manual_seed(seed + rank_world()[0])
-    feats, labels = {**{f"z_t{t}": [] for t in PROBE_TS}, "encoder_block-2": []}, []
+    feats = {**{f"z_t{t}": [] for t in PROBE_TS}, "encoder_block-2": []}
+    labels = []
     hook = tokenizer.encoder.transformer[-2].register_forward_hook(
         lambda module, inputs, out: feats["encoder_block-2"].append(out.float().mean(1)))
     for x, y in loader:
@@ -189,12 +238,16 @@ def probe_features(tokenizer, loader, device, seed=0):
         labels.append(y.to(device))
     hook.remove()
     n = n_images(loader)
-    return {k: gather_rows(torch.cat(v), n, True) for k, v in feats.items()}, gather_rows(torch.cat(labels), n, True)
+    return ({k: gather_rows(torch.cat(v), n, True) for k, v in feats.items()},
+            gather_rows(torch.cat(labels), n, True))
 
-def train_probe(train_x, train_y, val_x, val_y, num_classes, epochs=10, lr=1e-3, batch_size=1024, seed=0):
-    """Val top-1 of BatchNorm1d(affine=False) + Linear trained on frozen features with AdamW, cosine lr."""
+def train_probe(train_x, train_y, val_x, val_y, num_classes, epochs=10, lr=1e-3, batch_size=1024,
+                seed=0):
+    """Val top-1 of BatchNorm1d(affine=False) + Linear trained on frozen features with AdamW,
+    cosine lr."""
     gen = torch.Generator().manual_seed(seed)
-    probe = nn.Sequential(nn.BatchNorm1d(train_x.shape[1], affine=False), nn.Linear(train_x.shape[1], num_classes))
+    probe = nn.Sequential(nn.BatchNorm1d(train_x.shape[1], affine=False),
+                          nn.Linear(train_x.shape[1], num_classes))
     opt = torch.optim.AdamW(probe.to(train_x.device).parameters(), lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * -(-len(train_x) // batch_size))
     for _ in range(epochs):
@@ -209,41 +262,52 @@ def train_probe(train_x, train_y, val_x, val_y, num_classes, epochs=10, lr=1e-3,
 
 @torch.no_grad()
 def latent_maps(tokenizer, x, ts=VIZ_TS, seed=0):
-    """Paper Fig. 4, 8, 9, per t: z_t's first three PCA components (fitted over the batch's tokens) as RGB, and each
-    token's cosine similarity to the image's mean z_t. Two lists [x, map at ts[0], ...] of (B, 3, H, W) in [-1, 1]."""
+    """Paper Fig. 4, 8, 9, per t: z_t's first three PCA components (fitted over the batch's tokens)
+    as RGB, and each token's cosine similarity to the image's mean z_t. Two lists
+    [x, map at ts[0], ...] of (B, 3, H, W) in [-1, 1]."""
     z = tokenizer.posterior(x)[0]
-    eps = torch.randn(z.shape, generator=torch.Generator(z.device).manual_seed(seed), device=z.device)
+    eps = torch.randn(z.shape, generator=torch.Generator(z.device).manual_seed(seed),
+                      device=z.device)
     B, N, _ = z.shape
-    image = lambda m: 2 * F.interpolate(m.transpose(1, 2).unflatten(2, (math.isqrt(N), -1)), x.shape[-2:]) - 1
-    unit = lambda v, d: (v - v.amin(d, keepdim=True)) / (v.amax(d, keepdim=True) - v.amin(d, keepdim=True) + 1e-8)
-    pca, cos = [x], [x]
+    image = lambda m: 2 * F.interpolate(m.transpose(1, 2).unflatten(2, (math.isqrt(N), -1)),
+                                        x.shape[-2:]) - 1
+    unit = lambda v, d: ((v - v.amin(d, keepdim=True))
+                         / (v.amax(d, keepdim=True) - v.amin(d, keepdim=True) + 1e-8))
+    pca = [x]
+    cos = [x]
     for z_t in ((1 - t) * z + t * eps for t in ts):
         flat = z_t.flatten(0, 1) - z_t.flatten(0, 1).mean(0)
-        pca.append(image(unit(flat @ torch.linalg.svd(flat, full_matrices=False).Vh[:3].T, 0).view(B, N, 3)))
+        components = torch.linalg.svd(flat, full_matrices=False).Vh[:3].T
+        pca.append(image(unit(flat @ components, 0).view(B, N, 3)))
         sim = F.cosine_similarity(z_t, z_t.mean(1, keepdim=True), dim=-1)
         cos.append(image(unit(sim, 1)[..., None].expand(-1, -1, 3)))
     return pca, cos
 
 def save_maps(tokenizer, x, out_dir, seed=0):
     for name, cols in zip(("pca", "cos"), latent_maps(tokenizer, x, seed=seed)):
-        save_grid(os.path.join(out_dir, f"latent_{name}.png"), list(torch.stack(cols, 1)))  # a row per image
+        # a row per image
+        save_grid(os.path.join(out_dir, f"latent_{name}.png"), list(torch.stack(cols, 1)))
 
 # ---- Command line
-def spread(n, k):  # k indices evenly spread over range(n), all if k >= n: class-balanced on class-sorted folders
+# k indices evenly spread over range(n), all if k >= n: class-balanced on class-sorted folders
+def spread(n, k):
     return np.linspace(0, n - 1, min(k, n)).round().astype(int).tolist()
 
-# The demo judges' seeds (init, Shapes): the teacher learns from the first demo training images (Shapes seed 0), the
-# evaluator from images no stage trains on (seed 4); both are scored on held-out images (seed 1).
+# The demo judges' seeds (init, Shapes): the teacher learns from the first demo training images
+# (Shapes seed 0), the evaluator from images no stage trains on (seed 4); both are scored on
+# held-out images (seed 1).
 JUDGE_SEEDS = {"teacher": (0, 0), "evaluator": (1, 4)}
 
 def demo_judge(out_dir, size, device, role, grid=1, n_train=640):
-    """models.DemoJudge of `role` ("teacher": FSD targets, `grid` x `grid` patch features; "evaluator": every demo
-    metric), trained deterministically and cached in <out_dir>/judge_<role>.pt with its held-out accuracy: every
-    rank trains the same net or reads the file."""
+    """models.DemoJudge of `role` ("teacher": FSD targets, `grid` x `grid` patch features;
+    "evaluator": every demo metric), trained deterministically and cached in
+    <out_dir>/judge_<role>.pt with its held-out accuracy: every rank trains the same net or reads
+    the file."""
     path = os.path.join(out_dir, f"judge_{role}.pt")
     ckpt = models.read_checkpoint(path) if os.path.isfile(path) else {}
     init_seed, data_seed = JUDGE_SEEDS[role]
-    with torch.random.fork_rng(devices=[]):  # the same net whatever the caller's RNG state, rank or stage
+    # the same net whatever the caller's RNG state, rank or stage
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         judge = models.DemoJudge(grid, role).to(device)
         if ckpt.get("size") == size:
@@ -252,10 +316,12 @@ def demo_judge(out_dir, size, device, role, grid=1, n_train=640):
             x, y = data.stack(data.Shapes(n_train, size, seed=data_seed))
             progress = Progress("training the demo judge", 15 * n_train)
             opt = torch.optim.AdamW(judge.parameters(), 3e-3, weight_decay=0.05)
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=15 * -(-n_train // 64))
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3,
+                                                        total_steps=15 * -(-n_train // 64))
             for _ in range(15):
                 for idx in torch.randperm(len(x)).split(64):
-                    flip = torch.rand(len(idx)) < 0.5  # flips keep the class; the training stages flip too
+                    # flips keep the class; the training stages flip too
+                    flip = torch.rand(len(idx)) < 0.5
                     xb = torch.where(flip[:, None, None, None], x[idx].flip(-1), x[idx]).to(device)
                     opt.zero_grad(set_to_none=True)
                     F.cross_entropy(judge(to_uint8(xb))[1], y[idx].to(device)).backward()
@@ -264,61 +330,81 @@ def demo_judge(out_dir, size, device, role, grid=1, n_train=640):
                     progress.update(len(idx))
             vx, vy = data.stack(data.Shapes(500, size, seed=1))
             with torch.no_grad():
-                accuracy = (judge.eval()(to_uint8(vx.to(device)))[1].argmax(1).cpu() == vy).float().mean().item()
+                logits = judge.eval()(to_uint8(vx.to(device)))[1]
+                accuracy = (logits.argmax(1).cpu() == vy).float().mean().item()
             ckpt = {"model": judge.state_dict(), "size": size, "accuracy": accuracy}
             if rank_world()[0] == 0:
                 save_checkpoint(path, ckpt)
-    log.info(f"demo {role} judge: {ckpt['accuracy']:.1%} held-out accuracy on the demo classes ({path})")
+    log.info(f"demo {role} judge: {ckpt['accuracy']:.1%} held-out accuracy on the demo classes "
+             f"({path})")
     return judge.eval().requires_grad_(False), ckpt["accuracy"]
 
 def demo(args, device):
-    """The demo pipeline's outputs in --out_dir judged by the evaluator: samples.npz (image i has label i % 10) against
-    Shapes(500, seed 2); the tokenizer (stage 2, else 1) on Shapes(200, seed 1), its probe trained on Shapes(640)."""
-    toks = [p for p in (os.path.join(args.out_dir, f) for f in ("tokenizer_ft.pt", "tokenizer.pt")) if os.path.isfile(p)]
+    """The demo pipeline's outputs in --out_dir judged by the evaluator: samples.npz (image i has
+    label i % 10) against Shapes(500, seed 2); the tokenizer (stage 2, else 1) on Shapes(200,
+    seed 1), its probe trained on Shapes(640)."""
+    toks = [p for p in (os.path.join(args.out_dir, f) for f in ("tokenizer_ft.pt", "tokenizer.pt"))
+            if os.path.isfile(p)]
     samples = os.path.join(args.out_dir, "samples.npz")
     if not toks:
-        raise SystemExit(f"no {args.out_dir}/tokenizer.pt: run `python train_tokenizer.py --demo` first")
+        raise SystemExit(f"no {args.out_dir}/tokenizer.pt: "
+                         "run `python train_tokenizer.py --demo` first")
     if not os.path.isfile(samples):
-        raise SystemExit(f"no {samples}: run `python train_dit.py --demo`, then `python sample.py --demo` first")
+        raise SystemExit(f"no {samples}: run `python train_dit.py --demo`, "
+                         "then `python sample.py --demo` first")
     rank, world = rank_world()
     tokenizer = models.load_tokenizer(toks[0], gamma=0.0, mask_ratio=0.0).to(device)
-    size, bs = tokenizer.grid * tokenizer.decoder.patch_size, 50
+    size = tokenizer.grid * tokenizer.decoder.patch_size
+    bs = 50
     judge, judge_accuracy = demo_judge(args.out_dir, size, device, "evaluator")
     loader = lambda ds: data.make_loader(ds, bs, False, 0, world, rank)
     n, read = data.open_images(samples)
-    ref_pool = gather_rows(inception_features(judge, (to_uint8(x) for x, _ in loader(data.Shapes(500, size, seed=2))))[0],
-                           500, strided=True)
-    gen = generation_metrics(judge, image_batches(n, read, bs), *feature_stats(ref_pool), ref_pool, n,
-                             labels=torch.arange(n) % 10)
+    ref_batches = (to_uint8(x) for x, _ in loader(data.Shapes(500, size, seed=2)))
+    ref_pool = gather_rows(inception_features(judge, ref_batches)[0], 500, strided=True)
+    gen = generation_metrics(judge, image_batches(n, read, bs), *feature_stats(ref_pool),
+                             ref_pool, n, labels=torch.arange(n) % 10)
     shapes = data.Shapes(200, size, seed=1)
     rec = reconstruction_metrics(tokenizer, loader(shapes), judge, device)
-    (tx, ty), (vx, vy) = (probe_features(tokenizer, loader(ds), device) for ds in (data.Shapes(640, size), shapes))
+    (tx, ty), (vx, vy) = (probe_features(tokenizer, loader(ds), device)
+                          for ds in (data.Shapes(640, size), shapes))
     if rank == 0:
         save_maps(tokenizer, torch.stack([shapes[i][0] for i in range(8)]).to(device), args.out_dir)
-        probe = {k: train_probe(tx[k], ty, vx[k], vy, 10, epochs=100, lr=1e-2, batch_size=64) for k in tx}
-        return {"evaluator": {"held_out_accuracy": judge_accuracy}, "tokenizer": toks[0], "reconstruction": rec,
-                "samples": samples, "generation": gen, "linear_probe_top1": probe}
+        probe = {k: train_probe(tx[k], ty, vx[k], vy, 10, epochs=100, lr=1e-2, batch_size=64)
+                 for k in tx}
+        return {"evaluator": {"held_out_accuracy": judge_accuracy}, "tokenizer": toks[0],
+                "reconstruction": rec, "samples": samples, "generation": gen,
+                "linear_probe_top1": probe}
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--samples", help="folder of images, or ADM .npz (arr_0: uint8 N x H x W x 3)")
-    a("--ref", help=".npz with mu, sigma (+ arr_0 images for precision / recall), or reference images")
-    a("--save_stats", metavar="OUT.npz", help="instead: save mu, sigma of --samples (rFID reference)")
-    a("--image_size", type=int, help="ADM centre crop of --samples / --ref folder images to this size")
+    a("--ref", help=".npz with mu, sigma (+ arr_0 images for precision / recall), "
+      "or reference images")
+    a("--save_stats", metavar="OUT.npz",
+      help="instead: save mu, sigma of --samples (rFID reference)")
+    a("--image_size", type=int,
+      help="ADM centre crop of --samples / --ref folder images to this size")
     a("--tokenizer", help="tokenizer checkpoint: PSNR / rFID of its reconstructions of --data")
     a("--data", help="image folder with class sub-folders: ImageNet val (train for --linear_probe)")
-    a("--num_images", type=int, default=50000, help="reconstruct this many --data images, evenly spread")
+    a("--num_images", type=int, default=50000,
+      help="reconstruct this many --data images, evenly spread")
     a("--grid", metavar="PNG", help="save 8 originals vs reconstructions")
-    a("--weights", nargs="+", default=["ema"], choices=["raw", "ema"], help="tokenizer weights to reconstruct with "
-      "(the release evaluates `raw ema`); the JSON has one entry each")
-    a("--linear_probe", action="store_true", help="linear probe of --tokenizer's features: --data, --val_data")
+    a("--weights", nargs="+", default=["ema"], choices=["raw", "ema"],
+      help="tokenizer weights to reconstruct with (the release evaluates `raw ema`); "
+      "the JSON has one entry each")
+    a("--linear_probe", action="store_true",
+      help="linear probe of --tokenizer's features: --data, --val_data")
     a("--val_data", help="ImageNet val folder for --linear_probe")
-    a("--probe_images", type=int, help="train the probe on this many --data images, evenly spread (default all)")
+    a("--probe_images", type=int,
+      help="train the probe on this many --data images, evenly spread (default all)")
     a("--probe_epochs", type=int, default=10)
     a("--probe_lr", type=float, default=1e-3)
-    a("--viz", action="store_true", help="PCA / cosine maps of --tokenizer's z_t on 8 --data images")
-    a("--demo", action="store_true", help="evaluate the demo pipeline's outputs in --out_dir with the demo's evaluator")
+    a("--viz", action="store_true",
+      help="PCA / cosine maps of --tokenizer's z_t on 8 --data images")
+    a("--demo", action="store_true",
+      help="evaluate the demo pipeline's outputs in --out_dir with the demo's evaluator")
     a("--out_dir", help="JSON, PNGs and evaluate.log (default: out/eval; --demo: out/demo)")
     a("--out", help="JSON path (default: next to --samples, else <out_dir>/<mode>.json)")
     a("--inception", help="FID Inception .pth (default: pytorch-fid's release); 'random' for demos")
@@ -328,19 +414,25 @@ def main(argv=None):
     a("--wandb", metavar="PROJECT", help="also send the results to this Weights & Biases project")
     args = p.parse_args(argv)
     args.out_dir = args.out_dir or ("out/demo" if args.demo else "out/eval")
-    mode = next((m for m in ("demo", "linear_probe", "viz") if getattr(args, m)), "recon" if args.tokenizer else "samples")
-    needs = {"linear_probe": "tokenizer data val_data", "viz": "tokenizer data", "recon": "data", "samples": "samples"}
-    kinds = dict(samples=("an .npz", "a folder"), ref=("an .npz", "a folder"), tokenizer=("a tokenizer checkpoint",),
-                 inception=("FID Inception weights",))
-    check_args(args, [f"{mode} mode needs --{flag}" for flag in needs.get(mode, "").split() if not getattr(args, flag)] + [
-        mode == "samples" and (args.ref is None) == (args.save_stats is None) and "give one of --ref and --save_stats"] +
-        [getattr(args, k) not in (None, "random") and models.file_problem(f"--{k}", getattr(args, k), *v)
-         for k, v in kinds.items()])
+    mode = next((m for m in ("demo", "linear_probe", "viz") if getattr(args, m)),
+                "recon" if args.tokenizer else "samples")
+    needs = {"linear_probe": "tokenizer data val_data", "viz": "tokenizer data", "recon": "data",
+             "samples": "samples"}
+    kinds = dict(samples=("an .npz", "a folder"), ref=("an .npz", "a folder"),
+                 tokenizer=("a tokenizer checkpoint",), inception=("FID Inception weights",))
+    check_args(args, [f"{mode} mode needs --{flag}" for flag in needs.get(mode, "").split()
+                      if not getattr(args, flag)]
+               + [mode == "samples" and (args.ref is None) == (args.save_stats is None)
+                  and "give one of --ref and --save_stats"]
+               + [getattr(args, k) not in (None, "random")
+                  and models.file_problem(f"--{k}", getattr(args, k), *v)
+                  for k, v in kinds.items()])
     rank, world, device = setup(args, "evaluate")
     loader = lambda ds: data.make_loader(ds, args.batch_size, False, args.workers, world, rank)
     inception = load_inception(args.inception).to(device) if mode in ("samples", "recon") else None
     crop = functools.partial(data.center_crop, size=args.image_size) if args.image_size else None
-    res, out = None, args.out or os.path.join(args.out_dir, "eval.json" if args.demo else f"{mode}.json")
+    res = None
+    out = args.out or os.path.join(args.out_dir, "eval.json" if args.demo else f"{mode}.json")
     if mode == "demo":
         res = demo(args, device)
     elif mode == "samples" and args.save_stats:
@@ -351,8 +443,10 @@ def main(argv=None):
     elif mode == "samples":
         (mu, sigma), ref_pool = reference(inception, args.ref, args.batch_size, crop)
         n, read = data.open_images(args.samples, crop)
-        res = generation_metrics(inception, image_batches(n, read, args.batch_size), mu, sigma, ref_pool, n)
-        res = res and {"samples": args.samples, "ref": args.ref, **res}
+        res = generation_metrics(inception, image_batches(n, read, args.batch_size), mu, sigma,
+                                 ref_pool, n)
+        if res:
+            res = {"samples": args.samples, "ref": args.ref, **res}
         out = args.out or os.path.splitext(args.samples.rstrip("/"))[0] + "_metrics.json"
     else:
         tokenizer = models.load_tokenizer(args.tokenizer, gamma=0.0, mask_ratio=0.0).to(device)
@@ -361,8 +455,10 @@ def main(argv=None):
         if mode == "recon":
             ref = reference(inception, args.ref, args.batch_size, crop)[0] if args.ref else None
             sub = torch.utils.data.Subset(ds, spread(len(ds), args.num_images))
-            res = {w: reconstruction_metrics(models.load_tokenizer(args.tokenizer, w == "ema", gamma=0.0, mask_ratio=0.0)
-                                             .to(device), loader(sub), inception, device, ref) for w in args.weights}
+            res = {w: reconstruction_metrics(models.load_tokenizer(args.tokenizer, w == "ema",
+                                                                   gamma=0.0, mask_ratio=0.0)
+                                             .to(device), loader(sub), inception, device, ref)
+                   for w in args.weights}
             if args.grid and rank == 0:
                 with torch.no_grad(), bf16(device):
                     save_grid(args.grid, [few, tokenizer.decode(tokenizer.encode(few))])
@@ -371,8 +467,10 @@ def main(argv=None):
             (tx, ty), (vx, vy) = (probe_features(tokenizer, loader(d), device, args.seed)
                                   for d in (sub, data.ImageFolder(args.val_data, ds.size)))
             if rank == 0:  # the probes are cheap: rank 0 trains them on the gathered features
-                res = {"n_train": len(ty), "n_val": len(vy), "top1": {k: train_probe(
-                    tx[k], ty, vx[k], vy, ds.num_classes, args.probe_epochs, args.probe_lr, seed=args.seed) for k in tx}}
+                res = {"n_train": len(ty), "n_val": len(vy),
+                       "top1": {k: train_probe(tx[k], ty, vx[k], vy, ds.num_classes,
+                                               args.probe_epochs, args.probe_lr, seed=args.seed)
+                                for k in tx}}
         elif rank == 0:
             save_maps(tokenizer, few, args.out_dir, args.seed)
     if res and rank == 0:  # the other ranks' recon results are {weights: None}

@@ -54,13 +54,17 @@ def generate(dit, tokenizer, stats, idx, steps, cfg=1.0, guide=None, seed=0, cla
     label i % num_classes (or classes[i % len(classes)]), so any split of the indices over ranks gives the
     same images."""
     device = stats["mean"].device
-    noise = torch.stack([torch.randn(dit.dim, dit.grid, dit.grid, generator=torch.Generator().manual_seed(
-        (seed << 32) + i)) for i in idx]).to(device)
+    noise = []
+    for i in idx:  # image i's own generator: the same noise on any rank
+        generator = torch.Generator().manual_seed((seed << 32) + i)
+        noise.append(torch.randn(dit.dim, dit.grid, dit.grid, generator=generator))
+    noise = torch.stack(noise).to(device)
     classes = classes or range(dit.num_classes)
     labels = torch.tensor([classes[i % len(classes)] for i in idx], device=device)
     with bf16(device):
         z = euler_sample(dit, noise, labels, steps, cfg, guide)
-        return tokenizer.decode(z.float() * stats["std"][:, None, None] + stats["mean"][:, None, None]).float()
+        z = z.float() * stats["std"][:, None, None] + stats["mean"][:, None, None]  # the tokenizer's scale
+        return tokenizer.decode(z).float()
 
 def sample_metrics(dit, tokenizer, stats, inception, ref, n, steps, cfg=1.0, guide=None, batch_size=125):
     """gFID / IS (+ precision / recall if ref has pool features) of n images generated in memory over the ranks."""
@@ -211,20 +215,27 @@ def main(argv=None):
     p("--ref", help="FID reference for --cfg_list: ADM's VIRTUAL_imagenet256_labeled.npz (mu, sigma)")
     p("--inception", help="FID Inception .pth (default: pytorch-fid's release, downloaded once)")
     args = parse_args(parser, DEMO, argv)
-    args.out_dir = args.out_dir or args.out and os.path.dirname(os.path.abspath(args.out))
-    paths = {"dit": args.dit or args.out_dir and os.path.join(args.out_dir, "dit.pt"), "guide": args.guide,
-             "tokenizer": args.tokenizer or args.out_dir and os.path.join(args.out_dir, "tokenizer_ft.pt"),
-             "latent_stats": args.latent_stats}
-    kinds = dict(dit="a DiT^DH checkpoint", guide="a DiT^DH checkpoint", tokenizer="a tokenizer checkpoint")
-    check_args(args, [v and models.file_problem(f"--{k}", v, kinds.get(k, "latent statistics")) for k, v in paths.items()]
-               + [args.cfg_list and not args.ref and "--cfg_list needs --ref (the FID reference of the search)"])
+    if not args.out_dir and args.out:
+        args.out_dir = os.path.dirname(os.path.abspath(args.out))
+    paths = {"dit": args.dit, "guide": args.guide, "tokenizer": args.tokenizer, "latent_stats": args.latent_stats}
+    if args.out_dir:  # what the training stages left there, unless given
+        paths["dit"] = args.dit or os.path.join(args.out_dir, "dit.pt")
+        paths["tokenizer"] = args.tokenizer or os.path.join(args.out_dir, "tokenizer_ft.pt")
+    kinds = dict(dit="a DiT^DH checkpoint", guide="a DiT^DH checkpoint", tokenizer="a tokenizer checkpoint",
+                 latent_stats="latent statistics")
+    problems = [models.file_problem(f"--{k}", v, kinds[k]) for k, v in paths.items() if v]
+    if args.cfg_list and not args.ref:
+        problems.append("--cfg_list needs --ref (the FID reference of the search)")
+    check_args(args, problems)
     rank, world, device = setup(args, "sample")
     dit, guide, tokenizer, stats, dit_step = load_models(args, paths, device)
     if args.cfg_list:
         args.cfg = search_cfg(args, dit, guide, tokenizer, stats, device)
     out = args.out or os.path.join(args.out_dir, "samples.npz")
-    named = {k: v if str(v).startswith("hf://") else v and os.path.abspath(v) for k, v in paths.items()}
-    settings = dict(named, cfg=args.cfg, steps=args.steps, seed=args.seed, num_images=args.num_images,
+    settings = {}
+    for k, v in paths.items():  # absolute paths; released files by their hf:// names
+        settings[k] = os.path.abspath(v) if v and not v.startswith("hf://") else v
+    settings.update(cfg=args.cfg, steps=args.steps, seed=args.seed, num_images=args.num_images,
                     classes=args.classes)
     settings["dit"] += f" (step {dit_step})"  # a DiT trained further makes other images
     maps = open_output(out, settings, tokenizer.grid * tokenizer.decoder.patch_size, rank)

@@ -44,8 +44,10 @@ class DiTStep:
     under bf16 autocast, grad clip, AdamW (no weight decay), EMA. Also what bench.py times."""
 
     def __init__(self, args, dit, device, world):
-        self.args, self.dit, self.ema = args, dit, EMA(dit, args.ema)
-        self.opt = adamw([p for p in dit.parameters() if p.requires_grad], args.lr, device)
+        self.args = args
+        self.dit = dit
+        self.ema = EMA(dit, args.ema)
+        self.opt = adamw([p for p in dit.parameters() if p.requires_grad], args.lr)
         dit.grad_ckpt = args.grad_ckpt
         if args.compile:
             models.compile_blocks(dit.blocks)
@@ -72,7 +74,7 @@ class DiTStep:
         return total, grad_norm, finite
 
 # --demo (README, quick start): DiT^DH-demo on the demo tokenizer's latents of the 2,000 built-in images
-DEMO = dict(model="demo", demo_images=2000, epochs=60, decay_start_epoch=30, decay_end_epoch=60, lr=2e-3,
+DEMO = dict(model="demo", demo_images=2000, epochs=30, decay_start_epoch=15, decay_end_epoch=30, lr=2e-3,
             min_lr=1e-4, ema=0.99, global_batch=64, workers=0, log_every=20, vis_every=20, sample_steps=10,
             cfg=4.0, eval_images=200)
 
@@ -164,11 +166,18 @@ def main(argv=None):
         raise SystemExit(f"{len(dataset)} images are too few for one global batch of {args.global_batch}")
     steps_per_epoch = len(loader) // accum
     interval = LogInterval(device)  # the sums behind the next metrics row
-    epoch, step, epoch_step = resume(ckpt_path, ckpt, train_step.parts, rank, device, interval) if ckpt else (0, 0, 0)
-    loader.sampler.skip = epoch_step * accum * args.batch_size  # inside the epoch: past the batches done
+    # resume: at an epoch's end, or inside an epoch after a signal (the loader skips the batches done)
+    epoch = 0
+    step = 0
+    epoch_step = 0
+    if ckpt:
+        epoch, step, epoch_step = resume(ckpt_path, ckpt, train_step.parts, rank, device, interval)
+    loader.sampler.skip = epoch_step * accum * args.batch_size
     if args.eval_every:  # gFID / IS against --fid_ref, or against a class-spread part of the training images
-        inception = evaluate.demo_judge(args.out_dir, args.img_size, device, "evaluator")[0] if args.demo and \
-            not args.inception else evaluate.load_inception(args.inception).to(device)
+        if args.demo and not args.inception:
+            inception = evaluate.demo_judge(args.out_dir, args.img_size, device, "evaluator")[0]
+        else:
+            inception = evaluate.load_inception(args.inception).to(device)
         if args.fid_ref:
             ref = evaluate.reference(inception, args.fid_ref, args.batch_size)
         else:
@@ -176,7 +185,10 @@ def main(argv=None):
             real = data.make_loader(real, args.batch_size, False, args.workers, world, rank)
             pool = evaluate.inception_features(inception, (to_uint8(x) for x, _ in real))[0]
             ref = evaluate.feature_stats(gather_rows(pool, len(real.dataset), strided=True)), None
-    classes = [207, 360, 387, 974, 88, 979, 417, 279] if num_classes == 1000 else list(range(10))  # image i: label i % classes
+    # the sample grids' classes (image i: label classes[i % len(classes)])
+    classes = list(range(10))
+    if num_classes == 1000:
+        classes = [207, 360, 387, 974, 88, 979, 417, 279]
     metrics = Metrics(args.out_dir, "dit", rank, step)
     log.info(f"{len(dataset)} images, {steps_per_epoch} steps/epoch, global batch {args.global_batch} = "
              f"{args.batch_size}/GPU x {world} x {accum} accumulation")
@@ -188,37 +200,47 @@ def main(argv=None):
             loader.sampler.set_epoch(epoch)
         batches = iter(loader)
         for it in range(epoch_step, steps_per_epoch):
-            lr = dit_lr(epoch + it / steps_per_epoch, args.lr, args.min_lr, args.decay_start_epoch, args.decay_end_epoch)
+            lr = dit_lr(epoch + it / steps_per_epoch, args.lr, args.min_lr, args.decay_start_epoch,
+                        args.decay_end_epoch)
+            # the latents: normalised posterior samples of flipped or unflipped images
             batch = []
             for x, y in (next(batches) for _ in range(accum)):
-                with torch.no_grad(), train_step.autocast:  # a posterior sample of the flipped or unflipped image
+                with torch.no_grad(), train_step.autocast:
                     x = random_flip(x.to(device, non_blocking=True))
                     z = tokenizer.encode(x, sample=True, check_range=False)
                 batch.append(((z.float() - mean) / std, y.to(device, non_blocking=True)))
+            # one optimiser step of the velocity loss
             loss, grad_norm, finite = train_step(batch, lr)
-            interval.add(finite, dict(loss=loss.float(), grad_norm=grad_norm.float()))  # averaged over the log interval
+            interval.add(finite, dict(loss=loss.float(), grad_norm=grad_norm.float()))
             step += 1
+            # a metrics row every log_every steps and at the epoch's end (the only host sync)
             if step % args.log_every == 0 or it == steps_per_epoch - 1:
                 n = interval.steps
                 record = interval.row(world, ckpt_path)
-                metrics.write(step=step, epoch=round(epoch + (it + 1) / steps_per_epoch, 4), loss=record["loss"],
-                              lr=lr, grad_norm=record["grad_norm"], skipped=record["skipped"],
+                metrics.write(step=step, epoch=round(epoch + (it + 1) / steps_per_epoch, 4),
+                              loss=record["loss"], lr=lr, grad_norm=record["grad_norm"],
+                              skipped=record["skipped"],
                               img_per_sec=n * args.global_batch / world / (time.time() - t0))
                 t0 = time.time()
-            if preemption.stop_now() and it < steps_per_epoch - 1:  # on an epoch's last step: its checkpoint
-                save_epoch(ckpt_path, train_step.parts, device, 0, interval, epoch=epoch, step=step, epoch_step=it + 1,
-                           latent_stats=stats, args=vars(args))
+            # SIGTERM / SIGUSR1: a checkpoint inside the epoch, then a clean exit (the epoch's last step
+            # writes the end-of-epoch checkpoint below)
+            if preemption.stop_now() and it < steps_per_epoch - 1:
+                save_epoch(ckpt_path, train_step.parts, device, 0, interval, epoch=epoch, step=step,
+                           epoch_step=it + 1, latent_stats=stats, args=vars(args))
                 preemption.exit(ckpt_path, step)
         epoch += 1
         epoch_step = 0
+
+        # end of the epoch: online gFID, checkpoint, a grid of EMA samples
         if args.eval_every and epoch % args.eval_every == 0:
             res = sample_metrics(train_step.ema.model, tokenizer, stats_d, inception, ref, args.eval_images,
                                  args.sample_steps, args.cfg, batch_size=args.batch_size)
             if res:
-                metrics.write(step=step, epoch=epoch, eval_images=res["n"], eval_gfid=res["fid"], eval_is=res["is_mean"])
+                metrics.write(step=step, epoch=epoch, eval_images=res["n"], eval_gfid=res["fid"],
+                              eval_is=res["is_mean"])
         check_ranks_agree(dit, train_step.ema.model)
-        save_epoch(ckpt_path, train_step.parts, device, args.save_every, epoch=epoch, step=step, latent_stats=stats,
-                   args=vars(args))
+        save_epoch(ckpt_path, train_step.parts, device, args.save_every, epoch=epoch, step=step,
+                   latent_stats=stats, args=vars(args))
         if rank == 0 and (epoch % args.vis_every == 0 or epoch == args.epochs):
             images = generate(train_step.ema.model, tokenizer, stats_d, classes, args.sample_steps, args.cfg)
             save_grid(os.path.join(args.out_dir, f"dit_samples_epoch{epoch:04d}.png"), [images])

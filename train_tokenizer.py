@@ -19,18 +19,22 @@ import torch.nn.functional as F
 import data
 import evaluate
 import models
-from plumbing import (EMA, LogInterval, Metrics, Preemption, adamw, all_finite, bf16, buffers_before, check_args,
-                      check_ranks_agree, check_resume, cosine_lr, ddp, grad_accum_steps, keep_buffers_if, log,
-                      parse_args, random_flip, resume, save_epoch, save_grid, setup, step_if, sync_grads_if)
-# the settings that shape the model (stage 2 has dim and img_size, from its tokenizer): a checkpoint resumes only with these
-MODEL_FLAGS = ("dim", "img_size", "patch_size", "enc_size", "dec_size", "sem_size", "sem_type", "teacher", "teacher_size")
+from plumbing import (EMA, LogInterval, Metrics, Preemption, adamw, all_finite, bf16, buffers_before,
+                      check_args, check_ranks_agree, check_resume, cosine_lr, ddp, grad_accum_steps,
+                      keep_buffers_if, log, parse_args, random_flip, resume, save_epoch, save_grid, setup, step_if,
+                      sync_grads_if)
+# the settings that shape the model (stage 2 has dim and img_size, from its tokenizer): a checkpoint resumes
+# only with these
+MODEL_FLAGS = ("dim", "img_size", "patch_size", "enc_size", "dec_size", "sem_size", "sem_type", "teacher",
+               "teacher_size")
 
 # ---- Tokenizer losses (paper Eq. 4-5; the release's utils/losses.py)
 
 def semantic_loss(pred, target, ids_keep=None, masked_only=False):
-    """1 - cos(pred, target) per token (paper Eq. 5), averaged over every position (the release's "rec+align"), or
-    with masked_only over the masked positions alone (RAD as the paper writes it, the release's
-    sem_target "reconstruction": zero when nothing is masked). A per-token MLP decoder only sees kept tokens."""
+    """1 - cos(pred, target) per token (paper Eq. 5), averaged over every position (the release's
+    "rec+align"), or with masked_only over the masked positions alone (RAD as the paper writes it, the
+    release's sem_target "reconstruction": zero when nothing is masked). A per-token MLP decoder only sees
+    kept tokens."""
     if ids_keep is not None and pred.shape[1] != target.shape[1]:
         target = target.gather(1, ids_keep[..., None].expand(-1, -1, target.shape[-1]))
     cos = 1 - F.cosine_similarity(pred.float(), target.float(), dim=-1)  # (B, N)
@@ -40,7 +44,8 @@ def semantic_loss(pred, target, ids_keep=None, masked_only=False):
     return (cos * masked).sum() / masked.sum().clamp_min(1)
 
 def generator_losses(args, x, x_hat, kl, pred, target, ids_keep, perceptual, disc, use_gan):
-    """Weighted loss terms in fp32 (paper Eq. 4); images enter the losses in [0, 1] like the released code."""
+    """Weighted loss terms in fp32 (paper Eq. 4); images enter the losses in [0, 1] like the released
+    code."""
     x, x_hat = x.float(), x_hat.float()
     terms = {"rec": args.rec_weight * F.mse_loss((x_hat + 1) / 2, (x + 1) / 2)}
     if args.perceptual_weight > 0:
@@ -48,7 +53,8 @@ def generator_losses(args, x, x_hat, kl, pred, target, ids_keep, perceptual, dis
     if args.kl_weight > 0:
         terms["kl"] = args.kl_weight * kl
     if pred is not None:
-        terms["sem"] = args.sem_weight * semantic_loss(pred, target, ids_keep, args.sem_target == "masked")
+        masked_only = args.sem_target == "masked"
+        terms["sem"] = args.sem_weight * semantic_loss(pred, target, ids_keep, masked_only)
     if use_gan:
         disc.requires_grad_(False)  # the generator's GAN term must not train the discriminator
         terms["gan"] = args.disc_weight * -disc((x_hat + 1) / 2).mean()
@@ -62,55 +68,68 @@ class TokenizerStep:
     `accum` micro-batches, with the losses of paper Eq. 4. Also what bench.py times."""
 
     def __init__(self, args, model, ema, teacher, device, world):
-        self.args, self.model, self.ema, self.teacher = args, model, ema, teacher
+        self.args = args
+        self.model = model
+        self.ema = ema
+        self.teacher = teacher
         self.base_lr = args.blr * args.global_batch / 256
         self.perceptual = models.Perceptual(args.convnext_weight, args.random_frozen_nets).to(device)
         self.disc = models.patchgan().to(device)
-        self.opt = adamw(model, self.base_lr, device, args.weight_decay)
-        self.opt_d = adamw(self.disc, self.base_lr, device, args.weight_decay)
+        self.opt = adamw(model, self.base_lr, args.weight_decay)
+        self.opt_d = adamw(self.disc, self.base_lr, args.weight_decay)
         for net in (model.encoder, model.decoder, model.sem_decoder):
             if isinstance(net, models.ViT):
                 net.grad_ckpt = args.grad_ckpt
         if args.compile:  # in place; transformers block by block, the RAD mask draw and gathers stay eager
             for net in (model.encoder, model.decoder, model.sem_decoder):
-                models.compile_blocks(getattr(net, "transformer", []), dynamic=True)  # the encoder's kept tokens vary
+                # dynamic: the encoder's count of kept tokens varies with the RAD mask
+                models.compile_blocks(getattr(net, "transformer", []), dynamic=True)
             models.compile_blocks(getattr(teacher, "blocks", []))
             for net in (self.perceptual, self.disc):
                 net.compile()
-        self.ddp_model, self.ddp_disc = ddp(model, device, world), ddp(self.disc, device, world)
+        self.ddp_model = ddp(model, device, world)
+        self.ddp_disc = ddp(self.disc, device, world)
         self.autocast = bf16(device)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self.parts = dict(model=model, model_ema=ema.model, opt=self.opt, disc=self.disc, opt_disc=self.opt_d)  # ckpt keys
+        # the checkpoint's keys
+        self.parts = dict(model=model, model_ema=ema.model, opt=self.opt, disc=self.disc, opt_disc=self.opt_d)
 
     def __call__(self, batches, lr, use_gan):
         """batches: the micro-batches (x in [-1, 1]) of one global batch. Returns the loss terms averaged
-        over micro-batches, the generator's grad norm and the step's finite flag, as tensors (no host sync on
-        CUDA). A step with a non-finite loss or grad norm changes nothing (plumbing.step_if)."""
+        over micro-batches, the generator's grad norm and the step's finite flag, as tensors (no host sync
+        on CUDA). A step with a non-finite loss or grad norm changes nothing (plumbing.step_if)."""
         for group in self.opt.param_groups + self.opt_d.param_groups:
             group["lr"] = lr
         sums = {}
         disc_stats = buffers_before(self.disc)
-        # the release runs LPIPS, ConvNeXt-S and both GAN terms with autocast off; --bf16_losses trades that for speed
+        # the release runs LPIPS, ConvNeXt-S and both GAN terms with autocast off; --bf16_losses trades
+        # that for speed
         loss_precision = self.autocast if self.args.bf16_losses else contextlib.nullcontext()
         for i, x in enumerate(batches):
             last = i == len(batches) - 1
+            # generator: reconstruction, KL, FSD + RAD semantic loss (and the GAN term), paper Eq. 4
             with sync_grads_if(last, self.ddp_model):
                 with self.autocast:
                     x_hat, kl, pred, ids_keep = self.ddp_model(x)
-                    with torch.inference_mode():
-                        target = self.teacher(x) if self.teacher is not None else None
-                    target = target.clone() if target is not None else None  # inference tensors cannot enter autograd
+                    target = None
+                    if self.teacher is not None:
+                        with torch.inference_mode():
+                            target = self.teacher(x)
+                        target = target.clone()  # inference tensors cannot enter autograd
                 with loss_precision:
-                    terms = generator_losses(self.args, x, x_hat, kl, pred, target, ids_keep, self.perceptual,
-                                             self.disc, use_gan)
+                    terms = generator_losses(self.args, x, x_hat, kl, pred, target, ids_keep,
+                                             self.perceptual, self.disc, use_gan)
                 (sum(terms.values()) / len(batches)).backward()
-            if use_gan:  # discriminator step on the same reconstructions, [0, 1] inputs, hinge loss
+            # discriminator: on the same reconstructions, [0, 1] inputs, hinge loss
+            if use_gan:
                 with loss_precision, sync_grads_if(last, self.ddp_disc):
-                    real, fake = self.ddp_disc((x.float() + 1) / 2), self.ddp_disc((x_hat.detach().float() + 1) / 2)
+                    real = self.ddp_disc((x.float() + 1) / 2)
+                    fake = self.ddp_disc((x_hat.detach().float() + 1) / 2)
                     terms["disc"] = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
                     (terms["disc"] / len(batches)).backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0) + v.detach() / len(batches)
+        # clip, then step both networks and the EMA, unless something is not finite
         grad_norm = nn.utils.clip_grad_norm_(self.trainable, self.args.grad_clip)
         norms = [grad_norm]
         if use_gan:  # clipped before the generator's step, which it does not depend on: the same numbers
@@ -128,72 +147,93 @@ class TokenizerStep:
 def train(args, stage, model, ema, teacher, rank, world, device):
     """Train a Tokenizer with TokenizerStep; resumes from <out_dir>/<stage>.pt if it exists.
     `teacher` is None when there is no semantic loss (stage 2)."""
+    # data: the training set, and 8 held-out images spread over a sorted folder's classes
     accum = grad_accum_steps(args, world)
-    loader = data.make_loader(data.make_dataset(args), args.batch_size, True, args.workers, world, rank, args.seed)
+    dataset = data.make_dataset(args)
+    loader = data.make_loader(dataset, args.batch_size, True, args.workers, world, rank, args.seed)
     if len(loader) < accum:
-        raise SystemExit(f"{len(loader.dataset)} images are too few for one global batch of {args.global_batch}")
+        raise SystemExit(f"{len(dataset)} images are too few for one global batch of {args.global_batch}")
     val = data.make_dataset(args, train=False)
-    held_out = torch.stack([val[i][0] for i in evaluate.spread(len(val), 8)]).to(device)  # across a sorted folder's classes
+    held_out = torch.stack([val[i][0] for i in evaluate.spread(len(val), 8)]).to(device)
     train_step = TokenizerStep(args, model, ema, teacher, device, world)
     if args.eval_every:  # PSNR + rFID of the EMA weights on a fixed, class-spread part of --val_data
-        inception = evaluate.demo_judge(args.out_dir, args.img_size, device, "evaluator")[0] if args.demo else \
-            evaluate.load_inception("random" if args.random_frozen_nets else args.inception).to(device)
+        if args.demo:
+            inception = evaluate.demo_judge(args.out_dir, args.img_size, device, "evaluator")[0]
+        else:
+            inception = evaluate.load_inception("random" if args.random_frozen_nets else args.inception)
+            inception = inception.to(device)
         val = torch.utils.data.Subset(val, evaluate.spread(len(val), args.eval_images))
         eval_loader = data.make_loader(val, args.batch_size, False, args.workers, world, rank)
         ref = evaluate.reference(inception, args.fid_ref, args.batch_size)[0] if args.fid_ref else None
     steps_per_epoch = len(loader) // accum
     warmup_epochs = int(args.warmup_rate * args.epochs)  # whole epochs, as the release (utils/train_utils.py:56)
     torch.manual_seed(args.seed + rank)  # from here on each rank draws its own masks, noise and flips
+
+    # resume: at an epoch's end, or inside an epoch after a signal (the loader skips the batches done)
     ckpt_path = os.path.join(args.out_dir, f"{stage}.pt")
     interval = LogInterval(device)  # the sums behind the next metrics row
-    epoch, step, epoch_step = 0, 0, 0
+    epoch = 0
+    step = 0
+    epoch_step = 0
     if os.path.exists(ckpt_path):
         ckpt = models.read_checkpoint(ckpt_path)
         check_resume(ckpt_path, ckpt["args"], args, MODEL_FLAGS + ("global_batch",))
         epoch, step, epoch_step = resume(ckpt_path, ckpt, train_step.parts, rank, device, interval)
-    loader.sampler.skip = epoch_step * accum * args.batch_size  # inside the epoch: past the batches done
-    log.info(f"{len(loader.dataset)} images, {steps_per_epoch} steps/epoch, global batch {args.global_batch} = "
+    loader.sampler.skip = epoch_step * accum * args.batch_size
+    log.info(f"{len(dataset)} images, {steps_per_epoch} steps/epoch, global batch {args.global_batch} = "
              f"{args.batch_size}/GPU x {world} x {accum} accumulation, lr {train_step.base_lr:.2e}")
     metrics = Metrics(args.out_dir, stage, rank, step)
     preemption = Preemption(device)  # before the loader's workers start: they inherit it
     t0 = time.time()
     while epoch < args.epochs:
-        model.train(), train_step.disc.train()
+        model.train()
+        train_step.disc.train()
         if args.reshuffle:  # the release never calls set_epoch: every epoch visits one permutation
             loader.sampler.set_epoch(epoch)
         use_gan = epoch >= args.disc_start_epoch and args.disc_weight > 0
         batches = iter(loader)
         for it in range(epoch_step, steps_per_epoch):
+            # one optimiser step on `accum` flipped micro-batches, at this step's lr
             lr = cosine_lr(epoch + it / steps_per_epoch, train_step.base_lr, warmup_epochs, args.epochs)
             xs = [random_flip(next(batches)[0].to(device, non_blocking=True)) for _ in range(accum)]
             terms, grad_norm, finite = train_step(xs, lr, use_gan)
             interval.add(finite, dict(terms, grad_norm=grad_norm))  # averaged over the log interval
             step += 1
+            # a metrics row every log_every steps and at the epoch's end (the only host sync)
             if step % args.log_every == 0 or it == steps_per_epoch - 1:
                 n = interval.steps
                 record = interval.row(world, ckpt_path)
-                loss = sum(v for k, v in record.items() if k not in ("disc", "grad_norm", "skipped"))  # the generator's
+                # the generator's total
+                loss = sum(v for k, v in record.items() if k not in ("disc", "grad_norm", "skipped"))
                 metrics.write(step=step, epoch=round(epoch + (it + 1) / steps_per_epoch, 4), loss=loss,
                               loss_no_gan=loss - record.get("gan", 0.0), **record, lr=lr,
                               img_per_sec=n * args.global_batch / world / (time.time() - t0))
                 t0 = time.time()
-            if preemption.stop_now() and it < steps_per_epoch - 1:  # on an epoch's last step: its checkpoint
-                save_epoch(ckpt_path, train_step.parts, device, 0, interval, epoch=epoch, step=step, epoch_step=it + 1,
-                           args=vars(args))
+            # SIGTERM / SIGUSR1: a checkpoint inside the epoch, then a clean exit (the epoch's last step
+            # writes the end-of-epoch checkpoint below)
+            if preemption.stop_now() and it < steps_per_epoch - 1:
+                save_epoch(ckpt_path, train_step.parts, device, 0, interval, epoch=epoch, step=step,
+                           epoch_step=it + 1, args=vars(args))
                 preemption.exit(ckpt_path, step)
         epoch += 1
         epoch_step = 0
+
+        # end of the epoch: held-out PSNR of the EMA weights, online eval, checkpoint, grid
         with torch.no_grad(), train_step.autocast:
             recon = ema.model.decode(ema.model.encode(held_out))
-        metrics.write(step=step, epoch=epoch, held_out_psnr_ema=evaluate.psnr_per_image(held_out, recon).mean().item())
+        psnr = evaluate.psnr_per_image(held_out, recon).mean().item()
+        metrics.write(step=step, epoch=epoch, held_out_psnr_ema=psnr)
         if args.eval_every and epoch % args.eval_every == 0:
             res = evaluate.reconstruction_metrics(ema.model, eval_loader, inception, device, ref)
             if res:
-                metrics.write(step=step, epoch=epoch, eval_images=res["n"], eval_psnr=res["psnr"], eval_rfid=res["rfid"])
+                metrics.write(step=step, epoch=epoch, eval_images=res["n"], eval_psnr=res["psnr"],
+                              eval_rfid=res["rfid"])
         check_ranks_agree(model, ema.model)
-        save_epoch(ckpt_path, train_step.parts, device, args.save_every, epoch=epoch, step=step, args=vars(args))
+        save_epoch(ckpt_path, train_step.parts, device, args.save_every, epoch=epoch, step=step,
+                   args=vars(args))
         if rank == 0 and (epoch % args.vis_every == 0 or epoch == args.epochs):
-            save_grid(os.path.join(args.out_dir, f"{stage}_recon_epoch{epoch:04d}.png"), [held_out, recon])
+            grid_path = os.path.join(args.out_dir, f"{stage}_recon_epoch{epoch:04d}.png")
+            save_grid(grid_path, [held_out, recon])
         if preemption.agreed() and epoch < args.epochs:
             preemption.exit(ckpt_path, step)
     log.info(f"done: {ckpt_path}")
@@ -252,7 +292,7 @@ DEMO_BOTH_STAGES = dict(demo_images=2000, global_batch=16, warmup_rate=0.1, ema=
                         vis_every=4, eval_images=200)
 
 # --demo, stage 1: a 16-channel latent of 4 x 4 tokens, the demo's teacher judge as the semantic teacher
-DEMO = dict(DEMO_BOTH_STAGES, epochs=32, blr=1.6e-2, img_size=32, dim=16, patch_size=8, enc_size="demo",
+DEMO = dict(DEMO_BOTH_STAGES, epochs=24, blr=1.6e-2, img_size=32, dim=16, patch_size=8, enc_size="demo",
             dec_size="tiny", sem_size="demo", teacher="judge")
 
 def main(argv=None):
