@@ -189,7 +189,7 @@ def close_output(out, images, png=None):
         os.remove(f"{out}.{name}.npy")
     log.info(f"wrote {out} ({len(images)} images)")
 
-DEMO = dict(num_images=100, steps=10, cfg=4.0, per_proc_batch=50)  # --demo: README, quick start
+DEMO = dict(num_images=100, steps=10, cfg=6.0, per_proc_batch=50)  # --demo: README, quick start
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

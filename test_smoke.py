@@ -1104,7 +1104,7 @@ def test_flat_folder_trains_an_unconditional_dit_and_samples_without_guidance(tm
     tokenizer_file(tmp_path / "tokenizer_ft.pt")
     argv = ["--demo", "--data", str(flat), "--out_dir", str(tmp_path), "--global_batch", "8", "--epochs", "1",
             "--sample_steps", "3", "--label_drop", "0"]
-    assert "guidance needs the null class" in one_line_exit("train_dit", argv, capsys)  # demo: --cfg 4
+    assert "guidance needs the null class" in one_line_exit("train_dit", argv, capsys)  # demo: --cfg 6
     main_of(train_dit, argv + ["--cfg", "1"])
     dit = models.load_dit(str(tmp_path / "dit.pt"))[0]
     assert dit.num_classes == 1 and dit.label_drop == 0

@@ -76,7 +76,7 @@ class DiTStep:
 # --demo (README, quick start): DiT^DH-demo on the demo tokenizer's latents of the 2,000 built-in images
 DEMO = dict(model="demo", demo_images=2000, epochs=30, decay_start_epoch=15, decay_end_epoch=30, lr=2e-3,
             min_lr=1e-4, ema=0.99, global_batch=64, workers=0, log_every=20, vis_every=20, sample_steps=10,
-            cfg=4.0, eval_images=200)
+            cfg=6.0, eval_images=200)
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
