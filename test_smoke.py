@@ -23,6 +23,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 torch.set_num_threads(2)
 
 
+# ---------------------------------------------------------------------------------------------
+# Shared fakes and helpers: tiny models and files, and the two ways a test runs a script (main_of in-process,
+# run in a subprocess for torchrun and signals)
+
 def tiny_tokenizer(dim=16, img=64, teacher_dim=32, **kw):
     kw = dict(dict(patch_size=16, enc_size="tiny", dec_size="tiny", sem_size="tiny"), **kw)
     return models.Tokenizer(img_size=img, dim=dim, teacher_dim=teacher_dim, **kw)
@@ -33,6 +37,77 @@ def run(script, *args, timeout=300, nproc=None):
                 "--master_port=29533"] if nproc else [sys.executable]
     return subprocess.run(launcher + [os.path.join(HERE, script), *args], capture_output=True, text=True,
                           timeout=timeout, cwd=HERE)
+
+
+TINY_FT = ["--demo", "--demo_images", "16", "--batch_size", "4", "--global_batch", "8", "--log_every", "1",
+           "--perceptual_weight", "1", "--disc_weight", "0.1"]
+TINY_TRAIN = TINY_FT + ["--img_size", "32", "--teacher", "dinov3_vitl16", "--teacher_size", "tiny"]  # not the judge
+
+
+def main_of(module, argv):
+    """module.main(argv), as every in-process test calls a script; the SIGTERM / SIGUSR1 handlers a training
+    loop installs are undone after it."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        module.main(argv)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def one_line_exit(script, argv, capsys):
+    """The message of a script that must stop in one line (its own SystemExit, or argparse's last line)."""
+    with pytest.raises(SystemExit) as e:
+        main_of(importlib.import_module(script), argv)
+    msg = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err.strip().splitlines()[-1]
+    assert "\n" not in msg
+    return msg
+
+
+def tiny_dit(dim=4, grid=4, num_classes=10):
+    torch.manual_seed(0)
+    return models.DiTDH("tiny", dim=dim, grid=grid, num_classes=num_classes)
+
+
+def randomise(model):  # the zero-initialised output layers would make most checks vacuous
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def tokenizer_file(path, img_size=32):
+    torch.manual_seed(0)
+    sd = models.Tokenizer(img_size=img_size, patch_size=8, dim=8, enc_size="tiny", dec_size="tiny",
+                          teacher_dim=0).state_dict()
+    torch.save({"model": sd, "model_ema": sd}, path)
+    return str(path)
+
+
+def shapes_folder(root, per_class, classes, seed=0, size=32):
+    """An ImageNet-style folder of built-in shapes: `classes` sub-folders of `per_class` PNGs each."""
+    ds = data.Shapes(10 * per_class, size, seed=seed)
+    for i in range(10 * per_class):
+        arr, label = ds.render(i)
+        if label < classes:
+            (root / f"c{label}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(root / f"c{label}" / f"{i}.png")
+    return str(root)
+
+
+class StandInInception(torch.nn.Module):
+    """The real net's interface at a fraction of its cost (it takes ~0.2 s per image on 2 CPU cores); `dim`
+    below 2048 keeps the FID's sqrtm cheap (a minute at 2048 on 2 cores)."""
+
+    def __init__(self, dim=2048):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(16 * 16 * 3, dim, generator=torch.Generator().manual_seed(0)),
+                                    requires_grad=False)
+
+    def forward(self, x):
+        pool = torch.nn.functional.adaptive_avg_pool2d(x.float(), 16).flatten(1) @ self.w / 1000
+        return pool, pool[:, :1008]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,21 +371,6 @@ def test_semantic_loss_trains_encoder_never_teacher():
 
 # ---------------------------------------------------------------------------------------------
 # Training stages 1 and 2 (train_tokenizer.py, finetune_decoder.py, data.py)
-
-TINY_FT = ["--demo", "--demo_images", "16", "--batch_size", "4", "--global_batch", "8", "--log_every", "1",
-           "--perceptual_weight", "1", "--disc_weight", "0.1"]
-TINY_TRAIN = TINY_FT + ["--img_size", "32", "--teacher", "dinov3_vitl16", "--teacher_size", "tiny"]  # not the judge
-
-
-def main_of(module, argv):
-    """module.main(argv), as every in-process test calls a script; the SIGTERM / SIGUSR1 handlers a training
-    loop installs are undone after it."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        module.main(argv)
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
 
 
 def test_tokenizer_loss_falls_on_a_fixed_batch():
@@ -706,15 +766,6 @@ def test_bad_input_is_a_one_line_error(argv, needle):
     assert needle in r.stderr.strip().splitlines()[-1]
 
 
-def one_line_exit(script, argv, capsys):
-    """The message of a script that must stop in one line (its own SystemExit, or argparse's last line)."""
-    with pytest.raises(SystemExit) as e:
-        main_of(importlib.import_module(script), argv)
-    msg = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err.strip().splitlines()[-1]
-    assert "\n" not in msg
-    return msg
-
-
 @pytest.mark.parametrize("script,argv,needle", [
     ("train_tokenizer", ["--dim", "7"], "argument --dim: invalid choice: 7"),
     ("train_tokenizer", ["--dim", "0"], "argument --dim: invalid choice: 0"),
@@ -817,18 +868,6 @@ def test_resume_refuses_another_model_configuration(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # DiT^DH and the sampler (models.py, train_dit.py, sample.py)
-
-def tiny_dit(dim=4, grid=4, num_classes=10):
-    torch.manual_seed(0)
-    return models.DiTDH("tiny", dim=dim, grid=grid, num_classes=num_classes)
-
-
-def randomise(model):  # the zero-initialised output layers would make most checks vacuous
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
 
 
 def test_shapes_and_zero_init():
@@ -1267,20 +1306,6 @@ def test_rank_shards_cover_all_images_in_order(monkeypatch):
     assert torch.equal(torch.cat(blocks)[:7], torch.from_numpy(imgs).permute(0, 3, 1, 2))
 
 
-class StandInInception(torch.nn.Module):
-    """The real net's interface at a fraction of its cost (it takes ~0.2 s per image on 2 CPU cores); `dim`
-    below 2048 keeps the FID's sqrtm cheap (a minute at 2048 on 2 cores)."""
-
-    def __init__(self, dim=2048):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.randn(16 * 16 * 3, dim, generator=torch.Generator().manual_seed(0)),
-                                    requires_grad=False)
-
-    def forward(self, x):
-        pool = torch.nn.functional.adaptive_avg_pool2d(x.float(), 16).flatten(1) @ self.w / 1000
-        return pool, pool[:, :1008]
-
-
 def test_script_save_stats_and_evaluate(tmp_path, monkeypatch):
     imgs = np.random.default_rng(0).integers(0, 256, (10, 16, 16, 3), dtype=np.uint8)  # IS needs >= 10 (splits)
     np.savez(tmp_path / "samples.npz", arr_0=imgs)
@@ -1309,25 +1334,6 @@ def test_script_save_stats_and_evaluate(tmp_path, monkeypatch):
         np.testing.assert_allclose(mu1, stats["mu"], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(mu2, stats["mu"], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(sigma1, stats["sigma"], rtol=1e-4, atol=1e-8)
-
-
-def tokenizer_file(path, img_size=32):
-    torch.manual_seed(0)
-    sd = models.Tokenizer(img_size=img_size, patch_size=8, dim=8, enc_size="tiny", dec_size="tiny",
-                          teacher_dim=0).state_dict()
-    torch.save({"model": sd, "model_ema": sd}, path)
-    return str(path)
-
-
-def shapes_folder(root, per_class, classes, seed=0, size=32):
-    """An ImageNet-style folder of built-in shapes: `classes` sub-folders of `per_class` PNGs each."""
-    ds = data.Shapes(10 * per_class, size, seed=seed)
-    for i in range(10 * per_class):
-        arr, label = ds.render(i)
-        if label < classes:
-            (root / f"c{label}").mkdir(parents=True, exist_ok=True)
-            Image.fromarray(arr).save(root / f"c{label}" / f"{i}.png")
-    return str(root)
 
 
 def test_reconstruction_mode_with_the_random_inception(tmp_path, monkeypatch):
