@@ -15,7 +15,7 @@ import models
 from plumbing import EMA, check_args, parse_args, setup
 from train_tokenizer import DEMO_BOTH_STAGES, common_args, input_problems, train
 
-DEMO = dict(DEMO_BOTH_STAGES, epochs=20, blr=3.2e-2)  # --demo: README, quick start
+DEMO = dict(DEMO_BOTH_STAGES, epochs=26, blr=3.2e-2)  # --demo: README, quick start
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,

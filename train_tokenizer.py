@@ -292,7 +292,7 @@ DEMO_BOTH_STAGES = dict(demo_images=2000, global_batch=16, warmup_rate=0.1, ema=
                         vis_every=4, eval_images=200)
 
 # --demo, stage 1: a 16-channel latent of 4 x 4 tokens, the demo's teacher judge as the semantic teacher
-DEMO = dict(DEMO_BOTH_STAGES, epochs=28, blr=1.6e-2, img_size=32, dim=16, patch_size=8, enc_size="demo",
+DEMO = dict(DEMO_BOTH_STAGES, epochs=24, blr=1.6e-2, img_size=32, dim=16, patch_size=8, enc_size="demo",
             dec_size="tiny", sem_size="demo", teacher="judge")
 
 def main(argv=None):
