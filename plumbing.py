@@ -435,21 +435,23 @@ class Preemption:
     def request(self, signum, frame):
         self.requested = True
 
+    def any_rank(self):
+        """1 if any rank got a signal, as a device tensor (the all-reduce is queued, not waited for)."""
+        flag = torch.full((), float(self.requested), device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag
+
     def stop_now(self):
         if not dist.is_initialized():
             return self.requested
-        flag = torch.full((), float(self.requested), device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         previous = self.pending
-        self.pending = flag
+        self.pending = self.any_rank()
         return previous is not None and previous.item() > 0
 
     def agreed(self):
         """Every rank's flag, all-reduced and read now (a host sync: for an epoch's end)."""
-        flag = torch.full((), float(self.requested), device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() > 0
+        return self.any_rank().item() > 0
 
     def exit(self, path, step):
         """After the checkpoint: one line and a clean exit (status 0), on every rank."""
