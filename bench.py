@@ -11,6 +11,7 @@ included), then --repeats synchronised runs of --steps calls: median images/s pe
 memory, on CUDA MFU vs --peak_tflops.
 """
 import argparse
+import copy
 import resource
 import statistics
 import time
@@ -22,10 +23,10 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import evaluate
 import models
-import plumbing
+import pretrained
 import train_dit
 import train_tokenizer
-from sample import euler_sample
+from models import euler_sample
 
 def sync(device):
     if device.type == "cuda":
@@ -89,7 +90,8 @@ def check_precision(size, device, autocast, compile):
                 x.float())
     fp32 = run(torch.autocast(device.type, enabled=False))
     if compile:
-        models.compile_blocks(dit.blocks)
+        for block in dit.blocks:
+            block.compile()
     return [((a - b).norm() / b.norm()).item() for a, b in zip(run(autocast), fp32)]
 
 def bench_tokenizer(args, device, autocast):
@@ -101,13 +103,14 @@ def bench_tokenizer(args, device, autocast):
                            random_frozen_nets=True, weight_decay=1e-4, compile=args.compile,
                            sem_target="all", grad_ckpt=args.grad_ckpt,
                            rec_weight=1.0, perceptual_weight=1.0, kl_weight=1e-6, sem_weight=1.0,
-                           disc_weight=0.1)
-    teacher = models.load_teacher("dinov3_vitl16", None, args.teacher_size,
-                                  args.img_size // 16).to(device)
+                           disc_weight=0.1, ema=0.999, teacher_size=args.teacher_size,
+                           teacher_input="release", teacher_rope_rescale=1.0)
+    teacher = pretrained.load_teacher("dinov3_vitl16", None, args.img_size // 16, opts)
+    teacher.to(device)
     model = models.Tokenizer(args.img_size, 16, 128, args.tok_size, args.tok_size,
                              teacher_dim=teacher.dim).to(device)
-    step = train_tokenizer.TokenizerStep(opts, model, plumbing.EMA(model, 0.999), teacher,
-                                         device, 1)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    step = train_tokenizer.TokenizerStep(opts, model, ema, teacher, device, 1)
     step.autocast = autocast  # --dtype fp32 compares against full precision
     x = torch.rand(args.batch_size, 3, args.img_size, args.img_size, device=device) * 2 - 1
     for opts.bf16_losses in (False, True) if args.dtype == "bf16" else (False,):
@@ -129,7 +132,8 @@ def bench_dit(args, device, autocast):
     dit.eval()  # its blocks are compiled already when --compile
     guide = models.DiTDH("S", 128, 16).to(device).eval()
     if args.compile:
-        models.compile_blocks(guide.blocks)
+        for block in guide.blocks:
+            block.compile()
     for name, cfg, g in (("plain", 1.0, None), ("CFG 1.5", 1.5, None),
                          ("AutoGuidance 1.29", 1.29, guide)):
         def run():
@@ -141,7 +145,7 @@ def bench_dit(args, device, autocast):
 
 def bench_inception(args, device, autocast):
     """(d) FID Inception features (fp32, TF32 off, as evaluate.py runs it)."""
-    net = evaluate.load_inception("random").to(device)
+    net = pretrained.load_inception("random").to(device)
     x = torch.randint(0, 256, (args.batch_size, 3, args.img_size, args.img_size), dtype=torch.uint8,
                       device=device)
     measure("Inception-v3 features", lambda: evaluate.inception_features(net, [x]), args.batch_size,
@@ -171,7 +175,7 @@ def main(argv=None):
     p("--batch_size", type=int, default=64 if cuda else 2)
     p("--img_size", type=int, default=256 if cuda else 128)
     p("--tok_size", default="base" if cuda else "small", choices=sorted(models.SIZES))
-    p("--teacher_size", default="large" if cuda else "tiny", choices=sorted(models.TEACHER_SIZES))
+    p("--teacher_size", default="large" if cuda else "tiny", choices=sorted(pretrained.TEACHER_SIZES))
     p("--convnext_weight", type=float, default=0.1, help="0 drops the ConvNeXt-S perceptual term")
     p("--dit_size", default="XL" if cuda else "S", choices=list(models.DIT_SIZES))
     p("--sample_steps", type=int, default=50 if cuda else 5, help="Euler grid points")

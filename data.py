@@ -53,6 +53,16 @@ def to_tensor(arr):
     """uint8 (H, W, 3) -> float (3, H, W) in [-1, 1]."""
     return torch.from_numpy(np.array(arr)).permute(2, 0, 1).float() / 127.5 - 1
 
+def to_uint8(x):
+    """[-1, 1] (B, 3, H, W) -> uint8, same layout and device (the Inception's input)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+def random_flip(x):
+    """Horizontal flip of half the batch, drawn on the training process (not in loader workers), so
+    a resumed run replays it."""
+    flip = torch.rand(len(x), device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
 class ImageFolder(torch.utils.data.Dataset):
     """Class sub-folders (labels by sorted folder name), a flat folder of images (one class, label
     0), or a list file of `relative/path label` lines.
@@ -149,6 +159,10 @@ class Shapes(torch.utils.data.Dataset):
             arr, label = self.render(i)
             self.rendered[i] = (to_tensor(arr), label)
         return self.rendered[i]
+
+def spread(n, k):
+    """k indices evenly spread over range(n), all if k >= n: class-balanced on class-sorted folders."""
+    return np.linspace(0, n - 1, min(k, n)).round().astype(int).tolist()
 
 def stack(dataset, idx=None):
     """(images (N, 3, H, W), labels (N,)) of the dataset's items idx (default: all), in memory."""

@@ -7,7 +7,7 @@ PSNR / rFID; latent linear probe and maps.
     python evaluate.py --tokenizer tok.pt --data val/ --ref val256.npz --grid r.png  # PSNR, rFID
     python evaluate.py --linear_probe --tokenizer tok.pt --data train/ --val_data val/
     python evaluate.py --viz --tokenizer tok.pt --data val/                          # PCA / cosine maps of z_t
-    python evaluate.py --demo                                    # the demo pipeline's outputs, judged by the evaluator
+    python evaluate.py --demo                      # the demo pipeline's outputs, judged by its evaluator
     torchrun --nproc_per_node 8 evaluate.py ...                                      # any of these, over ranks
 
 Linear probe (the paper gives no recipe; ours): frozen features of centre crops, averaged over
@@ -29,44 +29,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import demo
 import models
-from plumbing import (Progress, bf16, check_args, gather_rows, log, rank_world, save_checkpoint,
-                      save_grid, setup, to_uint8, wandb_summary)
-FID_WEIGHTS = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-               "pt_inception-2015-12-05-6726825d.pth")
+import pretrained
+from plumbing import (Progress, check_args, gather_rows, log, rank_world, save_grid, start_log,
+                      wandb_summary)
+
 PROBE_TS = (0.0, 0.5)
 VIZ_TS = (0.0, 0.25, 0.5, 0.75)
-
-def load_inception(path=None):
-    """The frozen FID Inception: a .pth in pytorch-fid's layout, its release (None; cached by torch
-    hub) or "random"."""
-    # CPU init; "random" is then the same net in every process
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = models.InceptionV3().eval().requires_grad_(False)
-        # He init keeps random features O(1); PyTorch's default shrinks them to ~1e-7
-        for m in model.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-    if path == "random":
-        log.warning("!!! RANDOM Inception weights: "
-                    "FID / IS / precision / recall are MEANINGLESS !!!")
-        return model
-    try:
-        if path:
-            state = models.read_checkpoint(path)
-        else:
-            state = torch.hub.load_state_dict_from_url(FID_WEIGHTS, map_location="cpu")
-    except Exception as e:  # offline: urllib's URLError
-        raise models.download_error(f"FID Inception ({FID_WEIGHTS})", e)
-    # num_batches_tracked: a BN training counter, unused here
-    keys = lambda d: {k for k in d if not k.endswith("num_batches_tracked")}
-    for k in sorted(keys(model.state_dict()) ^ keys(state)):
-        raise SystemExit(f"--inception {path or FID_WEIGHTS}: should be pytorch-fid's FID "
-                         "Inception weights; it has "
-                         f"{'an unexpected' if k in state else 'no'} key {k}")
-    model.load_state_dict(state, strict=False)
-    return model
 
 # ---- Metrics
 def frechet_distance(mu1, sigma1, mu2, sigma2):
@@ -193,6 +163,28 @@ def generation_metrics(inception, batches, ref_mu, ref_sigma, ref_pool=None, n=N
         res["class_accuracy"] = (logits.argmax(1).cpu() == labels).float().mean().item()
     return res
 
+def sample_metrics(dit, tokenizer, stats, inception, ref, n, steps, cfg=1.0, guide=None,
+                   batch_size=125):
+    """gFID / IS (+ precision / recall if ref has pool features) of n images generated in memory over
+    the ranks (models.generate); ref: reference's answer."""
+    rank, world = rank_world()
+    per = -(-n // world)  # every rank the same count; the last rank's extras are cut
+    ids = range(rank * per, (rank + 1) * per)
+    batches = (data.to_uint8(models.generate(dit, tokenizer, stats, ids[i:i + batch_size], steps,
+                                             cfg, guide))
+               for i in range(0, per, batch_size))
+    return generation_metrics(inception, batches, *ref[0], ref[1], n=n)
+
+def online_inception(args, device):
+    """The network of the training scripts' online metrics (--eval_every): under --demo (without
+    --inception) the demo's evaluator judge, else the FID Inception (random weights with
+    --random_frozen_nets)."""
+    if args.demo and not args.inception:
+        return demo.judge(args.out_dir, args.img_size, device, "evaluator")[0]
+    if getattr(args, "random_frozen_nets", False):
+        return pretrained.load_inception("random").to(device)
+    return pretrained.load_inception(args.inception).to(device)
+
 @torch.no_grad()
 def reconstruction_metrics(tokenizer, loader, inception, device, ref=None):
     """PSNR and rFID (against ref's mu, sigma, else the real images) of a loader's posterior-mean
@@ -204,12 +196,12 @@ def reconstruction_metrics(tokenizer, loader, inception, device, ref=None):
     for x, _ in loader:
         progress.update(len(x))
         x = x.to(device, non_blocking=True)
-        with bf16(device):
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             x_hat = tokenizer.decode(tokenizer.encode(x))
         psnr.append(psnr_per_image(x, x_hat))
-        fake.append(inception(to_uint8(x_hat))[0])
+        fake.append(inception(data.to_uint8(x_hat))[0])
         if ref is None:
-            real.append(inception(to_uint8(x))[0])
+            real.append(inception(data.to_uint8(x))[0])
     n = n_images(loader)
     psnr = gather_rows(torch.cat(psnr), n, True)
     fake = gather_rows(torch.cat(fake), n, True)
@@ -230,7 +222,7 @@ def probe_features(tokenizer, loader, device, seed=0):
     hook = tokenizer.encoder.transformer[-2].register_forward_hook(
         lambda module, inputs, out: feats["encoder_block-2"].append(out.float().mean(1)))
     for x, y in loader:
-        with bf16(device):
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             z = tokenizer.posterior(x.to(device, non_blocking=True))[0]
         eps = torch.randn(z.shape, generator=gen, device=device)
         for t in PROBE_TS:
@@ -289,57 +281,7 @@ def save_maps(tokenizer, x, out_dir, seed=0):
         save_grid(os.path.join(out_dir, f"latent_{name}.png"), list(torch.stack(cols, 1)))
 
 # ---- Command line
-# k indices evenly spread over range(n), all if k >= n: class-balanced on class-sorted folders
-def spread(n, k):
-    return np.linspace(0, n - 1, min(k, n)).round().astype(int).tolist()
-
-# The demo judges' seeds (init, Shapes): the teacher learns from the first demo training images
-# (Shapes seed 0), the evaluator from images no stage trains on (seed 4); both are scored on
-# held-out images (seed 1).
-JUDGE_SEEDS = {"teacher": (0, 0), "evaluator": (1, 4)}
-
-def demo_judge(out_dir, size, device, role, grid=1, n_train=640):
-    """models.DemoJudge of `role` ("teacher": FSD targets, `grid` x `grid` patch features;
-    "evaluator": every demo metric), trained deterministically and cached in
-    <out_dir>/judge_<role>.pt with its held-out accuracy: every rank trains the same net or reads
-    the file."""
-    path = os.path.join(out_dir, f"judge_{role}.pt")
-    ckpt = models.read_checkpoint(path) if os.path.isfile(path) else {}
-    init_seed, data_seed = JUDGE_SEEDS[role]
-    # the same net whatever the caller's RNG state, rank or stage
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(init_seed)
-        judge = models.DemoJudge(grid, role).to(device)
-        if ckpt.get("size") == size:
-            judge.load_state_dict(ckpt["model"])
-        else:
-            x, y = data.stack(data.Shapes(n_train, size, seed=data_seed))
-            progress = Progress("training the demo judge", 15 * n_train)
-            opt = torch.optim.AdamW(judge.parameters(), 3e-3, weight_decay=0.05)
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3,
-                                                        total_steps=15 * -(-n_train // 64))
-            for _ in range(15):
-                for idx in torch.randperm(len(x)).split(64):
-                    # flips keep the class; the training stages flip too
-                    flip = torch.rand(len(idx)) < 0.5
-                    xb = torch.where(flip[:, None, None, None], x[idx].flip(-1), x[idx]).to(device)
-                    opt.zero_grad(set_to_none=True)
-                    F.cross_entropy(judge(to_uint8(xb))[1], y[idx].to(device)).backward()
-                    opt.step()
-                    sched.step()
-                    progress.update(len(idx))
-            vx, vy = data.stack(data.Shapes(500, size, seed=1))
-            with torch.no_grad():
-                logits = judge.eval()(to_uint8(vx.to(device)))[1]
-                accuracy = (logits.argmax(1).cpu() == vy).float().mean().item()
-            ckpt = {"model": judge.state_dict(), "size": size, "accuracy": accuracy}
-            if rank_world()[0] == 0:
-                save_checkpoint(path, ckpt)
-    log.info(f"demo {role} judge: {ckpt['accuracy']:.1%} held-out accuracy on the demo classes "
-             f"({path})")
-    return judge.eval().requires_grad_(False), ckpt["accuracy"]
-
-def demo(args, device):
+def demo_outputs(args, device):
     """The demo pipeline's outputs in --out_dir judged by the evaluator: samples.npz (image i has
     label i % 10) against Shapes(500, seed 2); the tokenizer (stage 2, else 1) on Shapes(200,
     seed 1), its probe trained on Shapes(640)."""
@@ -353,13 +295,13 @@ def demo(args, device):
         raise SystemExit(f"no {samples}: run `python train_dit.py --demo`, "
                          "then `python sample.py --demo` first")
     rank, world = rank_world()
-    tokenizer = models.load_tokenizer(toks[0], gamma=0.0, mask_ratio=0.0).to(device)
+    tokenizer = pretrained.load_tokenizer(toks[0], gamma=0.0, mask_ratio=0.0).to(device)
     size = tokenizer.grid * tokenizer.decoder.patch_size
     bs = 50
-    judge, judge_accuracy = demo_judge(args.out_dir, size, device, "evaluator")
+    judge, judge_accuracy = demo.judge(args.out_dir, size, device, "evaluator")
     loader = lambda ds: data.make_loader(ds, bs, False, 0, world, rank)
     n, read = data.open_images(samples)
-    ref_batches = (to_uint8(x) for x, _ in loader(data.Shapes(500, size, seed=2)))
+    ref_batches = (data.to_uint8(x) for x, _ in loader(data.Shapes(500, size, seed=2)))
     ref_pool = gather_rows(inception_features(judge, ref_batches)[0], 500, strided=True)
     gen = generation_metrics(judge, image_batches(n, read, bs), *feature_stats(ref_pool),
                              ref_pool, n, labels=torch.arange(n) % 10)
@@ -418,23 +360,36 @@ def main(argv=None):
                 "recon" if args.tokenizer else "samples")
     needs = {"linear_probe": "tokenizer data val_data", "viz": "tokenizer data", "recon": "data",
              "samples": "samples"}
-    kinds = dict(samples=("an .npz", "a folder"), ref=("an .npz", "a folder"),
-                 tokenizer=("a tokenizer checkpoint",), inception=("FID Inception weights",))
+    files = {"--samples": (args.samples, ("an .npz", "a folder")),
+             "--ref": (args.ref, ("an .npz", "a folder")),
+             "--tokenizer": (args.tokenizer, "a tokenizer checkpoint"),
+             "--inception": (args.inception, "FID Inception weights")}
     check_args(args, [f"{mode} mode needs --{flag}" for flag in needs.get(mode, "").split()
                       if not getattr(args, flag)]
                + [mode == "samples" and (args.ref is None) == (args.save_stats is None)
-                  and "give one of --ref and --save_stats"]
-               + [getattr(args, k) not in (None, "random")
-                  and models.file_problem(f"--{k}", getattr(args, k), *v)
-                  for k, v in kinds.items()])
-    rank, world, device = setup(args, "evaluate")
+                  and "give one of --ref and --save_stats"], files)
+    # processes: under torchrun one per GPU (NCCL) or per CPU slot (gloo), else one
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    start_log(args, "evaluate", rank, world, device)
+    torch.manual_seed(args.seed)  # the same on every rank (random weights, probe noise)
     loader = lambda ds: data.make_loader(ds, args.batch_size, False, args.workers, world, rank)
-    inception = load_inception(args.inception).to(device) if mode in ("samples", "recon") else None
+    inception = None
+    if mode in ("samples", "recon"):
+        inception = pretrained.load_inception(args.inception).to(device)
     crop = functools.partial(data.center_crop, size=args.image_size) if args.image_size else None
     res = None
     out = args.out or os.path.join(args.out_dir, "eval.json" if args.demo else f"{mode}.json")
     if mode == "demo":
-        res = demo(args, device)
+        res = demo_outputs(args, device)
     elif mode == "samples" and args.save_stats:
         pool = features(inception, args.samples, args.batch_size, crop)
         if rank == 0:
@@ -449,21 +404,22 @@ def main(argv=None):
             res = {"samples": args.samples, "ref": args.ref, **res}
         out = args.out or os.path.splitext(args.samples.rstrip("/"))[0] + "_metrics.json"
     else:
-        tokenizer = models.load_tokenizer(args.tokenizer, gamma=0.0, mask_ratio=0.0).to(device)
+        tokenizer = pretrained.load_tokenizer(args.tokenizer, gamma=0.0, mask_ratio=0.0).to(device)
         ds = data.ImageFolder(args.data, tokenizer.grid * tokenizer.decoder.patch_size)
-        few = torch.stack([ds[i][0] for i in spread(len(ds), 8)]).to(device)
+        few = torch.stack([ds[i][0] for i in data.spread(len(ds), 8)]).to(device)
         if mode == "recon":
             ref = reference(inception, args.ref, args.batch_size, crop)[0] if args.ref else None
-            sub = torch.utils.data.Subset(ds, spread(len(ds), args.num_images))
-            res = {w: reconstruction_metrics(models.load_tokenizer(args.tokenizer, w == "ema",
+            sub = torch.utils.data.Subset(ds, data.spread(len(ds), args.num_images))
+            res = {w: reconstruction_metrics(pretrained.load_tokenizer(args.tokenizer, w == "ema",
                                                                    gamma=0.0, mask_ratio=0.0)
                                              .to(device), loader(sub), inception, device, ref)
                    for w in args.weights}
             if args.grid and rank == 0:
-                with torch.no_grad(), bf16(device):
+                bf16 = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+                with torch.no_grad(), bf16:
                     save_grid(args.grid, [few, tokenizer.decode(tokenizer.encode(few))])
         elif mode == "linear_probe":
-            sub = torch.utils.data.Subset(ds, spread(len(ds), args.probe_images or len(ds)))
+            sub = torch.utils.data.Subset(ds, data.spread(len(ds), args.probe_images or len(ds)))
             (tx, ty), (vx, vy) = (probe_features(tokenizer, loader(d), device, args.seed)
                                   for d in (sub, data.ImageFolder(args.val_data, ds.size)))
             if rank == 0:  # the probes are cheap: rank 0 trains them on the gathered features

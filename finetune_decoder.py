@@ -7,13 +7,15 @@ epoch 0.
   python finetune_decoder.py --demo                           # reads out/demo/tokenizer.pt
 """
 import argparse
+import copy
 import os
 
+import torch
 import torch.distributed as dist
 
-import models
-from plumbing import EMA, check_args, parse_args, setup
-from train_tokenizer import DEMO_BOTH_STAGES, common_args, input_problems, train
+import pretrained
+from plumbing import check_args, parse_args, start_log
+from train_tokenizer import DEMO_BOTH_STAGES, common_args, input_files, train
 
 DEMO = dict(DEMO_BOTH_STAGES, epochs=26, blr=3.2e-2)  # --demo: README, quick start
 
@@ -28,20 +30,28 @@ def main(argv=None):
     # stage 2 has neither term
     args.kl_weight = 0.0
     args.sem_weight = 0.0
-    if args.tokenizer:
-        path = args.tokenizer
-    elif args.out_dir:
-        path = os.path.join(args.out_dir, "tokenizer.pt")
-    else:
-        path = args.out_dir
-    check_args(args, input_problems(args)
-               + [path and models.file_problem("--tokenizer", path, "a tokenizer checkpoint")])
-    rank, world, device = setup(args, "tokenizer_ft")
+    path = args.tokenizer or args.out_dir and os.path.join(args.out_dir, "tokenizer.pt")
+    check_args(args, [not (args.data or args.demo)
+                      and "--data is required (an ImageNet-style train folder), or use --demo"],
+               dict(input_files(args), **{"--tokenizer": (path, "a tokenizer checkpoint")}))
+    # processes: under torchrun one per GPU (NCCL) or per CPU slot (gloo), else one
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    start_log(args, "tokenizer_ft", rank, world, device)
+    torch.manual_seed(args.seed)  # the same on every rank
     # Like the released code: the model starts from the raw stage-1 weights, its EMA from the
     # stage-1 EMA decoder; the frozen encoder is the raw one in both (the authors' EMA copies frozen
     # weights).
-    model = models.load_tokenizer(path, ema=False, gamma=0.0, mask_ratio=0.0)
-    ema_decoder = models.load_tokenizer(path, ema=True).decoder.state_dict()
+    model = pretrained.load_tokenizer(path, ema=False, gamma=0.0, mask_ratio=0.0)
+    ema_decoder = pretrained.load_tokenizer(path, ema=True).decoder.state_dict()
     model.sem_decoder = None
     model.requires_grad_(False)
     model.decoder.requires_grad_(True)
@@ -51,8 +61,8 @@ def main(argv=None):
     args.img_size = model.grid * model.decoder.patch_size
     args.dim = model.dim
     model.to(device)
-    ema = EMA(model, args.ema)
-    ema.model.decoder.load_state_dict(ema_decoder)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    ema.decoder.load_state_dict(ema_decoder)
     train(args, "tokenizer_ft", model, ema, None, rank, world, device)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -1,16 +1,14 @@
-"""RecTok models: the tokenizer (ViT encoder, pixel decoder, semantic decoder), its frozen teachers,
-and DiT^DH.
+"""The paper's networks: the RecTok tokenizer (ViT encoder, pixel decoder, semantic decoder) with its
+forward flow, the networks of its losses, DiT^DH with its flow loss and Euler sampler, and loading our
+own checkpoints.
 Names follow the paper: x (image in [-1, 1]), z (latent), t (flow time), eps (noise),
 z_t = (1 - t) z + t eps (Eq. 1).
-Parameter names follow the authors' release, so RecTok.pth / RecTok_decft.pth / ditdh*.pth load with
-strict keys."""
-import functools
+Parameter names follow the authors' release, so their files load with strict keys (pretrained.py reads
+them)."""
 import logging
 import math
 import os
-import time
 import warnings
-from collections import OrderedDict
 
 import torch
 import torch.nn as nn
@@ -26,16 +24,6 @@ SIZES = {"demo": (128, 2, 4), "tiny": (192, 3, 4), "small": (512, 8, 8), "base":
 
 def n_params(module):
     return sum(p.numel() for p in module.parameters())
-
-# ---- Transformer parts shared by the tokenizer and DiT^DH
-
-def compile_blocks(blocks, dynamic=None):
-    """torch.compile blocks one by one, in place: blocks of one shape share a graph (fast start-up,
-    same state-dict keys); their variants (width x grad mode x length ...) would pass dynamo's
-    default limit of 8 and fall to eager."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    for block in blocks:
-        block.compile(dynamic=dynamic)
 
 def apply_rope(x, rope):
     """Rotate adjacent channel pairs (2i, 2i+1) of x (B, heads, N, D); rope is (B or 1, N, 2D) =
@@ -104,6 +92,25 @@ class Block(nn.Module):
     def forward(self, x, rope):
         x = x + self.attn(self.norm1(x), rope)
         return x + self.mlp(self.norm2(x))
+
+# ---- Flow time (paper Eq. 1, 2, 6). The two halves of the method run it in opposite directions,
+# as the release does:
+#   the tokenizer (FSD, Eq. 1):  z_t = (1 - t) z + t eps,  t = 0 the clean latent, t = 1 noise;
+#   DiT^DH (the release's transport/, flow_loss and euler_sample below):  x_t = t x + (1 - t) eps,
+#   t = 0 noise, t = 1 data, velocity x - eps.
+
+def time_shift(u, s):
+    """u in [0, 1] -> s u / (1 + (s - 1) u): s > 1 pushes t towards 1. The released code's shift
+    for both halves, with s = sqrt(N_tokens * dim / 4096) (the paper prints 1/s)."""
+    return s * u / (1 + (s - 1) * u)
+
+def tokenizer_flow(z, t, eps):
+    """FSD's forward flow (Eq. 1): t = 0 is z, t = 1 is the noise eps."""
+    return (1 - t) * z + t * eps
+
+def dit_flow(x, t, eps):
+    """DiT^DH's path (the release's transport/): t = 0 is the noise eps, t = 1 is the data x."""
+    return t * x + (1 - t) * eps
 
 # ---- Tokenizer (paper Sec. 3.2, Fig. 3)
 
@@ -222,7 +229,7 @@ class Tokenizer(nn.Module):
                  mask_ratio_min=-0.1, gamma=1.0, noise_schedule="shift", sem_noisy=True, kl=True):
         model_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
-        # every construction argument, saved with the weights (load_tokenizer)
+        # every construction argument, saved with the weights (load_model)
         self.model_args = model_args
         self.grid = img_size // patch_size
         self.dim = dim
@@ -265,16 +272,14 @@ class Tokenizer(nn.Module):
         return torch.rand(B, N, device=device).argsort(dim=1)[:, :math.ceil(N * (1 - ratio))]
 
     def sample_t(self, B, device):
-        """Flow time per sample (paper Eq. 6): shift (default), uniform or lognorm.
-        Convention: in the tokenizer, as in the paper's Eq. 1, t = 0 is the clean latent and t = 1
-        is noise (z_t = (1 - t) z + t eps). DiT^DH (flow_loss, sample.py) runs the other way, as the
-        release does."""
+        """Flow time per sample (paper Eq. 6): shift (default), uniform or lognorm; t = 1 is noise
+        (tokenizer_flow)."""
         if self.noise_schedule == "lognorm":
             return torch.sigmoid(torch.randn(B, 1, 1, device=device))
         u = torch.rand(B, 1, 1, device=device)
         if self.noise_schedule == "uniform":
             return u
-        return self.shift * u / (1 + (self.shift - 1) * u)
+        return time_shift(u, self.shift)
 
     def posterior(self, x, ids_keep=None):
         """(mean, logvar) tokens (B, N, dim) in fp32, logvar clamped to [-30, 20]. Without the KL
@@ -313,7 +318,7 @@ class Tokenizer(nn.Module):
         z_t = z
         if self.gamma > 0:
             t = self.sample_t(len(x), x.device)
-            z_t = (1 - t) * z + t * self.gamma * torch.randn_like(z)
+            z_t = tokenizer_flow(z, t, self.gamma * torch.randn_like(z))
         x_hat = self.decoder(z_t, ids_keep)
         if self.kl:
             kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2)).mean()
@@ -326,363 +331,18 @@ class Tokenizer(nn.Module):
             pred = None
         return x_hat, kl, pred, ids_keep
 
-# names in the authors' release that differ from ours; their checkpoints may also carry the teacher
-_RELEASE_RENAMES = {"encoder.patch_embed.0.": "encoder.patch_embed.",
-                    "decoder.ffn.1.": "decoder.to_pixels."}
+# ---- Networks of the tokenizer's losses (paper Eq. 4; the release's utils/losses.py):
+# perceptual (LPIPS-VGG, ConvNeXt-S) and PatchGAN
 
-def _release_to_ours(sd):  # also sem_decoders.<teacher>.* -> sem_decoder.*
-    out = {}
-    for k, v in sd.items():
-        if not k.startswith("sem_foundation_models."):
-            for old, new in _RELEASE_RENAMES.items():
-                k = k.replace(old, new)
-            out["sem_decoder." + k.split(".", 2)[2] if k.startswith("sem_decoders.") else k] = v
-    return out
-
-def _size_of(sd, prefix):
-    width = sd[prefix + "positional_embedding"].shape[-1]
-    depth = len({k.split(".")[2] for k in sd if k.startswith(prefix + "transformer.")})
-    for name, (w, d, _) in SIZES.items():
-        if (w, d) == (width, depth):
-            return name
-    raise ValueError(f"no tokenizer size has width {width} and depth {depth} ({prefix})")
-
-def load_state(model, sd, path):
-    """load_state_dict(strict) with a one-line error naming the offending keys and the file."""
-    # shaped by the model's parameters, loaded (and checked) before it
-    if isinstance(model, torch.optim.Optimizer):
-        return model.load_state_dict(sd)
-    if not isinstance(sd, dict):
-        raise SystemExit(f"{path}: not a state dict")
-    ours = model.state_dict()
-    missing = sorted(ours.keys() - sd.keys())
-    unexpected = sorted(sd.keys() - ours.keys())
-    shape = sorted(k for k in ours.keys() & sd.keys() if ours[k].shape != sd[k].shape)
-    if missing or unexpected or shape:
-        raise SystemExit(f"{path}: does not match the model: "
-                         f"missing keys {' '.join(missing[:5]) or '-'}; "
-                         f"unexpected keys {' '.join(unexpected[:5]) or '-'}; "
-                         f"wrong shapes {' '.join(shape[:5]) or '-'}")
-    model.load_state_dict(sd)
-
-def released_file(path):
-    """hf://<org>/<repo>/<file> (e.g. hf://QingyuShi/RecTok/RecTok_decft.pth): that Hugging Face
-    file, downloaded once into the torch hub cache (under torchrun, local rank 0 downloads and the
-    others wait); other paths as given."""
-    if not str(path).startswith("hf://"):
-        return path
-    parts = str(path)[len("hf://"):].split("/", 2)
-    if len(parts) < 3 or not all(parts):
-        raise SystemExit(f"{path}: a released file is named hf://<org>/<repo>/<file>, "
-                         "e.g. hf://QingyuShi/RecTok/RecTok.pth")
-    url = f"https://huggingface.co/{parts[0]}/{parts[1]}/resolve/main/{parts[2]}"
-    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
-    local = os.path.join(folder, os.path.basename(parts[2]))
-    if int(os.environ.get("LOCAL_RANK", 0)) > 0:
-        while not os.path.isfile(local):
-            time.sleep(2)
-    if not os.path.isfile(local):
-        log.info(f"downloading {url} to {folder} (once)")
-        try:
-            os.makedirs(folder, exist_ok=True)
-            # via a temporary file: never a half-written one
-            torch.hub.download_url_to_file(url, local)
-        except Exception as e:  # offline: urllib's URLError
-            raise SystemExit(f"could not download {url} ({str(e).splitlines()[0]}); "
-                             f"offline, put the file in {folder}")
-    return local
-
-def read_checkpoint(path, mmap=False):
-    path = released_file(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except FileNotFoundError:
-        raise SystemExit(f"checkpoint not found: {path}")
-    except Exception as e:
-        raise SystemExit(f"{path} is corrupt or truncated ({str(e).splitlines()[0]}): "
-                         "delete it to start its stage again, or point at the previous milestone "
-                         "(an earlier copy of it)")
-
-# what a file given to a flag holds, told by a key that only that kind has
-# (in the checkpoint's model state dict)
-KINDS = {"a tokenizer checkpoint": "encoder.latent_head.weight",
-         "a DiT^DH checkpoint": "s_embedder.proj.weight",
-         "DINOv2/v3 weights": "cls_token",
-         "FID Inception weights": "Conv2d_1a_3x3.conv.weight",
-         "latent statistics": "std"}
-
-def file_kinds(path):
-    """What `path` is, as a list of KINDS (a DiT^DH checkpoint also holds latent statistics), or in
-    words."""
-    path = released_file(path)
-    if not os.path.isfile(path):
-        return ["a folder" if os.path.isdir(path) else "missing"]
-    if path.endswith(".npz"):
-        return ["an .npz"]
-    try:
-        # zip-format files are memory-mapped, so a multi-GB checkpoint is not read twice
-        with open(path, "rb") as f:
-            ckpt = read_checkpoint(path, mmap=f.read(2) == b"PK")
-    except SystemExit:
-        return ["no PyTorch checkpoint, or a corrupt or truncated one (then delete it to start its "
-                "stage again, or point at the previous milestone)"]
-    ckpt = ckpt if isinstance(ckpt, dict) else {}
-    sd = ckpt.get("model_ema", ckpt.get("model", ckpt))
-    found = [kind for kind, key in KINDS.items()
-             if key in sd or key in (ckpt.get("latent_stats") or {})]
-    return found or [f"a file of {', '.join(list(sd)[:3]) or 'no named entries'}, ..."]
-
-def file_problem(flag, path, *wanted):
-    """None if `path`, given to `flag`, is one of the `wanted` kinds, else one line: what it should
-    be, what it is."""
-    kinds = file_kinds(path)
-    if not set(kinds) & set(wanted):
-        return f"{flag} {path}: should be {' or '.join(wanted)}; it is {' + '.join(kinds)}"
-
-def released_tokenizer_args(sd, path):
-    """The construction arguments of a tokenizer in the authors' release layout, read off its
-    tensors."""
-    patch = sd["encoder.patch_embed.weight"].shape[-1]
-    kw = dict(img_size=math.isqrt(sd["encoder.positional_embedding"].shape[1]) * patch,
-              patch_size=patch,
-              dim=sd["encoder.latent_head.weight"].shape[0] // 2,
-              enc_size=_size_of(sd, "encoder."),
-              dec_size=_size_of(sd, "decoder."),
-              teacher_dim=0)
-    if "sem_decoder.out.weight" in sd:
-        kw.update(sem_type="transformer", sem_size=_size_of(sd, "sem_decoder."),
-                  teacher_dim=sd["sem_decoder.out.weight"].shape[0])
-    elif "sem_decoder.mlp.2.weight" in sd:
-        kw.update(sem_type="mlp", teacher_dim=sd["sem_decoder.mlp.2.weight"].shape[0])
-    return kw
-
-def construction_args(ckpt, sd, path, released_args):
-    """Our checkpoints' model_args, or for the authors' files (which hold no args)
-    released_args(sd, path)."""
-    if "model_args" in ckpt:
-        return dict(ckpt["model_args"])
-    if "args" in ckpt:
-        raise SystemExit(f"{path}: saved by an older version of this code (no model_args); "
-                         "train it again")
-    return released_args(sd, path)
-
-def load_tokenizer(path, ema=True, **overrides):
-    """A Tokenizer from our checkpoints (rebuilt from their model_args) or the authors' release
-    (`model` / `model_ema`, sized from the tensors); `overrides` (e.g. gamma=0) win."""
-    ckpt = read_checkpoint(path)
-    key = "model_ema" if ema and "model_ema" in ckpt else "model"
-    if "encoder.latent_head.weight" not in ckpt.get(key, {}):
-        raise SystemExit(f"{path}: not a tokenizer checkpoint "
-                         f"(no {key}.encoder.latent_head.weight)")
-    sd = _release_to_ours(ckpt[key])
-    kw = construction_args(ckpt, sd, path, released_tokenizer_args)
-    # saved without its semantic decoder (stage 2)
-    if not any(k.startswith("sem_decoder.") for k in sd):
-        kw["teacher_dim"] = 0
-    kw.update(overrides)
-    model = Tokenizer(**kw)
-    load_state(model, sd, path)
-    log.info(f"loaded tokenizer {path} ({key}): dim {kw['dim']}, "
-             f"{kw['enc_size']}/{kw['dec_size']}, {kw['img_size']}px")
-    return model
-
-# ---- Frozen teachers (paper Sec. 3.2, E_VFM of Eq. 5): Meta's DINOv2 ViT-L/14 and DINOv3 ViT-L/16,
-# with Meta's key names (strict loading)
-
-# width, depth, heads; tiny = tests only
-TEACHER_SIZES = {"tiny": (64, 2, 2), "large": (1024, 24, 16)}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-def rotate_half(x):  # DINOv3 RoPE pairs channel i with channel i + D/2
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-class DinoBlock(nn.Module):
-    """Pre-norm ViT block with LayerScale; DINOv3 adds RoPE on patch tokens and a masked k bias."""
-    def __init__(self, width, heads, eps, mask_k_bias):
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(width, eps=eps)
-        self.norm2 = nn.LayerNorm(width, eps=eps)
-        # containers named as in Meta's release files (attn.qkv, mlp.fc1, ls1.gamma, ...)
-        self.attn = nn.ModuleDict(dict(qkv=nn.Linear(width, 3 * width),
-                                       proj=nn.Linear(width, width)))
-        if mask_k_bias:
-            # DINOv3: bias_mask (1 for q, 0 for k, 1 for v) is stored in the release file
-            mask = torch.ones(3, width).index_fill_(0, torch.tensor([1]), 0)
-            self.attn.qkv.register_buffer("bias_mask", mask.flatten())
-        hidden = 4 * width
-        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(width, hidden), act=nn.GELU(),
-                                             fc2=nn.Linear(hidden, width)))
-        self.ls1 = nn.Module()
-        self.ls2 = nn.Module()
-        self.ls1.gamma = nn.Parameter(torch.ones(width))
-        self.ls2.gamma = nn.Parameter(torch.ones(width))
-
-    def attention(self, x, rope):
-        B, N, C = x.shape
-        qkv = self.attn.qkv
-        bias = qkv.bias * qkv.bias_mask if hasattr(qkv, "bias_mask") else qkv.bias
-        q, k, v = (F.linear(x, qkv.weight, bias).view(B, N, 3, self.heads, C // self.heads)
-                   .permute(2, 0, 3, 1, 4))
-        if rope is not None:
-            # rotate only the trailing patch tokens; CLS + storage tokens are left as they are
-            sin, cos = rope
-            n = N - sin.shape[0]
-            q, k = [torch.cat([t[:, :, :n], (t[:, :, n:] * cos + rotate_half(t[:, :, n:]) * sin)
-                               .to(t.dtype)], 2)
-                    for t in (q, k)]
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.attn.proj(x.transpose(1, 2).reshape(B, N, C))
-
-    def forward(self, x, rope):
-        x = x + self.ls1.gamma * self.attention(self.norm1(x), rope)
-        return x + self.ls2.gamma * self.mlp(self.norm2(x))
-
-class DinoTeacher(nn.Module):
-    """x in [-1, 1] (B, 3, H, W) -> final-norm patch tokens (B, grid * grid, dim); CLS/storage
-    dropped."""
-    def __init__(self, name, size="large", grid=16, release_input=True, rope_rescale=1.0):
-        super().__init__()
-        width, depth, heads = TEACHER_SIZES[size]
-        self.v3 = name == "dinov3_vitl16"
-        self.dim = width
-        self.heads = heads
-        self.patch, self.n_storage = (16, 4) if self.v3 else (14, 0)
-        self.grid = grid
-        self.release_input = release_input
-        self.rope_rescale = rope_rescale
-        eps = 1e-5 if self.v3 else 1e-6  # DINOv3 ViT-L uses norm_layer "layernormbf16" (eps 1e-5)
-        self.cls_token = nn.Parameter(torch.randn(1, 1, width) * 0.02)
-        # in the release files; unused at inference
-        self.mask_token = nn.Parameter(torch.zeros(1, width))
-        self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv2d(3, width, self.patch, self.patch)))
-        if self.v3:
-            self.storage_tokens = nn.Parameter(torch.randn(1, self.n_storage, width) * 0.02)
-            self.rope_embed = nn.Module()  # RoPE periods base 100: 100 ** (2k / (D/2)), k < D/4
-            d = width // heads
-            self.rope_embed.register_buffer("periods",
-                                            100.0 ** (2 * torch.arange(d // 4) / (d // 2)))
-        else:  # learned absolute positions for 37x37 patches (img_size 518) + CLS
-            self.pos_embed = nn.Parameter(torch.randn(1, 37 * 37 + 1, width) * 0.02)
-        self.blocks = nn.ModuleList(DinoBlock(width, heads, eps, self.v3) for _ in range(depth))
-        self.norm = nn.LayerNorm(width, eps=eps)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
-                             persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
-                             persistent=False)
-
-    def train(self, mode=True):  # frozen teacher: always eval
-        return super().train(False)
-
-    def pos_embed_for(self, gh, gw):
-        """DINOv2 position embedding resampled to gh x gw in float32: Meta's
-        interpolate_pos_encoding (bicubic, +0.1 scale-factor offset) or, on the release's input
-        path, timm's (bicubic, antialiased, exact size)."""
-        pos = self.pos_embed.float()
-        M = math.isqrt(pos.shape[1] - 1)
-        if gh == gw == M:
-            return pos
-        grid = pos[:, 1:].reshape(1, M, M, -1).permute(0, 3, 1, 2)
-        if self.release_input:
-            grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", antialias=True)
-        else:
-            grid = F.interpolate(grid, scale_factor=((gh + 0.1) / M, (gw + 0.1) / M),
-                                 mode="bicubic", antialias=False)
-        return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)], 1)
-
-    def rope(self, gh, gw):
-        """DINOv3 RoPE sin/cos (gh*gw, head_dim), patch-centre coords in [-1, 1] per axis.
-        rope_rescale r > 1 scales them by one log-uniform draw from [1/r, r] per batch: HF's DINOv3
-        in train mode, as the release runs it."""
-        dev = self.rope_embed.periods.device
-        ch = torch.arange(0.5, gh, device=dev) / gh
-        cw = torch.arange(0.5, gw, device=dev) / gw
-        # (HW, 2)
-        coords = 2 * torch.stack(torch.meshgrid(ch, cw, indexing="ij"), -1).flatten(0, 1) - 1
-        if self.rope_rescale > 1:
-            log_r = math.log(self.rope_rescale)
-            coords = coords * torch.empty((), device=dev).uniform_(-log_r, log_r).exp()
-        angles = (2 * math.pi * coords[:, :, None]
-                  / self.rope_embed.periods.float()).flatten(1).tile(2)
-        return angles.sin(), angles.cos()
-
-    def preprocess(self, x):
-        """x in [-1, 1] -> normalised input at grid * patch px, resized bilinearly (Meta's inference
-        path). The release's path first goes, for DINOv3, through uint8 (truncated) and Hugging
-        Face's processor (bilinear, antialiased, to 224); for DINOv2, through timm's transform
-        (bicubic, antialiased, to 518)."""
-        x = (x.float() + 1) / 2
-        if self.release_input and self.v3:
-            x = F.interpolate((x * 255).to(torch.uint8) * (1 / 255), size=(224, 224),
-                              mode="bilinear", antialias=True)
-        elif self.release_input:
-            x = F.interpolate(x, size=(518, 518), mode="bicubic", antialias=True)
-        x = (x - self.mean) / self.std
-        side = self.grid * self.patch
-        if x.shape[-1] == side:
-            return x
-        return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
-
-    @torch.no_grad()
-    def forward(self, x):
-        x = self.patch_embed.proj(self.preprocess(x))
-        B, _, gh, gw = x.shape
-        x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype),
-                       x.flatten(2).transpose(1, 2)], 1)
-        rope = None
-        if self.v3:
-            x = torch.cat([x[:, :1], self.storage_tokens.expand(B, -1, -1).to(x.dtype),
-                           x[:, 1:]], 1)
-            rope = self.rope(gh, gw)
-        else:
-            x = x + self.pos_embed_for(gh, gw).to(x.dtype)
-        for blk in self.blocks:
-            x = blk(x, rope)
-        # LayerNorm is per token: norm after slicing is the same
-        return self.norm(x[:, 1 + self.n_storage:])
-
-def load_teacher(name, path=None, size="large", grid=16, release_input=True, rope_rescale=1.0):
-    """Frozen teacher on the tokenizer's `grid`: Meta's release .pth (strict keys), or random
-    weights for path=None."""
-    model = DinoTeacher(name, size, grid, release_input, rope_rescale)
-    if path is None:
-        log.warning(f"!!! teacher {name} ({size}) has RANDOM weights: its features are meaningless "
-                    "(tests/demos only) !!!")
-    else:
-        load_state(model, read_checkpoint(path), path)
-    return model.requires_grad_(False).eval()
-
 def download_error(what, e):
+    """The one line for a pretrained file that could not be downloaded (offline, say)."""
     return SystemExit(f"could not load pretrained {what} ({str(e).splitlines()[0]}); "
                       "offline, place the file in "
                       f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}, "
                       "or run --demo (random weights)")
-
-DINOV3_GATED = ("--teacher_ckpt: DINOv3 weights are gated; "
-                "request dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth at "
-                "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/ "
-                "and pass its path")
-DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth"
-
-def teacher_file(name, path):
-    """Meta's release file: --teacher_ckpt, else DINOv2 downloaded once into the torch hub cache."""
-    if path:
-        return path
-    if name == "dinov3_vitl16":
-        raise SystemExit(DINOV3_GATED)
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(DINOV2_URL))
-    if not os.path.exists(path):
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.hub.download_url_to_file(DINOV2_URL, path)
-        except Exception as e:
-            raise download_error(f"DINOv2 ({DINOV2_URL})", e)
-    return path
-
-# ---- Networks of the tokenizer's losses (paper Eq. 4; the release's utils/losses.py):
-# perceptual (LPIPS-VGG, ConvNeXt-S) and PatchGAN
 
 class Perceptual(nn.Module):
     """LPIPS-VGG; convnext_weight w > 0 gives the release's
@@ -824,7 +484,7 @@ class DiTDH(nn.Module):
     def __init__(self, size="XL", dim=128, grid=16, num_classes=1000, label_drop=0.1):
         model_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
-        # every construction argument, saved with the weights (load_dit)
+        # every construction argument, saved with the weights (load_model)
         self.model_args = model_args
         width, self.depth, heads, head_width, head_depth, head_heads = DIT_SIZES[size]
         self.size = size
@@ -882,232 +542,105 @@ class DiTDH(nn.Module):
         return self.final_layer(h, s).transpose(1, 2).reshape(B, -1, H, W)
 
 def flow_loss(dit, x, y):
-    """Rectified-flow velocity MSE (paper Eq. 2), x_t = t x + (1 - t) eps, target x - eps, with the
-    released shifted t = 1 - s u / (1 + (s - 1) u), s = sqrt(H W dim / 4096) (applied only when
-    s > 1, as released).
-    Convention: here t = 1 is data and t = 0 is noise, the reverse of the tokenizer's z_t
-    (Tokenizer.sample_t) and of the paper's Eq. 1; the release's transport/ code uses this direction
-    for DiT^DH and its sampler."""
+    """Rectified-flow velocity MSE (paper Eq. 2) on dit_flow's path (t = 1 is data), target x - eps,
+    with the released shifted t = 1 - time_shift(u, s), s = sqrt(H W dim / 4096) (only when s > 1,
+    as released)."""
     s = math.sqrt(x[0].numel() / 4096)
     u = torch.rand(len(x), device=x.device)
-    t = 1 - s * u / (1 + (s - 1) * u) if s > 1 else u
+    t = 1 - time_shift(u, s) if s > 1 else u
     eps = torch.randn_like(x)
-    tb = t.view(-1, 1, 1, 1)
-    return F.mse_loss(dit(tb * x + (1 - tb) * eps, t, y), x - eps)
+    return F.mse_loss(dit(dit_flow(x, t.view(-1, 1, 1, 1), eps), t, y), x - eps)
 
-def released_dit_args(sd, path):
-    """The construction arguments of a DiT^DH in the authors' release layout, read off its
-    tensors."""
-    width = sd["s_embedder.proj.weight"].shape[0]
-    head_width = sd["x_embedder.proj.weight"].shape[0]
-    widths = [v.shape[0] for k, v in sd.items()
-              if k.startswith("blocks.") and k.endswith(".norm1.weight")]
-    shape = (width, widths.count(width), head_width, len(widths) - widths.count(width))
-    size = next((n for n, c in DIT_SIZES.items() if (c[0], c[1], c[3], c[4]) == shape), None)
-    if size is None:
-        raise SystemExit(f"{path}: a DiT^DH of no known size "
-                         f"(width/depth/head width/head depth {shape})")
-    return dict(size=size, dim=sd["x_embedder.proj.weight"].shape[1],
-                grid=math.isqrt(sd["pos_embed"].shape[1]),
-                num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1)
+# ---- Sampling DiT^DH (paper Sec. 4.1; the release's transport/transport.py)
 
-def load_dit(path, ema=True):
-    """DiT^DH from our checkpoints (rebuilt from their model_args) or the authors' release
-    (`model` / `model_ema`, sized from the tensors). Returns (model in eval mode, the checkpoint's
-    other entries, e.g. latent_stats and args)."""
-    ckpt = read_checkpoint(path)
+def time_grid(steps, latent_shape):
+    """The released grid: `steps` POINTS of linspace(0, 1), shifted by time_shift with
+    s = sqrt(H W dim / 4096), flipped to 1 - reversed(grid) so the small steps fall near noise
+    (t = 0); like the release, only when s > 1."""
+    s = math.sqrt(math.prod(latent_shape) / 4096)
+    g = time_shift(torch.linspace(0, 1, steps), s)
+    return (1 - g).flip(0) if s > 1 else g
+
+@torch.no_grad()
+def euler_sample(dit, noise, labels, steps, cfg=1.0, guide=None):
+    """Integrate dx/dt = v(x, t, y) from noise (t = 0) to data (t = 1) in steps - 1 Euler updates.
+    cfg > 1 (all channels, all t): CFG v_null + cfg (v_cond - v_null), or with `guide` (a weak
+    DiT^DH) AutoGuidance v_bad + cfg (v_good - v_bad)."""
+    x = noise
+    ts = time_grid(steps, noise.shape[1:]).to(noise.device)
+    null = torch.full_like(labels, dit.num_classes)
+    for t0, t1 in zip(ts[:-1], ts[1:]):
+        t = t0.expand(len(x))
+        if cfg > 1 and guide is not None:
+            v_good = dit(x, t, labels)
+            v_bad = guide(x, t, labels)
+            v = v_bad + cfg * (v_good - v_bad)
+        elif cfg > 1:  # conditional and null label in one forward of a doubled batch
+            v_cond, v_null = dit(torch.cat([x, x]), torch.cat([t, t]),
+                                 torch.cat([labels, null])).chunk(2)
+            v = v_null + cfg * (v_cond - v_null)
+        else:
+            v = dit(x, t, labels)
+        x = x + (t1 - t0) * v
+    return x
+
+@torch.no_grad()
+def generate(dit, tokenizer, stats, idx, steps, cfg=1.0, guide=None, seed=0, classes=None):
+    """Decoded images in [-1, 1] for global image indices idx: image i has noise seeded by (seed, i)
+    and label i % num_classes (or classes[i % len(classes)]), so any split of the indices over ranks
+    gives the same images. stats: the latent statistics DiT^DH was trained with (mean, std)."""
+    device = stats["mean"].device
+    noise = []
+    for i in idx:  # image i's own generator: the same noise on any rank
+        generator = torch.Generator().manual_seed((seed << 32) + i)
+        noise.append(torch.randn(dit.dim, dit.grid, dit.grid, generator=generator))
+    noise = torch.stack(noise).to(device)
+    classes = classes or range(dit.num_classes)
+    labels = torch.tensor([classes[i % len(classes)] for i in idx], device=device)
+    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        z = euler_sample(dit, noise, labels, steps, cfg, guide)
+        # back to the tokenizer's scale
+        z = z.float() * stats["std"][:, None, None] + stats["mean"][:, None, None]
+        return tokenizer.decode(z).float()
+
+# ---- Our checkpoints: the weights and the model's construction arguments (model_args, nanoGPT's
+# idea), so a new hyper-parameter is added in the constructor alone
+
+def load_state(model, sd, path):
+    """load_state_dict(strict) with a one-line error naming the offending keys and the file."""
+    # shaped by the model's parameters, loaded (and checked) before it
+    if isinstance(model, torch.optim.Optimizer):
+        return model.load_state_dict(sd)
+    if not isinstance(sd, dict):
+        raise SystemExit(f"{path}: not a state dict")
+    ours = model.state_dict()
+    missing = sorted(ours.keys() - sd.keys())
+    unexpected = sorted(sd.keys() - ours.keys())
+    shape = sorted(k for k in ours.keys() & sd.keys() if ours[k].shape != sd[k].shape)
+    if missing or unexpected or shape:
+        raise SystemExit(f"{path}: does not match the model: "
+                         f"missing keys {' '.join(missing[:5]) or '-'}; "
+                         f"unexpected keys {' '.join(unexpected[:5]) or '-'}; "
+                         f"wrong shapes {' '.join(shape[:5]) or '-'}")
+    model.load_state_dict(sd)
+
+def read_checkpoint(path, mmap=False):
+    """torch.load of a local file onto the CPU, weights only; a missing or broken file is one line
+    (pretrained.read_weights also takes hf:// names and the authors' files)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise SystemExit(f"checkpoint not found: {path}")
+    except Exception as e:
+        raise SystemExit(f"{path} is corrupt or truncated ({str(e).splitlines()[0]}): "
+                         "delete it to start its stage again, or point at the previous milestone "
+                         "(an earlier copy of it)")
+
+def load_model(cls, ckpt, path, ema=True, **overrides):
+    """A Tokenizer or DiTDH rebuilt from a checkpoint in our layout: cls(**model_args), `overrides`
+    winning, then the weights of `model_ema` (ema, where it has one) or `model`. Returns (model, the
+    key it was loaded from)."""
     key = "model_ema" if ema and "model_ema" in ckpt else "model"
-    if "s_embedder.proj.weight" not in ckpt.get(key, {}):
-        raise SystemExit(f"{path}: not a DiT^DH checkpoint (no {key}.s_embedder.proj.weight)")
-    # the release stores its RoPE tables
-    sd = {k: v for k, v in ckpt[key].items() if "_feat_rope.freqs_" not in k}
-    model = DiTDH(**construction_args(ckpt, sd, path, released_dit_args))
-    load_state(model, sd, path)
-    log.info(f"loaded DiT^DH-{model.size} {path} ({key}): dim {model.dim}, "
-             f"{model.num_classes} classes")
-    return model.eval(), {k: v for k, v in ckpt.items() if k not in ("model", "model_ema", "opt")}
-
-# ---- FID Inception-v3 (paper Sec. 4.1, rFID / gFID): the 2015-12-05 TF graph, named as in
-# pytorch-fid's weights (evaluate.load_inception)
-
-def tf1_resize(x, size):
-    """TF1 bilinear resize of float (N, C, H, W) to size x size: src = dst * in / out
-    (align_corners=False, NO half-pixel centres), neighbours floor / ceil clamped to the edge; fp32,
-    W then H, as torch-fidelity does."""
-    def taps(n):
-        src = (torch.arange(size, dtype=torch.float32, device=x.device)
-               * torch.tensor(n / size, dtype=torch.float32))
-        return src.floor().long(), src.ceil().long().clamp(max=n - 1), src - src.floor()
-    y0, y1, dy = taps(x.shape[2])
-    x0, x1, dx = taps(x.shape[3])
-    x = x[..., x0] + (x[..., x1] - x[..., x0]) * dx
-    return x[:, :, y0] + (x[:, :, y1] - x[:, :, y0]) * dy[:, None]
-
-def conv(cin, cout, kernel, stride=1, padding=None):
-    """conv (no bias) + BatchNorm (TF's eps 1e-3) + ReLU; 'SAME' padding at stride 1 unless told
-    otherwise."""
-    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
-    if padding is None:
-        padding = (kh // 2, kw // 2) if stride == 1 else 0
-    return nn.Sequential(OrderedDict(conv=nn.Conv2d(cin, cout, kernel, stride, padding, bias=False),
-                                     bn=nn.BatchNorm2d(cout, eps=1e-3), relu=nn.ReLU()))
-
-avg_pool = functools.partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1,
-                             count_include_pad=False)  # as TF
-max_pool = functools.partial(F.max_pool2d, kernel_size=3, stride=1, padding=1)
-
-class InceptionA(nn.Module):  # 35 x 35
-    def __init__(self, cin, pool_features):
-        super().__init__()
-        self.branch1x1 = conv(cin, 64, 1)
-        self.branch_pool = conv(cin, pool_features, 1)
-        self.branch5x5_1 = conv(cin, 48, 1)
-        self.branch5x5_2 = conv(48, 64, 5)
-        self.branch3x3dbl_1 = conv(cin, 64, 1)
-        self.branch3x3dbl_2 = conv(64, 96, 3)
-        self.branch3x3dbl_3 = conv(96, 96, 3)
-
-    def forward(self, x):
-        b5 = self.branch5x5_2(self.branch5x5_1(x))
-        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(avg_pool(x))], 1)
-
-class InceptionB(nn.Module):  # 35 -> 17
-    def __init__(self, cin):
-        super().__init__()
-        self.branch3x3 = conv(cin, 384, 3, stride=2)
-        self.branch3x3dbl_1 = conv(cin, 64, 1)
-        self.branch3x3dbl_2 = conv(64, 96, 3)
-        self.branch3x3dbl_3 = conv(96, 96, 3, stride=2)
-
-    def forward(self, x):
-        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([self.branch3x3(x), b3, F.max_pool2d(x, 3, 2)], 1)
-
-class InceptionC(nn.Module):  # 17 x 17, factorised 7 x 7
-    def __init__(self, cin, c7):
-        super().__init__()
-        self.branch1x1 = conv(cin, 192, 1)
-        self.branch_pool = conv(cin, 192, 1)
-        self.branch7x7_1 = conv(cin, c7, 1)
-        self.branch7x7_2 = conv(c7, c7, (1, 7))
-        self.branch7x7_3 = conv(c7, 192, (7, 1))
-        self.branch7x7dbl_1 = conv(cin, c7, 1)
-        self.branch7x7dbl_2 = conv(c7, c7, (7, 1))
-        self.branch7x7dbl_3 = conv(c7, c7, (1, 7))
-        self.branch7x7dbl_4 = conv(c7, c7, (7, 1))
-        self.branch7x7dbl_5 = conv(c7, 192, (1, 7))
-
-    def forward(self, x):
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        b77 = self.branch7x7dbl_5(self.branch7x7dbl_4(self.branch7x7dbl_3(
-            self.branch7x7dbl_2(self.branch7x7dbl_1(x)))))
-        return torch.cat([self.branch1x1(x), b7, b77, self.branch_pool(avg_pool(x))], 1)
-
-class InceptionD(nn.Module):  # 17 -> 8
-    def __init__(self, cin):
-        super().__init__()
-        self.branch3x3_1 = conv(cin, 192, 1)
-        self.branch3x3_2 = conv(192, 320, 3, stride=2)
-        self.branch7x7x3_1 = conv(cin, 192, 1)
-        self.branch7x7x3_2 = conv(192, 192, (1, 7))
-        self.branch7x7x3_3 = conv(192, 192, (7, 1))
-        self.branch7x7x3_4 = conv(192, 192, 3, stride=2)
-
-    def forward(self, x):
-        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, 2)], 1)
-
-# 8 x 8; the TF graph's last block (Mixed_7c) max-pools where Mixed_7b average-pools
-class InceptionE(nn.Module):
-    def __init__(self, cin, pool):
-        super().__init__()
-        self.branch1x1 = conv(cin, 320, 1)
-        self.branch_pool = conv(cin, 192, 1)
-        self.branch3x3_1 = conv(cin, 384, 1)
-        self.branch3x3dbl_1 = conv(cin, 448, 1)
-        self.branch3x3dbl_2 = conv(448, 384, 3)
-        self.pool = pool
-        self.branch3x3_2a = conv(384, 384, (1, 3))
-        self.branch3x3_2b = conv(384, 384, (3, 1))
-        self.branch3x3dbl_3a = conv(384, 384, (1, 3))
-        self.branch3x3dbl_3b = conv(384, 384, (3, 1))
-
-    def forward(self, x):
-        b3 = self.branch3x3_1(x)
-        b3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
-                          self.branch3x3dbl_3a(b3dbl), self.branch3x3dbl_3b(b3dbl),
-                          self.branch_pool(self.pool(x))], 1)
-
-class InceptionV3(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.Conv2d_1a_3x3 = conv(3, 32, 3, stride=2)
-        self.Conv2d_2a_3x3 = conv(32, 32, 3, padding=0)  # TF 'VALID'
-        self.Conv2d_2b_3x3 = conv(32, 64, 3)
-        self.Conv2d_3b_1x1 = conv(64, 80, 1)
-        self.Conv2d_4a_3x3 = conv(80, 192, 3, padding=0)
-        self.Mixed_5b = InceptionA(192, 32)
-        self.Mixed_5c = InceptionA(256, 64)
-        self.Mixed_5d = InceptionA(288, 64)
-        self.Mixed_6a = InceptionB(288)
-        self.Mixed_7a = InceptionD(768)
-        self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e = (
-            InceptionC(768, c) for c in (128, 160, 160, 192))
-        self.Mixed_7b = InceptionE(1280, avg_pool)
-        self.Mixed_7c = InceptionE(2048, max_pool)
-        self.fc = nn.Linear(2048, 1008)
-
-    @torch.no_grad()
-    def forward(self, x):
-        """uint8 (N, 3, H, W) -> (pool features (N, 2048), logits WITHOUT the fc bias (N, 1008),
-        which IS uses)."""
-        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"Inception expects uint8 (N, 3, H, W) images, "
-                             f"got {x.dtype} {tuple(x.shape)}")
-        # fp32, no TF32, whatever the caller's autocast / TF32 settings:
-        # FID must not depend on the GPU
-        with torch.autocast(x.device.type, enabled=False), torch.backends.cudnn.flags(
-                enabled=True, benchmark=False, deterministic=torch.backends.cudnn.deterministic,
-                allow_tf32=False):
-            x = (tf1_resize(x.float(), 299) - 128) / 128
-            x = F.max_pool2d(self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))), 3, 2)
-            x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, 2)
-            for name in ["5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"]:
-                x = getattr(self, "Mixed_" + name)(x)
-            pool = x.mean((2, 3))
-        # an fp64 matmul cannot fall to TF32
-        return pool, (pool.double() @ self.fc.weight.double().T).float()
-
-# ---- The demo judges: small CNNs trained in seconds on demo images' labels (evaluate.demo_judge),
-# standing in for the pretrained networks at demo scale, where random weights would make FSD and
-# every metric meaningless. As DINO and Inception in the real pipeline, the teacher (FSD targets)
-# and the evaluator (every demo metric) are two networks (architecture, seed, training images):
-# no metric is scored by the network a tokenizer was trained against.
-# (out channels, stride) per conv
-JUDGE_LAYERS = {"teacher": ((32, 1), (64, 2), (64, 1), (64, 2), (64, 1)),
-                "evaluator": ((32, 2), (64, 1), (96, 2), (96, 1))}
-
-class DemoJudge(nn.Module):
-    """Float images in [-1, 1] -> patch features (B, grid * grid, dim), the teachers' interface
-    (FSD); uint8 images -> (pooled features (B, dim), class logits), the FID Inception's (demo FID,
-    precision / recall, IS, accuracy)."""
-    def __init__(self, grid, role="teacher", num_classes=10):
-        super().__init__()
-        self.grid = grid
-        self.dim = JUDGE_LAYERS[role][-1][0]
-        layers = []
-        ch = 3
-        for out, stride in JUDGE_LAYERS[role]:
-            layers += [nn.Conv2d(ch, out, 3, stride, 1), nn.BatchNorm2d(out), nn.GELU()]
-            ch = out
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(self.dim, num_classes)
-
-    def forward(self, x):
-        if x.dtype == torch.uint8:
-            pool = self(x.float() / 127.5 - 1).mean(1)
-            return pool, self.head(pool)
-        return (F.adaptive_avg_pool2d(self.features(x.float()), self.grid).flatten(2)
-                .transpose(1, 2))
+    model = cls(**dict(ckpt["model_args"], **overrides))
+    load_state(model, ckpt[key], path)
+    return model, key

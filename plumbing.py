@@ -1,9 +1,9 @@
-"""Process plumbing shared by every stage: distributed setup and ranks, seeding and RNG state, EMA,
-optimiser and lr schedules, atomic checkpoints, the metrics log (optionally mirrored to Weights &
-Biases), image grids. Which file imports which: README, "How the code is laid out".
+"""Robustness machinery shared by every stage, off the reader's path: install and argument checks,
+the log and metrics (optionally mirrored to Weights & Biases), progress lines, non-finite steps,
+preemption, RNG state, atomic checkpoints and exact resume, and sample.py's resumable output. Which
+file imports which: README, "How the code is laid out".
 """
 import contextlib
-import copy
 import importlib.util
 import json
 import logging
@@ -19,10 +19,12 @@ import torch.distributed as dist
 import torch.nn as nn
 from PIL import Image
 
+import data
 import models
+import pretrained
 
 log = logging.getLogger("rectok")
-wandb = None  # the wandb module, imported by setup() on rank 0 when --wandb is given
+wandb = None  # the wandb module, imported by start_log() on rank 0 when --wandb is given
 
 # ---- Processes
 # requirements.txt pins this pair (a test keeps them equal)
@@ -109,10 +111,12 @@ RANGES = {  # closed intervals of the numeric flags; check_args applies the ones
     "warmup_rate": (0, 1), "ema": (0, 1), "mask_ratio": (0, 1), "mask_ratio_min": (-1, 1),
     "cfg": (1, INF), "steps": (2, INF), "sample_steps": (2, INF)}
 
-def check_args(args, problems=(), ranges=RANGES):
-    """Every out-of-range numeric flag, missing folder and given problem (None: no problem) in one
-    line, before any model is built, so that one run of the command shows everything there is to
-    fix. A broken install comes first, on its own: nothing else can be trusted to run."""
+def check_args(args, problems=(), files=None, ranges=RANGES):
+    """Every out-of-range numeric flag, missing folder, file that is not what its flag needs
+    (`files`: flag -> (path or None, what it should be: one kind of KINDS or a tuple of them)) and
+    given problem (None: no problem) in one line, before any model is built, so that one run of the
+    command shows everything there is to fix. A broken install comes first, on its own: nothing else
+    can be trusted to run."""
     check_install()
     bad = [f"--{k} {v}: must be " + (f">= {lo}" if hi == INF else f"in [{lo}, {hi}]")
            for k, (lo, hi) in ranges.items()
@@ -124,6 +128,9 @@ def check_args(args, problems=(), ranges=RANGES):
     if "out_dir" in vars(args) and not args.out_dir:
         bad.append("--out_dir is needed outside --demo "
                    "(the run's folder; the same one again resumes it)")
+    for flag, (path, wanted) in (files or {}).items():
+        if path not in (None, "random"):
+            bad.append(file_problem(flag, path, *([wanted] if isinstance(wanted, str) else wanted)))
     bad += [p for p in problems if p]
     bad = [b for b in bad if b]
     if bad:
@@ -143,30 +150,54 @@ def batch_problem(args, world):
         return (f"--global_batch {global_batch} is not a multiple of --batch_size x processes = "
                 f"{batch_size} x {world}: give another --batch_size, or none (then it is derived)")
 
+# what a file given to a flag holds, told by a key that only that kind has
+# (in the checkpoint's model state dict)
+KINDS = {"a tokenizer checkpoint": "encoder.latent_head.weight",
+         "a DiT^DH checkpoint": "s_embedder.proj.weight",
+         "DINOv2/v3 weights": "cls_token",
+         "FID Inception weights": "Conv2d_1a_3x3.conv.weight",
+         "latent statistics": "std"}
+
+def file_kinds(path):
+    """What `path` is, as a list of KINDS (a DiT^DH checkpoint also holds latent statistics), or in
+    words."""
+    path = pretrained.released_file(path)
+    if not os.path.isfile(path):
+        return ["a folder" if os.path.isdir(path) else "missing"]
+    if path.endswith(".npz"):
+        return ["an .npz"]
+    try:
+        # zip-format files are memory-mapped, so a multi-GB checkpoint is not read twice
+        with open(path, "rb") as f:
+            ckpt = models.read_checkpoint(path, mmap=f.read(2) == b"PK")
+    except SystemExit:
+        return ["no PyTorch checkpoint, or a corrupt or truncated one (then delete it to start its "
+                "stage again, or point at the previous milestone)"]
+    ckpt = ckpt if isinstance(ckpt, dict) else {}
+    sd = ckpt.get("model_ema", ckpt.get("model", ckpt))
+    found = [kind for kind, key in KINDS.items()
+             if key in sd or key in (ckpt.get("latent_stats") or {})]
+    return found or [f"a file of {', '.join(list(sd)[:3]) or 'no named entries'}, ..."]
+
+def file_problem(flag, path, *wanted):
+    """None if `path`, given to `flag`, is one of the `wanted` kinds, else one line: what it should
+    be, what it is."""
+    kinds = file_kinds(path)
+    if not set(kinds) & set(wanted):
+        return f"{flag} {path}: should be {' or '.join(wanted)}; it is {' + '.join(kinds)}"
+
 def rank_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
-def setup(args, stage):
-    """torchrun -> DDP (NCCL on GPU, gloo on CPU); a plain `python` run is one process. Logs to the
-    console and <out_dir>/<stage>.log, seeds every rank alike, and starts the optional Weights &
-    Biases run."""
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = rank_world()
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+def start_log(args, stage, rank, world, device):
+    """Log to the console and <out_dir>/<stage>.log (rank 0; the others warn only), and start the
+    optional Weights & Biases run (--wandb)."""
     os.makedirs(args.out_dir, exist_ok=True)
     handlers = [logging.StreamHandler()]
     if rank == 0:
         handlers.append(logging.FileHandler(os.path.join(args.out_dir, f"{stage}.log")))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=handlers,
                         format=f"%(asctime)s [{stage}] %(message)s", datefmt="%H:%M:%S", force=True)
-    # the same on every rank: identical initial (and random frozen) weights
-    torch.manual_seed(args.seed)
     log.info(f"{world} process(es) on {device.type}; args: {json.dumps(vars(args))}")
     # mirror metrics.jsonl and the grids to the authors' logger
     if getattr(args, "wandb", None) and rank == 0:
@@ -180,7 +211,6 @@ def setup(args, stage):
                    name=f"{os.path.basename(os.path.abspath(args.out_dir))}-{stage}",
                    group=os.path.abspath(args.out_dir), job_type=stage, config=vars(args),
                    dir=args.out_dir)
-    return rank, world, device
 
 def barrier():
     if dist.is_initialized():
@@ -242,87 +272,6 @@ class Progress:
             log.info(f"{self.what}: {self.done}/{self.total or '?'} images, "
                      f"{rate:.3g} images/s{left}")
 
-# ---- Training
-def grad_accum_steps(args, world):
-    if args.global_batch % (args.batch_size * world):
-        raise SystemExit(f"--global_batch {args.global_batch} is not a multiple of "
-                         f"--batch_size x GPUs = {args.batch_size} x {world}")
-    return args.global_batch // (args.batch_size * world)
-
-def ddp(module, device, world):
-    if world > 1:
-        return nn.parallel.DistributedDataParallel(module,
-                                                   [device] if device.type == "cuda" else None,
-                                                   gradient_as_bucket_view=True)
-    return module
-
-def sync_grads_if(last, module):
-    """Gradient accumulation: DDP all-reduces only on the last micro-batch."""
-    is_ddp = isinstance(module, nn.parallel.DistributedDataParallel)
-    return module.no_sync() if is_ddp and not last else contextlib.nullcontext()
-
-def bf16(device):
-    """bf16 autocast on CUDA; CPU runs stay in fp32."""
-    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
-
-def random_flip(x):
-    """Horizontal flip of half the batch, drawn on the training process so a resumed run replays
-    it."""
-    flip = torch.rand(len(x), device=x.device) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
-
-def param_groups(model, weight_decay):
-    """AdamW groups: no decay on biases, norms, embeddings, tokens (the authors' name rule) or any
-    1-D tensor."""
-    skip = ("ln", "bias", "embedding", "norm", "gamma", "embed", "token")
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    no_decay = [p for n, p in named if p.ndim < 2 or any(s in n for s in skip)]
-    decay = [p for n, p in named if not (p.ndim < 2 or any(s in n for s in skip))]
-    return [{"params": no_decay, "weight_decay": 0.0},
-            {"params": decay, "weight_decay": weight_decay}]
-
-def adamw(params, lr, weight_decay=0.0):
-    """AdamW as the release sets it up (betas 0.9, 0.95), fused: one kernel for all parameters, on
-    CUDA and on the CPU alike (on 2 CPU cores a demo step is 12% faster than with the per-parameter
-    loop)."""
-    groups = param_groups(params, weight_decay) if isinstance(params, nn.Module) else params
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
-                             fused=True)
-
-def cosine_lr(epoch_frac, base_lr, warmup_epochs, epochs, min_lr=0.0):
-    """Tokenizer stages: linear warm-up then half-cycle cosine, evaluated per step at the fractional
-    epoch."""
-    if epoch_frac < warmup_epochs:
-        return base_lr * epoch_frac / warmup_epochs
-    progress = (epoch_frac - warmup_epochs) / max(epochs - warmup_epochs, 1e-8)
-    return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
-
-def dit_lr(epoch_frac, lr, min_lr, decay_start, decay_end):
-    """DiT^DH: constant lr to `decay_start` epochs, then linear to min_lr at `decay_end` (the
-    released schedule)."""
-    progress = min(max((epoch_frac - decay_start) / (decay_end - decay_start), 0.0), 1.0)
-    return lr - (lr - min_lr) * progress
-
-class EMA:
-    """EMA copy of a model. Trainable parameters are averaged with one fused lerp; frozen ones stay
-    as the model's (the authors' EMA copies them every step, which is the same for weights that
-    never change)."""
-
-    def __init__(self, model, decay):
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model, finite):
-        """`finite`: the step's flag (all_finite); a skipped step leaves the EMA as it is (weight 0,
-        on the device). For a finite step the weight is float32(1 - decay), the value the scalar
-        form uses."""
-        pairs = [(e, p) for e, p in zip(self.model.parameters(), model.parameters())
-                 if p.requires_grad]
-        weight = (1 - self.decay) * finite.float()
-        torch._foreach_lerp_([e for e, _ in pairs], [p.detach() for _, p in pairs],
-                             [weight] * len(pairs))
-
 # ---- Non-finite steps are skipped, not applied (every training loop)
 # that many non-finite steps in a row stop the run: the settings or data are at fault
 SKIPPED_IN_A_ROW = 20
@@ -336,36 +285,23 @@ def all_finite(*tensors):
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     return finite.bool()
 
-def step_if(finite, opt):
-    """opt.step() only when `finite`, as the release's GradScaler (bf16 needs no scaling, only its
-    skip): parameters, moments and step count stay as they were. Fused AdamW (plumbing.adamw) takes
-    the flag as its `found_inf` input, the same one GradScaler hands it: the kernel returns early on
-    the device, so a step costs no host sync, and a finite step runs the same kernel on the same
-    numbers (bit-identical). Zeroing the gradients and stepping with them would not be a skip:
-    AdamW's moments would decay, its step count advance and its weight decay apply."""
-    opt.found_inf = (~finite).float()
-    opt.step()
-
-def buffers_before(module):
-    """Copies of a module's buffers: the PatchGAN's BatchNorm running statistics, which every
-    train-mode forward updates, so a NaN batch would poison them (the release's GradScaler leaves
-    them so)."""
-    return [b.clone() for b in module.buffers()]
-
 def keep_buffers_if(finite, module, before):
-    """A skipped step's buffer updates undone, on the device; a finite step's kept exactly."""
+    """A skipped step's buffer updates undone, on the device (`before`: copies of module's buffers
+    taken before the step, e.g. the PatchGAN's BatchNorm statistics, which every train-mode forward
+    moves); a finite step's kept exactly."""
     for b, old in zip(module.buffers(), before):
         b.copy_(torch.where(finite, b, old))
 
 class LogInterval:
-    """What one metrics row averages: each value summed over the interval's steps (a skipped step
+    """What one metrics row averages (last_good: the checkpoint named if the run must stop): each value summed over the interval's steps (a skipped step
     adds 0, so its NaN stays out), the count of skipped steps, and the longest run of them in a row
     (carried across rows). Device tensors, read once per row; every rank's copy goes into a
     mid-epoch checkpoint, so the rows of a run resumed inside an epoch are the uninterrupted
     run's."""
 
-    def __init__(self, device):
+    def __init__(self, device, last_good):
         self.device = device
+        self.last_good = last_good
         self.sums = {}
         self.steps = 0
         self.skipped = torch.zeros((), device=device)
@@ -380,7 +316,7 @@ class LogInterval:
         self.in_a_row = (self.in_a_row + 1) * (~finite).float()
         self.longest = torch.maximum(self.longest, self.in_a_row)
 
-    def row(self, world, last_good):
+    def row(self, world):
         """The interval's averages over its finite steps and `skipped` (one host sync, with the
         all-reduce over ranks), then a new interval. SKIPPED_IN_A_ROW non-finite steps in a row stop
         the run in one line."""
@@ -391,7 +327,7 @@ class LogInterval:
         if round(stats[-1]) >= SKIPPED_IN_A_ROW:
             raise SystemExit(f"{round(stats[-1])} non-finite steps in a row "
                              "(each skipped, the weights kept): "
-                             f"stopped; the last good checkpoint is {last_good} "
+                             f"stopped; the last good checkpoint is {self.last_good} "
                              "(lower the learning rate or check "
                              "the data, then rerun to resume from it)")
         finite = self.steps - skipped
@@ -527,8 +463,9 @@ def save_epoch(path, parts, device, save_every, interval=None, **state):
     """At the end of an epoch, or inside one (state's epoch_step > 0, with `interval`, the open log
     interval): `parts` (modules, optimisers) by key, every rank's RNG state and `state`, written by
     rank 0; at an epoch end every save_every epochs also kept as <path>_epoch{E:04d}.pt (E from 0:
-    the release's epoch_0599 = 600 epochs). Non-finite weights are never written over a good
-    checkpoint; a failed write stops every rank."""
+    the release's epoch_0599 = 600 epochs). All ranks must hold the same weights; non-finite ones
+    are never written over a good checkpoint; a failed write stops every rank."""
+    check_ranks_agree(*[part for part in parts.values() if isinstance(part, nn.Module)])
     bad = non_finite(parts)
     if bad:
         raise SystemExit(f"non-finite weights ({bad}) at step {state['step']}: not saved; "
@@ -550,14 +487,21 @@ def save_epoch(path, parts, device, save_every, interval=None, **state):
     if problem[0]:
         raise SystemExit(problem[0])
 
-def resume(path, ckpt, parts, rank, device, interval):
-    """save_epoch's checkpoint back into `parts` (other shapes: a one-line error), this rank's RNG
-    and log interval; (epoch, step, epoch_step): epoch_step steps of epoch `epoch` are done
-    already."""
+def resume(path, args, keys, parts, device, interval, loader, images_per_step):
+    """Where the run stands, (epoch, step, steps of that epoch done): zeros without a checkpoint at
+    `path`; else save_epoch's
+    checkpoint back into `parts` (other shapes: one line), after checking its settings `keys`
+    (check_resume), with this rank's RNG and log interval, and the loader set to skip the batches of
+    the epoch done already (a run stopped inside it)."""
+    if not os.path.exists(path):
+        return 0, 0, 0
+    ckpt = models.read_checkpoint(path)
+    check_resume(path, ckpt["args"], args, keys)
     for k, part in parts.items():
         models.load_state(part, ckpt[k], path)
-    set_rng_state(ckpt["rng"], rank, device, interval)
+    set_rng_state(ckpt["rng"], rank_world()[0], device, interval)
     epoch_step = ckpt.get("epoch_step", 0)
+    loader.sampler.skip = epoch_step * images_per_step
     log.info(f"resumed from {path} at epoch {ckpt['epoch']}, step {ckpt['step']}"
              + (f" ({epoch_step} steps into the epoch)" if epoch_step else ""))
     return ckpt["epoch"], ckpt["step"], epoch_step
@@ -598,14 +542,10 @@ def wandb_summary(results):
     if wandb is not None:
         wandb.run.summary.update(results)
 
-def to_uint8(x):
-    """[-1, 1] (B, 3, H, W) -> uint8, same layout and device (the Inception's input)."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
 def save_grid(path, rows):
     """Save rows of [-1, 1] image batches as one PNG (one batch per row); small images are
     enlarged."""
-    grid = np.concatenate([np.concatenate(list(to_uint8(r).permute(0, 2, 3, 1).cpu().numpy()),
+    grid = np.concatenate([np.concatenate(list(data.to_uint8(r).permute(0, 2, 3, 1).cpu().numpy()),
                                           axis=1)
                            for r in rows], axis=0)
     scale = max(1, 128 // rows[0].shape[-1])
@@ -613,3 +553,61 @@ def save_grid(path, rows):
     log.info(f"wrote {path}")
     if wandb is not None:  # attached to the next metrics record's step
         wandb.log({os.path.splitext(os.path.basename(path))[0]: wandb.Image(path)}, commit=False)
+
+# ---- The resumable output: one memory-mapped array shared by all ranks plus a `done` flag per image, so a
+# rerun with the same settings finishes the job, and one with more --num_images extends a finished one
+# (image i does not depend on the count).
+
+def open_output(out, settings, size, rank):
+    """(images, done) memory maps for settings["num_images"] images of `out`, or None if `out` already holds
+    them. An earlier run into `out` with other settings is refused in one line."""
+    n = settings["num_images"]
+    finished = os.path.exists(out) and not os.path.exists(out + ".done.npy")  # the .npy files: a run under way
+    old = {} if finished else None  # what an earlier run into `out` was asked for ({}: not recorded)
+    if os.path.exists(out + ".settings.json"):
+        with open(out + ".settings.json") as f:
+            old = json.load(f)
+    if old is not None:
+        extend = finished and n > old.get("num_images", n)
+        differ = [f"--{k} {old.get(k)} (now {v})" for k, v in settings.items()
+                  if old.get(k) != v and not (k == "num_images" and extend)]
+        if differ:
+            raise SystemExit(f"{out} was sampled with other settings: {', '.join(differ)}; give the same ones to "
+                             "finish it (or more --num_images to extend it), or another --out")
+        if finished and not extend:
+            return None
+    if rank == 0 and (old is None or finished):  # a new run, or the extension of a finished one
+        images = np.lib.format.open_memmap(f"{out}.images.npy", "w+", np.uint8, (n, size, size, 3))
+        done = np.lib.format.open_memmap(f"{out}.done.npy", "w+", np.bool_, (n,))
+        if finished:
+            with np.load(out) as f:
+                images[:len(f["arr_0"])] = f["arr_0"]
+                done[:len(f["arr_0"])] = True
+        images.flush()
+        done.flush()
+        with open(out + ".settings.json", "w") as f:
+            json.dump(settings, f)
+    barrier()
+    return np.load(f"{out}.images.npy", mmap_mode="r+"), np.load(f"{out}.done.npy", mmap_mode="r+")
+
+def close_output(out, images, png=None):
+    """Rank 0, once every image is done: `out` as an ADM .npz (written atomically), a grid of the first images
+    (up to 4 rows of 10), the --png files; the memory maps are removed."""
+    rows = [images[r * 10:(r + 1) * 10] for r in range(max(1, min(4, len(images) // 10)))]
+    save_grid(os.path.join(os.path.dirname(out) or ".", "samples_grid.png"),
+              [torch.from_numpy(np.array(r)).permute(0, 3, 1, 2).float() / 127.5 - 1 for r in rows])
+    np.savez(out + ".tmp.npz", arr_0=images)
+    os.replace(out + ".tmp.npz", out)
+    if png:
+        save_pngs(images, png)
+    for name in ("images", "done"):
+        os.remove(f"{out}.{name}.npy")
+    log.info(f"wrote {out} ({len(images)} images)")
+
+def save_pngs(images, folder):
+    """Image i as <folder>/<i:06d>.png, for evaluators that read a folder of images."""
+    os.makedirs(folder, exist_ok=True)
+    progress = Progress(f"PNG files in {folder}", len(images))
+    for i, image in enumerate(images):
+        Image.fromarray(np.asarray(image)).save(os.path.join(folder, f"{i:06d}.png"))
+        progress.update(1)

@@ -6,74 +6,21 @@
 """
 import argparse
 import json
-import math
+import logging
 import os
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 
+import data
 import evaluate
 import models
-from plumbing import Progress, barrier, bf16, check_args, log, parse_args, rank_world, save_grid, setup, to_uint8
+import pretrained
+from plumbing import (Progress, barrier, check_args, close_output, open_output, parse_args,
+                      save_pngs, start_log)
 
-def time_grid(steps, latent_shape):
-    """The released grid (transport/transport.py): `steps` POINTS of linspace(0, 1),
-    g -> s g / (1 + (s - 1) g), s = sqrt(H W dim / 4096), flipped to 1 - reversed(grid) so the small steps
-    fall near noise (t = 0); like the release, only when s > 1."""
-    s = math.sqrt(math.prod(latent_shape) / 4096)
-    g = torch.linspace(0, 1, steps)
-    g = s * g / (1 + (s - 1) * g)
-    return (1 - g).flip(0) if s > 1 else g
-
-@torch.no_grad()
-def euler_sample(dit, noise, labels, steps, cfg=1.0, guide=None):
-    """Integrate dx/dt = v(x, t, y) from noise (t=0) to data (t=1) in steps-1 Euler updates: DiT^DH's time runs
-    from noise to data, as in models.flow_loss (the tokenizer's z_t runs the other way). cfg > 1 (all channels,
-    all t): CFG v_null + cfg (v_cond - v_null), or with `guide` (a weak DiT^DH) AutoGuidance
-    v_bad + cfg (v_good - v_bad)."""
-    x, ts = noise, time_grid(steps, noise.shape[1:]).to(noise.device)
-    null = torch.full_like(labels, dit.num_classes)
-    for t0, t1 in zip(ts[:-1], ts[1:]):
-        t = t0.expand(len(x))
-        if cfg > 1 and guide is not None:
-            v_good, v_bad = dit(x, t, labels), guide(x, t, labels)
-            v = v_bad + cfg * (v_good - v_bad)
-        elif cfg > 1:  # conditional and null label in one forward of a doubled batch
-            v_cond, v_null = dit(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).chunk(2)
-            v = v_null + cfg * (v_cond - v_null)
-        else:
-            v = dit(x, t, labels)
-        x = x + (t1 - t0) * v
-    return x
-
-@torch.no_grad()
-def generate(dit, tokenizer, stats, idx, steps, cfg=1.0, guide=None, seed=0, classes=None):
-    """Decoded images in [-1, 1] for global image indices idx: image i has noise seeded by (seed, i) and
-    label i % num_classes (or classes[i % len(classes)]), so any split of the indices over ranks gives the
-    same images."""
-    device = stats["mean"].device
-    noise = []
-    for i in idx:  # image i's own generator: the same noise on any rank
-        generator = torch.Generator().manual_seed((seed << 32) + i)
-        noise.append(torch.randn(dit.dim, dit.grid, dit.grid, generator=generator))
-    noise = torch.stack(noise).to(device)
-    classes = classes or range(dit.num_classes)
-    labels = torch.tensor([classes[i % len(classes)] for i in idx], device=device)
-    with bf16(device):
-        z = euler_sample(dit, noise, labels, steps, cfg, guide)
-        z = z.float() * stats["std"][:, None, None] + stats["mean"][:, None, None]  # the tokenizer's scale
-        return tokenizer.decode(z).float()
-
-def sample_metrics(dit, tokenizer, stats, inception, ref, n, steps, cfg=1.0, guide=None, batch_size=125):
-    """gFID / IS (+ precision / recall if ref has pool features) of n images generated in memory over the ranks."""
-    rank, world = rank_world()
-    per = -(-n // world)  # every rank the same count; the last rank's extras are cut
-    ids = range(rank * per, (rank + 1) * per)
-    batches = (to_uint8(generate(dit, tokenizer, stats, ids[i:i + batch_size], steps, cfg, guide))
-               for i in range(0, per, batch_size))
-    return evaluate.generation_metrics(inception, batches, *ref[0], ref[1], n=n)  # ref: evaluate.reference's answer
+log = logging.getLogger("rectok")
 
 def search_cfg(args, dit, guide, tokenizer, stats, device):
     """The release's --cfg_list: the best-FID scale on --search_images samples, cached in <out_dir>/cfg_search.json."""
@@ -84,36 +31,29 @@ def search_cfg(args, dit, guide, tokenizer, stats, device):
         if done["images"] == args.search_images and list(map(float, done["fid"])) == args.cfg_list:
             log.info(f"{path}: best guidance scale {done['best']} (search done before)")
             return done["best"]
-    inception = evaluate.load_inception(args.inception).to(device)
+    inception = pretrained.load_inception(args.inception).to(device)
     ref = evaluate.reference(inception, args.ref, args.per_proc_batch)
     fids = {}
     for cfg in args.cfg_list:
-        res = sample_metrics(dit, tokenizer, stats, inception, ref, args.search_images, args.steps, cfg, guide,
-                             args.per_proc_batch)
+        res = evaluate.sample_metrics(dit, tokenizer, stats, inception, ref, args.search_images,
+                                      args.steps, cfg, guide, args.per_proc_batch)
         fids[cfg] = res and res["fid"]  # rank 0 only
         log.info(f"guidance {cfg}: FID {fids[cfg]} on {args.search_images} samples")
-    best = [min(fids, key=fids.get) if rank_world()[0] == 0 else None]
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    best = [min(fids, key=fids.get) if rank == 0 else None]
     if dist.is_initialized():
         dist.broadcast_object_list(best)
-    if rank_world()[0] == 0:
+    if rank == 0:
         with open(path, "w") as f:
             json.dump({"images": args.search_images, "fid": fids, "best": best[0]}, f, indent=1)
     log.info(f"best guidance scale {best[0]}: sampling {args.num_images} images with it")
     return best[0]
 
-def save_pngs(images, folder):
-    """Image i as <folder>/<i:06d>.png, for evaluators that read a folder of images."""
-    os.makedirs(folder, exist_ok=True)
-    progress = Progress(f"PNG files in {folder}", len(images))
-    for i, image in enumerate(images):
-        Image.fromarray(np.asarray(image)).save(os.path.join(folder, f"{i:06d}.png"))
-        progress.update(1)
-
 def load_models(args, paths, device):
     """The DiT^DH (and --guide), the tokenizer and the latent statistics, checked against each other and the flags."""
-    dit, extra = models.load_dit(paths["dit"])
-    guide = models.load_dit(args.guide)[0].to(device) if args.guide else None
-    tokenizer = models.load_tokenizer(paths["tokenizer"]).to(device).eval()
+    dit, extra = pretrained.load_dit(paths["dit"])
+    guide = pretrained.load_dit(args.guide)[0].to(device) if args.guide else None
+    tokenizer = pretrained.load_tokenizer(paths["tokenizer"]).to(device).eval()
     if args.latent_stats:  # latent_stats.pt, or a DiT^DH checkpoint that holds them
         stats = models.read_checkpoint(args.latent_stats)
         stats = stats.get("latent_stats", stats)
@@ -133,61 +73,12 @@ def load_models(args, paths, device):
         raise SystemExit(f"--cfg: {paths['dit']} was trained with --label_drop 0, so it has no null class for "
                          "classifier-free guidance; sample with --cfg 1, or give --guide")
     dit.to(device)
-    if args.compile:
+    if args.compile:  # block by block, in place: one graph per block shape, short start-up
         for net in (dit, guide) if guide else (dit,):
-            models.compile_blocks(net.blocks)
+            for block in net.blocks:
+                block.compile()
     stats = {k: v.to(device) for k, v in stats.items()}
     return dit, guide, tokenizer, stats, extra.get("step")
-
-# ---- The resumable output: one memory-mapped array shared by all ranks plus a `done` flag per image, so a
-# rerun with the same settings finishes the job, and one with more --num_images extends a finished one
-# (image i does not depend on the count).
-
-def open_output(out, settings, size, rank):
-    """(images, done) memory maps for settings["num_images"] images of `out`, or None if `out` already holds
-    them. An earlier run into `out` with other settings is refused in one line."""
-    n = settings["num_images"]
-    finished = os.path.exists(out) and not os.path.exists(out + ".done.npy")  # the .npy files: a run under way
-    old = {} if finished else None  # what an earlier run into `out` was asked for ({}: not recorded)
-    if os.path.exists(out + ".settings.json"):
-        with open(out + ".settings.json") as f:
-            old = json.load(f)
-    if old is not None:
-        extend = finished and n > old.get("num_images", n)
-        differ = [f"--{k} {old.get(k)} (now {v})" for k, v in settings.items()
-                  if old.get(k) != v and not (k == "num_images" and extend)]
-        if differ:
-            raise SystemExit(f"{out} was sampled with other settings: {', '.join(differ)}; give the same ones to "
-                             "finish it (or more --num_images to extend it), or another --out")
-        if finished and not extend:
-            return None
-    if rank == 0 and (old is None or finished):  # a new run, or the extension of a finished one
-        images = np.lib.format.open_memmap(f"{out}.images.npy", "w+", np.uint8, (n, size, size, 3))
-        done = np.lib.format.open_memmap(f"{out}.done.npy", "w+", np.bool_, (n,))
-        if finished:
-            with np.load(out) as f:
-                images[:len(f["arr_0"])] = f["arr_0"]
-                done[:len(f["arr_0"])] = True
-        images.flush()
-        done.flush()
-        with open(out + ".settings.json", "w") as f:
-            json.dump(settings, f)
-    barrier()
-    return np.load(f"{out}.images.npy", mmap_mode="r+"), np.load(f"{out}.done.npy", mmap_mode="r+")
-
-def close_output(out, images, png=None):
-    """Rank 0, once every image is done: `out` as an ADM .npz (written atomically), a grid of the first images
-    (up to 4 rows of 10), the --png files; the memory maps are removed."""
-    rows = [images[r * 10:(r + 1) * 10] for r in range(max(1, min(4, len(images) // 10)))]
-    save_grid(os.path.join(os.path.dirname(out) or ".", "samples_grid.png"),
-              [torch.from_numpy(np.array(r)).permute(0, 3, 1, 2).float() / 127.5 - 1 for r in rows])
-    np.savez(out + ".tmp.npz", arr_0=images)
-    os.replace(out + ".tmp.npz", out)
-    if png:
-        save_pngs(images, png)
-    for name in ("images", "done"):
-        os.remove(f"{out}.{name}.npy")
-    log.info(f"wrote {out} ({len(images)} images)")
 
 DEMO = dict(num_images=100, steps=10, cfg=6.0, per_proc_batch=50)  # --demo: README, quick start
 
@@ -223,11 +114,22 @@ def main(argv=None):
         paths["tokenizer"] = args.tokenizer or os.path.join(args.out_dir, "tokenizer_ft.pt")
     kinds = dict(dit="a DiT^DH checkpoint", guide="a DiT^DH checkpoint", tokenizer="a tokenizer checkpoint",
                  latent_stats="latent statistics")
-    problems = [models.file_problem(f"--{k}", v, kinds[k]) for k, v in paths.items() if v]
-    if args.cfg_list and not args.ref:
-        problems.append("--cfg_list needs --ref (the FID reference of the search)")
-    check_args(args, problems)
-    rank, world, device = setup(args, "sample")
+    files = {f"--{k}": (v, kinds[k]) for k, v in paths.items()}
+    no_ref = args.cfg_list and not args.ref and "--cfg_list needs --ref (the FID reference of the search)"
+    check_args(args, [no_ref], files)
+    # processes: under torchrun one per GPU (NCCL) or per CPU slot (gloo), else one
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    start_log(args, "sample", rank, world, device)
+    torch.manual_seed(args.seed)
     dit, guide, tokenizer, stats, dit_step = load_models(args, paths, device)
     if args.cfg_list:
         args.cfg = search_cfg(args, dit, guide, tokenizer, stats, device)
@@ -254,8 +156,8 @@ def main(argv=None):
     progress = Progress(f"sampling (rank 0 of {world})", len(todo))
     for start in range(0, len(todo), args.per_proc_batch):
         idx = todo[start:start + args.per_proc_batch]
-        x = generate(dit, tokenizer, stats, idx, args.steps, args.cfg, guide, args.seed, args.classes)
-        images[idx] = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
+        x = models.generate(dit, tokenizer, stats, idx, args.steps, args.cfg, guide, args.seed, args.classes)
+        images[idx] = data.to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
         done[idx] = True
         progress.update(len(idx))
     images.flush()

@@ -13,11 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
+import copy
+from types import SimpleNamespace
+
 import data
+import demo
 import evaluate as ev
 import models
 import plumbing
-from sample import euler_sample, time_grid
+import pretrained
+from models import euler_sample, time_grid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 torch.set_num_threads(2)
@@ -26,6 +31,13 @@ torch.set_num_threads(2)
 # ---------------------------------------------------------------------------------------------
 # Shared fakes and helpers: tiny models and files, and the two ways a test runs a script (main_of in-process,
 # run in a subprocess for torchrun and signals)
+
+def load_teacher(name, path=None, size="large", grid=16, release_input=True, rope_rescale=1.0):
+    """pretrained.load_teacher with the stage-1 flags it reads."""
+    args = SimpleNamespace(teacher_size=size, teacher_input="release" if release_input else "direct",
+                           teacher_rope_rescale=rope_rescale)
+    return pretrained.load_teacher(name, path, grid, args)
+
 
 def tiny_tokenizer(dim=16, img=64, teacher_dim=32, **kw):
     kw = dict(dict(patch_size=16, enc_size="tiny", dec_size="tiny", sem_size="tiny"), **kw)
@@ -201,7 +213,7 @@ def test_no_kl_is_a_deterministic_autoencoder(tmp_path):
     x_hat, kl, _, _ = m(x)
     assert kl.item() == 0 and torch.equal(x_hat, m.decode(m.encode(x)))
     torch.save({"model": m.state_dict(), "model_ema": m.state_dict(), "model_args": m.model_args}, tmp_path / "ae.pt")
-    loaded = models.load_tokenizer(str(tmp_path / "ae.pt"))
+    loaded = pretrained.load_tokenizer(str(tmp_path / "ae.pt"))
     assert loaded.dim == 8 and not loaded.kl and torch.equal(loaded.encode(x), m.encode(x))
 
 
@@ -253,13 +265,13 @@ def test_checkpoint_round_trip_and_release_layout(tmp_path):
     sd = m.state_dict()
     model_args = dict(m.model_args, gamma=0.5, sem_noisy=False, noise_schedule="lognorm")  # not in the tensors
     torch.save({"model": sd, "model_ema": sd, "model_args": model_args}, tmp_path / "ours.pt")
-    loaded = models.load_tokenizer(str(tmp_path / "ours.pt")).eval()
+    loaded = pretrained.load_tokenizer(str(tmp_path / "ours.pt")).eval()
     assert loaded.model_args == model_args
     assert (loaded.gamma, loaded.sem_noisy, loaded.noise_schedule) == (0.5, False, "lognorm")
-    assert models.load_tokenizer(str(tmp_path / "ours.pt"), gamma=0.0).gamma == 0.0  # overrides win
+    assert pretrained.load_tokenizer(str(tmp_path / "ours.pt"), gamma=0.0).gamma == 0.0  # overrides win
     torch.save({"model": sd, "model_ema": sd, "args": {"gamma": 0.5}}, tmp_path / "old.pt")  # before model_args
     with pytest.raises(SystemExit, match=r"old.pt: saved by an older version of this code \(no model_args\)"):
-        models.load_tokenizer(str(tmp_path / "old.pt"))
+        pretrained.load_tokenizer(str(tmp_path / "old.pt"))
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         assert torch.equal(loaded.decode(loaded.encode(x)), m.decode(m.encode(x)))
@@ -270,13 +282,13 @@ def test_checkpoint_round_trip_and_release_layout(tmp_path):
         release[k.replace("sem_decoder.", "sem_decoders.dinov3.")] = v
     release["sem_foundation_models.dinov3.embeddings.cls_token"] = torch.zeros(1)
     torch.save({"model": release, "model_ema": release}, tmp_path / "release.pth")
-    theirs = models.load_tokenizer(str(tmp_path / "release.pth")).eval()
+    theirs = pretrained.load_tokenizer(str(tmp_path / "release.pth")).eval()
     with torch.no_grad():
         assert torch.equal(theirs.decode(theirs.encode(x)), m.decode(m.encode(x)))
     del release["decoder.conv_out.weight"]
     torch.save({"model": release}, tmp_path / "broken.pth")
     with pytest.raises(SystemExit, match="decoder.conv_out.weight"):
-        models.load_tokenizer(str(tmp_path / "broken.pth"))
+        pretrained.load_tokenizer(str(tmp_path / "broken.pth"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +297,7 @@ def test_checkpoint_round_trip_and_release_layout(tmp_path):
 @pytest.mark.parametrize("name", ["dinov2_vitl14", "dinov3_vitl16"])
 def test_teacher_shapes_frozen_and_round_trip(name, tmp_path):
     torch.manual_seed(0)
-    teacher = models.load_teacher(name, None, "tiny", grid=4)
+    teacher = load_teacher(name, None, "tiny", grid=4)
     x = torch.rand(2, 3, 64, 64, requires_grad=True) * 2 - 1
     out = teacher(x)
     assert out.shape == (2, 16, teacher.dim) and not out.requires_grad
@@ -296,17 +308,17 @@ def test_teacher_shapes_frozen_and_round_trip(name, tmp_path):
         for p in teacher.parameters():
             p.add_(0.1 * torch.randn_like(p))
     torch.save(teacher.state_dict(), tmp_path / "t.pth")
-    loaded = models.load_teacher(name, str(tmp_path / "t.pth"), "tiny", grid=4)
+    loaded = load_teacher(name, str(tmp_path / "t.pth"), "tiny", grid=4)
     assert torch.equal(loaded(x), teacher(x))
     sd = teacher.state_dict()
     del sd["blocks.1.attn.qkv.weight"]
     torch.save(sd, tmp_path / "bad.pth")
     with pytest.raises(SystemExit, match=r"missing keys blocks\.1\.attn\.qkv\.weight"):
-        models.load_teacher(name, str(tmp_path / "bad.pth"), "tiny", grid=4)
+        load_teacher(name, str(tmp_path / "bad.pth"), "tiny", grid=4)
 
 
 def test_teacher_release_input_truncates_to_uint8_and_resizes():
-    v3 = models.load_teacher("dinov3_vitl16", None, "tiny", grid=16)  # release_input by default
+    v3 = load_teacher("dinov3_vitl16", None, "tiny", grid=16)  # release_input by default
     x = torch.stack([data.to_tensor(np.full((256, 256, 3), k, np.uint8)) for k in range(256)])
     level = (x[:, 0, 0, 0] + 1) / 2 * 255
     truncated, rounded = level.to(torch.uint8).float(), level.round()
@@ -315,19 +327,19 @@ def test_teacher_release_input_truncates_to_uint8_and_resizes():
     assert out.shape == (256, 3, 256, 256)
     expected = (truncated / 255 - v3.mean[0, 0, 0, 0]) / v3.std[0, 0, 0, 0]
     torch.testing.assert_close(out[:, 0, 100, 37], expected, atol=1e-5, rtol=0)
-    direct = models.load_teacher("dinov3_vitl16", None, "tiny", grid=16, release_input=False)
+    direct = load_teacher("dinov3_vitl16", None, "tiny", grid=16, release_input=False)
     edge = torch.zeros(1, 3, 256, 256).index_fill_(3, torch.arange(128), 1.0) - 0.5  # a sharp vertical edge
     blurred, sharp = v3.preprocess(edge)[0, 0, 0], direct.preprocess(edge)[0, 0, 0]
     assert len(sharp.unique()) == 2  # a sharp edge, and the blurred one is flat away from it:
     assert torch.allclose(blurred[:124], blurred[0]) and torch.allclose(blurred[132:], blurred[-1])
     between = (blurred - blurred[0]).abs().gt(1e-3) & (blurred - blurred[-1]).abs().gt(1e-3)
     assert between.sum() == 4  # the 224-px round trip softens the edge over 4 pixels
-    v2 = models.load_teacher("dinov2_vitl14", None, "tiny", grid=16)
+    v2 = load_teacher("dinov2_vitl14", None, "tiny", grid=16)
     assert v2.preprocess(edge).shape == (1, 3, 224, 224) and v2(edge).shape == (1, 256, v2.dim)
 
 
 def test_teacher_rope_rescale_is_one_log_uniform_draw_per_forward():
-    teacher = models.load_teacher("dinov3_vitl16", None, "tiny", grid=16)
+    teacher = load_teacher("dinov3_vitl16", None, "tiny", grid=16)
     sin, cos = teacher.rope(16, 16)
     base = torch.atan2(sin[-1, 7], cos[-1, 7])  # a low frequency: the angle never wraps
     assert torch.equal(teacher.rope(16, 16)[0], sin)  # rope_rescale 1 (evaluation): deterministic
@@ -348,8 +360,8 @@ def test_teacher_rope_rescale_is_one_log_uniform_draw_per_forward():
 
 def test_teacher_key_names_are_metas():
     with torch.device("meta"):
-        v2 = models.load_teacher("dinov2_vitl14").state_dict()
-        v3 = models.load_teacher("dinov3_vitl16").state_dict()
+        v2 = load_teacher("dinov2_vitl14").state_dict()
+        v3 = load_teacher("dinov3_vitl16").state_dict()
     assert len(v2) == 343 and v2["pos_embed"].shape == (1, 1370, 1024) and "blocks.23.ls2.gamma" in v2
     assert len(v3) == 368 and v3["storage_tokens"].shape == (1, 4, 1024) and "blocks.23.attn.qkv.bias_mask" in v3
     assert v3["rope_embed.periods"].shape == (16,) and "pos_embed" not in v3
@@ -359,7 +371,7 @@ def test_semantic_loss_trains_encoder_never_teacher():
     import train_tokenizer as tt
     torch.manual_seed(0)
     m = tiny_tokenizer(teacher_dim=64).train()
-    teacher = models.load_teacher("dinov3_vitl16", None, "tiny", grid=4)
+    teacher = load_teacher("dinov3_vitl16", None, "tiny", grid=4)
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     _, _, pred, ids_keep = m(x)
     tt.semantic_loss(pred, teacher(x), ids_keep).backward()
@@ -377,7 +389,7 @@ def test_tokenizer_loss_falls_on_a_fixed_batch():
     import train_tokenizer as tt
     torch.manual_seed(0)
     m = tiny_tokenizer(img=32, patch_size=8, teacher_dim=64).train()
-    teacher = models.load_teacher("dinov2_vitl14", None, "tiny", grid=4)
+    teacher = load_teacher("dinov2_vitl14", None, "tiny", grid=4)
     perceptual, disc = models.Perceptual(0.0, True), models.patchgan()
     args = type("A", (), dict(rec_weight=1.0, perceptual_weight=1.0, kl_weight=1e-6, sem_weight=1.0, disc_weight=0.5,
                               sem_target="all"))
@@ -528,7 +540,8 @@ def test_skipped_step_changes_nothing_and_a_finite_one_is_the_plain_step():
     z, y = torch.randn(4, 4, 4, 4), torch.arange(4)
     # a finite step: bit-identical to the step without the skip (clip, AdamW step, EMA lerp by a scalar)
     ref_ema = copy.deepcopy(ref)
-    ref_opt = plumbing.adamw([p for p in ref.parameters() if p.requires_grad], 1e-3)
+    ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-3, betas=(0.9, 0.95),
+                                weight_decay=0.0, fused=True)
     torch.manual_seed(0)
     models.flow_loss(ref, z, y).backward()
     torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
@@ -537,12 +550,12 @@ def test_skipped_step_changes_nothing_and_a_finite_one_is_the_plain_step():
         torch._foreach_lerp_(list(ref_ema.parameters()), [p.detach() for p in ref.parameters()], 1 - 0.9)
     torch.manual_seed(0)
     assert step([(z, y)], 1e-3)[2]
-    for a, b in ((dit, ref), (step.ema.model, ref_ema)):
+    for a, b in ((dit, ref), (step.ema, ref_ema)):
         assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     # a NaN batch: weights, EMA, AdamW moments and step count all stay
-    before = copy.deepcopy((dit.state_dict(), step.ema.model.state_dict(), step.opt.state_dict()))
+    before = copy.deepcopy((dit.state_dict(), step.ema.state_dict(), step.opt.state_dict()))
     assert not step([(z * math.nan, y)], 1e-3)[2]
-    after = (dit.state_dict(), step.ema.model.state_dict(), step.opt.state_dict())
+    after = (dit.state_dict(), step.ema.state_dict(), step.opt.state_dict())
     for b, a in zip(before[:2], after[:2]):
         assert all(torch.equal(b[k], a[k]) for k in b)
     for s in before[2]["state"]:
@@ -555,7 +568,8 @@ def test_skipped_step_changes_nothing_and_a_finite_one_is_the_plain_step():
         for ps in (params, copies):
             for p in ps:
                 p.grad = grad.clone()
-        plumbing.step_if(torch.tensor(grad.isfinite().all().item()), opts[0])
+        opts[0].found_inf = (~torch.tensor(grad.isfinite().all().item())).float()  # as the training steps skip
+        opts[0].step()
         if grad.isfinite().all():
             opts[1].step()
         assert all(torch.equal(p, q) for p, q in zip(params, copies))
@@ -656,10 +670,10 @@ def test_loss_networks_run_in_fp32_unless_asked(tmp_path):
     m = tiny_tokenizer(img=32, patch_size=8, teacher_dim=0)
     x = torch.stack([data.Shapes(2, 32)[i][0] for i in range(2)])
     for bf16_losses, dtype in ((False, torch.float32), (True, torch.bfloat16)):
-        args = SimpleNamespace(compile=False, grad_ckpt=False, blr=1e-4, global_batch=2, convnext_weight=0.0, random_frozen_nets=True,
+        args = SimpleNamespace(compile=False, grad_ckpt=False, blr=1e-4, global_batch=2, convnext_weight=0.0, ema=0.9, random_frozen_nets=True,
                                weight_decay=0.0, grad_clip=3.0, rec_weight=1.0, perceptual_weight=1.0, kl_weight=0.0,
                                sem_weight=0.0, disc_weight=0.1, bf16_losses=bf16_losses)
-        step = tt.TokenizerStep(args, m, plumbing.EMA(m, 0.9), None, torch.device("cpu"), 1)
+        step = tt.TokenizerStep(args, m, copy.deepcopy(m).eval().requires_grad_(False), None, torch.device("cpu"), 1)
         step.autocast = torch.autocast("cpu", torch.bfloat16)  # as on a GPU
         seen = []
         for net in (step.perceptual.lpips.net.slice1, step.disc):  # lpips calls its VGG's forward(), not the module
@@ -689,7 +703,7 @@ def test_finetune_changes_only_the_pixel_decoder(tmp_path):
     changed = {k for k in after if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("decoder.") for k in changed)
     assert "decoder.conv_out.weight" in changed and "decoder.mask_token" not in changed
-    ft = models.load_tokenizer(str(tmp_path / "tokenizer_ft.pt"))
+    ft = pretrained.load_tokenizer(str(tmp_path / "tokenizer_ft.pt"))
     assert ft.sem_decoder is None and ft.encode(torch.zeros(1, 3, 32, 32)).shape == (1, 16, 4, 4)
 
 
@@ -961,7 +975,7 @@ def test_load_roundtrip_and_release_layout(tmp_path):
     model_args = dict(model.model_args, label_drop=0.0)  # not in the tensors
     torch.save({"model": model.state_dict(), "model_ema": model.state_dict(), "model_args": model_args,
                 "args": {"model": "tiny"}, "latent_stats": (1, 2)}, ours)
-    loaded, extra = models.load_dit(ours)
+    loaded, extra = pretrained.load_dit(ours)
     assert (loaded.size, loaded.dim, loaded.grid, loaded.num_classes, loaded.training) == ("tiny", 4, 4, 10, False)
     assert loaded.label_drop == 0.0
     assert extra == {"model_args": model_args, "args": {"model": "tiny"}, "latent_stats": (1, 2)}
@@ -971,20 +985,20 @@ def test_load_roundtrip_and_release_layout(tmp_path):
     release = tmp_path / "release.pth"
     sd = dict(model.state_dict(), **{f"{p}_feat_rope.freqs_{f}": torch.zeros(1) for p in ("enc", "dec") for f in ("cos", "sin")})
     torch.save({"model": sd, "model_ema": dict(model.named_parameters())}, release)
-    assert torch.equal(models.load_dit(release, ema=False)[0](x, t, y), model(x, t, y))
-    assert torch.equal(models.load_dit(release)[0](x, t, y), model(x, t, y))
+    assert torch.equal(pretrained.load_dit(release, ema=False)[0](x, t, y), model(x, t, y))
+    assert torch.equal(pretrained.load_dit(release)[0](x, t, y), model(x, t, y))
 
 
 def test_load_errors(tmp_path):
     with pytest.raises(SystemExit, match="not found"):
-        models.load_dit(tmp_path / "absent.pt")
+        pretrained.load_dit(tmp_path / "absent.pt")
     sd = tiny_dit().state_dict()
     sd["extra.weight"] = torch.zeros(1)
     torch.save({"model_ema": sd}, tmp_path / "bad.pt")
     with pytest.raises(SystemExit, match="unexpected keys extra.weight"):
-        models.load_dit(tmp_path / "bad.pt")
+        pretrained.load_dit(tmp_path / "bad.pt")
     with pytest.raises(SystemExit, match="not a DiT"):
-        models.load_dit(tmp_path / "bad.pt", ema=False)
+        pretrained.load_dit(tmp_path / "bad.pt", ema=False)
 
 
 def tiny_pipeline(tmp_path):
@@ -1073,8 +1087,8 @@ def test_released_files_by_name_download_once_into_the_hub_cache(tmp_path, monke
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", download)
     name = "hf://QingyuShi/RecTok/RecTok_decft.pth"
-    assert models.file_problem("--tokenizer", name, "a tokenizer checkpoint") is None  # check_args fetches it
-    assert models.load_tokenizer(name).grid == 4
+    assert plumbing.file_problem("--tokenizer", name, "a tokenizer checkpoint") is None  # check_args fetches it
+    assert pretrained.load_tokenizer(name).grid == 4
     assert urls == ["https://huggingface.co/QingyuShi/RecTok/resolve/main/RecTok_decft.pth"]  # once
     assert os.path.isfile(tmp_path / "hub" / "checkpoints" / "RecTok_decft.pth")
 
@@ -1087,14 +1101,14 @@ def test_released_files_by_name_download_once_into_the_hub_cache(tmp_path, monke
                           ".pth (<urlopen error [Errno -3] Temporary failure in name resolution>); offline, put the "
                           f"file in {tmp_path / 'hub' / 'checkpoints'}")
     with pytest.raises(SystemExit, match="hf://<org>/<repo>/<file>"):
-        models.load_dit("hf://QingyuShi/RecTok")
+        pretrained.load_dit("hf://QingyuShi/RecTok")
 
 
 def test_guidance_search_picks_the_best_scale(tmp_path, monkeypatch):
     import sample
     argv = tiny_pipeline(tmp_path)
     np.savez(tmp_path / "ref.npz", mu=np.zeros(8), sigma=np.eye(8))
-    monkeypatch.setattr(ev, "load_inception", lambda path: StandInInception(dim=8))
+    monkeypatch.setattr(pretrained, "load_inception", lambda path: StandInInception(dim=8))
     scores = iter([3.0, 1.0, 2.0])  # one FID per scale, in --cfg_list order
     monkeypatch.setattr(ev, "frechet_distance", lambda *a: next(scores))
     main_of(sample, argv + ["--cfg_list", "2.0", "1.25", "1.0", "--search_images", "10", "--ref",  # argv: --cfg 1.5
@@ -1145,7 +1159,7 @@ def test_flat_folder_trains_an_unconditional_dit_and_samples_without_guidance(tm
             "--sample_steps", "3", "--label_drop", "0"]
     assert "guidance needs the null class" in one_line_exit("train_dit", argv, capsys)  # demo: --cfg 6
     main_of(train_dit, argv + ["--cfg", "1"])
-    dit = models.load_dit(str(tmp_path / "dit.pt"))[0]
+    dit = pretrained.load_dit(str(tmp_path / "dit.pt"))[0]
     assert dit.num_classes == 1 and dit.label_drop == 0
     out = ["--out_dir", str(tmp_path), "--num_images", "4", "--steps", "3", "--per_proc_batch", "4"]
     assert "--label_drop 0, so it has no null class" in one_line_exit("sample", out + ["--cfg", "2"], capsys)
@@ -1158,10 +1172,10 @@ def test_flat_folder_trains_an_unconditional_dit_and_samples_without_guidance(tm
 def test_sampling_chosen_classes(tmp_path, capsys):
     import sample
     argv = tiny_pipeline(tmp_path) + ["--out", str(tmp_path / "some.npz"), "--classes", "3", "7"]  # 12 images
-    dit, extra = models.load_dit(str(tmp_path / "dit.pt"))
+    dit, extra = pretrained.load_dit(str(tmp_path / "dit.pt"))
     seen = []
     dit.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[2]))
-    sample.generate(dit, models.load_tokenizer(str(tmp_path / "tok.pt")), extra["latent_stats"], [0, 1, 2, 5], 2,
+    models.generate(dit, pretrained.load_tokenizer(str(tmp_path / "tok.pt")), extra["latent_stats"], [0, 1, 2, 5], 2,
                     classes=[3, 7])
     assert seen[0].tolist() == [3, 7, 3, 7]  # image i: classes[i % len(classes)]
     main_of(sample, argv)
@@ -1252,23 +1266,23 @@ def test_precision_recall():
 def test_tf1_resize_by_hand():
     # separable test image x[i, j] = a[i] + b[j]; TF1 samples src = dst * in / out, neighbours clamped
     a, b = torch.tensor([0.0, 30.0]), torch.tensor([0.0, 10.0, 20.0, 40.0])
-    out = models.tf1_resize((a[:, None] + b[None, :])[None, None], 3)
+    out = pretrained.tf1_resize((a[:, None] + b[None, :])[None, None], 3)
     A = torch.tensor([0.0, 20.0, 30.0])          # 2 -> 3: src 0, 2/3, 4/3 (right neighbour clamped to 1)
     B = torch.tensor([0.0, 40 / 3, 100 / 3])     # 4 -> 3: src 0, 4/3, 8/3
     torch.testing.assert_close(out[0, 0], A[:, None] + B[None, :])
 
 
 def test_load_inception_refuses_missing_and_unexpected_keys(tmp_path):
-    state = models.InceptionV3().state_dict()
+    state = pretrained.InceptionV3().state_dict()
     state.pop("Mixed_6c.branch7x7dbl_3.bn.running_var")
     torch.save(state, tmp_path / "w.pth")
     with pytest.raises(SystemExit, match="--inception .*: should be .* it has no key Mixed_6c.branch7x7dbl_3.bn.running_var"):
-        ev.load_inception(str(tmp_path / "w.pth"))
-    state = models.InceptionV3().state_dict()
+        pretrained.load_inception(str(tmp_path / "w.pth"))
+    state = pretrained.InceptionV3().state_dict()
     state["AuxLogits.fc.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "w.pth")
     with pytest.raises(SystemExit, match="it has an unexpected key AuxLogits.fc.weight"):
-        ev.load_inception(str(tmp_path / "w.pth"))
+        pretrained.load_inception(str(tmp_path / "w.pth"))
 
 
 def test_inception_download_offline_is_one_line(tmp_path, monkeypatch):
@@ -1280,14 +1294,14 @@ def test_inception_download_offline_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))  # an empty cache: the weights must be downloaded
     with pytest.raises(SystemExit) as e:
-        ev.load_inception()
+        pretrained.load_inception()
     msg = str(e.value)
     assert "\n" not in msg and "could not load pretrained FID Inception" in msg and "network blocked" in msg
     assert os.path.join(str(tmp_path), "checkpoints") in msg
 
 
 def test_random_inception_shapes_and_warning(caplog):
-    model = ev.load_inception("random")
+    model = pretrained.load_inception("random")
     assert "RANDOM" in caplog.text
     pool, logits = model(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8))
     assert pool.shape == (2, 2048) and logits.shape == (2, 1008) and torch.isfinite(logits).all()
@@ -1312,7 +1326,7 @@ def test_script_save_stats_and_evaluate(tmp_path, monkeypatch):
     (tmp_path / "ref").mkdir()
     for i, im in enumerate(imgs):
         Image.fromarray(im).save(tmp_path / "ref" / f"{i}.png")
-    monkeypatch.setattr(ev, "load_inception", lambda path: StandInInception())
+    monkeypatch.setattr(pretrained, "load_inception", lambda path: StandInInception())
     common = ["--inception", "random", "--batch_size", "4"]
     main_of(ev, common + ["--samples", str(tmp_path / "ref"), "--save_stats", str(tmp_path / "stats.npz")])
     stats = np.load(tmp_path / "stats.npz")
@@ -1365,7 +1379,7 @@ def test_reconstruction_metrics_of_a_perfect_tokenizer(tmp_path):
     feats = StandInInception(dim=8)(torch.randint(0, 256, (20, 3, 16, 16), dtype=torch.uint8))[0]
     ref = ev.feature_stats(feats)
     res = ev.reconstruction_metrics(Identity(), loader, StandInInception(dim=8), torch.device("cpu"), ref)
-    real = torch.cat([StandInInception(dim=8)(plumbing.to_uint8(x))[0] for x, _ in loader])
+    real = torch.cat([StandInInception(dim=8)(data.to_uint8(x))[0] for x, _ in loader])
     assert res["rfid"] == pytest.approx(ev.fid_from_feats(real, *ref), rel=1e-9) and res["rfid"] > 0
 
 
@@ -1399,7 +1413,7 @@ def test_linear_probe_mode(tmp_path):
 
 
 def test_probe_features_pool_the_latents_and_the_hooked_block(tmp_path):
-    tokenizer = models.load_tokenizer(tokenizer_file(tmp_path / "tok.pt"))
+    tokenizer = pretrained.load_tokenizer(tokenizer_file(tmp_path / "tok.pt"))
     loader = data.make_loader(data.Shapes(5, 32), 2, False, workers=0)
     feats, labels = ev.probe_features(tokenizer, loader, torch.device("cpu"))
     x = torch.stack([data.Shapes(5, 32)[i][0] for i in range(5)])
@@ -1430,7 +1444,7 @@ def test_demo_judges_learn_the_demo_classes_differ_and_are_cached(tmp_path, monk
     judges = {}
     for role in ("teacher", "evaluator"):
         seeds.clear()
-        judge, accuracy = ev.demo_judge(str(tmp_path), 32, torch.device("cpu"), role, grid=8)
+        judge, accuracy = demo.judge(str(tmp_path), 32, torch.device("cpu"), role, grid=8)
         assert accuracy >= 0.9, role  # held-out Shapes (seed 1), after a few seconds of training
         judges[role] = (judge, seeds[0])
     assert judges["teacher"][1] == (640, 0)  # the teacher learns from demo training images (seed 0) ...
@@ -1439,23 +1453,23 @@ def test_demo_judges_learn_the_demo_classes_differ_and_are_cached(tmp_path, monk
     assert [p.shape for p in teacher.parameters()] != [p.shape for p in evaluator.parameters()]  # other architecture
     x = torch.stack([data.Shapes(4, 32, seed=5)[i][0] for i in range(4)])
     assert teacher(x).shape == (4, 64, teacher.dim)  # the teachers' interface: patch features on the 8 x 8 token grid
-    pool, logits = evaluator(plumbing.to_uint8(x))  # the FID Inception's interface
+    pool, logits = evaluator(data.to_uint8(x))  # the FID Inception's interface
     assert pool.shape == (4, evaluator.dim) and logits.shape == (4, 10)
     mtime = os.path.getmtime(tmp_path / "judge_teacher.pt")
-    again = ev.demo_judge(str(tmp_path), 32, torch.device("cpu"), "teacher", grid=8)[0]  # read back, not retrained
+    again = demo.judge(str(tmp_path), 32, torch.device("cpu"), "teacher", grid=8)[0]  # read back, not retrained
     assert os.path.getmtime(tmp_path / "judge_teacher.pt") == mtime and (tmp_path / "judge_evaluator.pt").exists()
     assert torch.equal(again(x), teacher(x)) and not any(p.requires_grad for p in again.parameters())
     torch.rand(7)  # another global RNG state, as in another stage or on another rank
     os.makedirs(tmp_path / "other")
-    other = ev.demo_judge(str(tmp_path / "other"), 32, torch.device("cpu"), "teacher", grid=8)[0]  # the same net
+    other = demo.judge(str(tmp_path / "other"), 32, torch.device("cpu"), "teacher", grid=8)[0]  # the same net
     assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), teacher.state_dict().values()))
 
 
 def judge_calls(monkeypatch, n_train=64):
     """Every DemoJudge call outside the judges' own training, as (role, input dtype); the judges train on n_train
     images (64: fast, not accurate)."""
-    calls, inside, forward, demo_judge = [], [], models.DemoJudge.forward, ev.demo_judge
-    roles = {layers[-1][0]: role for role, layers in models.JUDGE_LAYERS.items()}  # told apart by their width
+    calls, inside, forward, demo_judge = [], [], demo.DemoJudge.forward, demo.judge
+    roles = {layers[-1][0]: role for role, layers in demo.JUDGE_LAYERS.items()}  # told apart by their width
 
     def record(self, x):  # the outer call only (the uint8 path calls the float one)
         if not inside:
@@ -1472,8 +1486,8 @@ def judge_calls(monkeypatch, n_train=64):
             return demo_judge(*args, **kw, n_train=n_train)
         finally:
             inside.pop()
-    monkeypatch.setattr(models.DemoJudge, "forward", record)
-    monkeypatch.setattr(ev, "demo_judge", build)
+    monkeypatch.setattr(demo.DemoJudge, "forward", record)
+    monkeypatch.setattr(demo, "judge", build)
     return calls
 
 
@@ -1560,7 +1574,7 @@ def test_online_metrics_refuse_an_unsharded_loader(monkeypatch):
 def test_online_eval_in_the_training_scripts(tmp_path, monkeypatch):
     import train_dit
     import train_tokenizer as tt
-    monkeypatch.setattr(ev, "load_inception", lambda path: StandInInception(dim=8))
+    monkeypatch.setattr(pretrained, "load_inception", lambda path: StandInInception(dim=8))
     main_of(tt, TINY_TRAIN + ["--epochs", "1", "--eval_every", "1", "--eval_images", "6", "--out_dir", str(tmp_path)])
     rec = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if "eval_psnr" in line]
     assert len(rec) == 1 and rec[0]["eval_images"] == 6 and math.isfinite(rec[0]["eval_rfid"])
@@ -1575,14 +1589,61 @@ def test_online_eval_in_the_training_scripts(tmp_path, monkeypatch):
 
 def test_gated_dinov3_needs_its_file():
     with pytest.raises(SystemExit, match="--teacher_ckpt"):
-        models.teacher_file("dinov3_vitl16", None)
-    assert models.teacher_file("dinov3_vitl16", "/some/file.pth") == "/some/file.pth"
+        pretrained.teacher_file("dinov3_vitl16", None)
+    assert pretrained.teacher_file("dinov3_vitl16", "/some/file.pth") == "/some/file.pth"
 
 
 # ---------------------------------------------------------------------------------------------
 # Fast paths: torch.compile and bf16 autocast must not change the function
 
 @torch._inductor.config.patch(fallback_random=True)  # eager's RNG inside compiled code
+def test_a_toy_teacher_through_the_registry_trains_a_step(tmp_path, monkeypatch):
+    """README, Fork it: another teacher is its class and one TEACHERS entry; --teacher NAME then trains with it
+    (its .dim sizes the semantic decoder, its forward(x in [-1, 1]) gives the FSD targets)."""
+    import train_tokenizer as tt
+    seen = []
+
+    class Toy(torch.nn.Module):
+        dim = 12
+
+        def __init__(self, grid):
+            super().__init__()
+            self.grid = grid
+            self.proj = torch.nn.Conv2d(3, self.dim, 1)
+
+        def forward(self, x):
+            seen.append((x.dtype, tuple(x.shape), x.min().item() >= -1, x.max().item() <= 1))
+            return torch.nn.functional.adaptive_avg_pool2d(self.proj(x), self.grid).flatten(2).transpose(1, 2)
+
+    built = []
+    def build(sd, grid, args):
+        built.append((sd, grid, args.teacher_size))
+        return Toy(grid)
+    monkeypatch.setitem(pretrained.TEACHERS, "toy", pretrained.Teacher(build, url="https://example.invalid/toy.pth"))
+    main_of(tt, ["--demo", "--demo_images", "8", "--batch_size", "8", "--global_batch", "8", "--epochs", "1",
+                 "--log_every", "1", "--teacher", "toy", "--out_dir", str(tmp_path)])
+    assert built == [(None, 4, "large")]  # --demo has random frozen nets: no file, the 4 x 4 token grid
+    assert seen == [(torch.float32, (8, 3, 32, 32), True, True)]  # one step, one teacher forward
+    row = json.loads(open(tmp_path / "metrics.jsonl").readline())
+    assert row["step"] == 1 and 0 < row["sem"] < 2 * 0.7  # 0.7 (1 - cos): the demo's weight times a cosine loss
+    ckpt = models.read_checkpoint(str(tmp_path / "tokenizer.pt"))
+    assert ckpt["model"]["sem_decoder.out.weight"].shape[0] == Toy.dim and ckpt["args"]["teacher"] == "toy"
+
+
+def test_dino_sizes_are_read_from_the_weight_file():
+    """The registry's DINOv2 ViT-S/14, ViT-B/14 and ViT-L/14 (and DINOv3 ViT-L/16) take their sizes from the file,
+    whatever --teacher_size says (it sizes random weights only)."""
+    with torch.device("meta"):
+        for name, size, shape in (("dinov2_vits14", "small", (384, 12, 6)), ("dinov2_vitb14", "base", (768, 12, 12)),
+                                  ("dinov2_vitl14", "large", (1024, 24, 16)), ("dinov3_vitl16", "large", (1024, 24, 16))):
+            sd = load_teacher(name, size=size).state_dict()
+            assert pretrained.dino_size(sd, "tiny") == shape
+            assert load_teacher(name, size=size).dim == shape[0]
+    assert sorted(pretrained.TEACHERS) == ["dinov2_vitb14", "dinov2_vitl14", "dinov2_vits14", "dinov3_vitl16"]
+    assert pretrained.TEACHERS["dinov2_vits14"].url.endswith("/dinov2_vits14/dinov2_vits14_pretrain.pth")
+    assert pretrained.TEACHERS["dinov3_vitl16"].url is None and "gated" in pretrained.TEACHERS["dinov3_vitl16"].gated
+
+
 def test_compiled_tokenizer_step_matches_eager():
     import train_tokenizer as tt
     from types import SimpleNamespace
@@ -1591,11 +1652,11 @@ def test_compiled_tokenizer_step_matches_eager():
     for compile in (False, True):
         torch.manual_seed(0)
         m = tiny_tokenizer(img=32, patch_size=8, teacher_dim=64)
-        teacher = models.load_teacher("dinov2_vitl14", None, "tiny", grid=4)
-        args = SimpleNamespace(compile=compile, grad_ckpt=False, blr=1e-4, global_batch=8, convnext_weight=0.0, random_frozen_nets=True,
+        teacher = load_teacher("dinov2_vitl14", None, "tiny", grid=4)
+        args = SimpleNamespace(compile=compile, grad_ckpt=False, blr=1e-4, global_batch=8, convnext_weight=0.0, ema=0.9, random_frozen_nets=True,
                                weight_decay=1e-4, grad_clip=3.0, rec_weight=1.0, perceptual_weight=1.0, kl_weight=1e-6,
                                sem_weight=1.0, disc_weight=0.5, bf16_losses=False, sem_target="all")
-        step = tt.TokenizerStep(args, m, plumbing.EMA(m, 0.9), teacher, torch.device("cpu"), 1)
+        step = tt.TokenizerStep(args, m, copy.deepcopy(m).eval().requires_grad_(False), teacher, torch.device("cpu"), 1)
         torch.manual_seed(1)  # three steps with the GAN on: three different RAD mask ratios through one graph
         runs.append(([step([x], 1e-3, True)[0] for _ in range(3)], m.state_dict()))
     (eager, w_eager), (fast, w_fast) = runs
@@ -1660,7 +1721,7 @@ def test_grad_ckpt_gives_the_same_loss_and_gradients():
 
 def test_every_size_has_a_flash_attention_head_dim():
     # flash SDPA takes head dims that are multiples of 8 up to 256; any other silently runs a slower kernel
-    dims = [w // h for w, _, h in list(models.SIZES.values()) + list(models.TEACHER_SIZES.values())]
+    dims = [w // h for w, _, h in list(models.SIZES.values()) + list(pretrained.TEACHER_SIZES.values())]
     dims += [d for w, _, h, hw, _, hh in models.DIT_SIZES.values() for d in (w // h, hw // hh)]
     assert all(d % 8 == 0 and d <= 256 for d in dims), dims
     assert 72 in dims and 128 in dims  # DiT^DH-XL's encoder and the wide head

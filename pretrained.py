@@ -1,0 +1,570 @@
+"""Networks made by others, and the authors' files: the frozen teachers of FSD behind one registry
+(DINOv2, DINOv3), the FID Inception-v3, and the readers of the authors' released checkpoints (their key
+names, hf:// names). models.py holds the paper's own networks."""
+import functools
+import logging
+import math
+import os
+import time
+from collections import OrderedDict
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import models
+
+log = logging.getLogger("rectok")
+
+# ---- The teacher registry (paper Sec. 3.2: E_VFM of Eq. 5, the network FSD distils).
+# A teacher is a frozen nn.Module with
+#   .dim         channels of its patch features (the semantic decoder's output width)
+#   forward(x)   x: images in [-1, 1], (B, 3, H, W) -> patch features (B, grid * grid, .dim) on the
+#                tokenizer's token grid (its own resizing and normalisation inside)
+#   .blocks      optional: its transformer blocks, compiled one by one by --compile
+# and a registry entry: build(sd, grid, args) makes it (sd: its weight file's state dict, whose key
+# names load_teacher checks strictly, or None for random weights at --teacher_size; args: stage 1's
+# flags), url: where its weights are downloaded from once (None: a gated file, given by
+# --teacher_ckpt, with `gated` saying where to ask for it). A new teacher: its class, one entry.
+
+class Teacher(NamedTuple):
+    build: Callable
+    url: Optional[str] = None
+    gated: Optional[str] = None
+
+def dino_size(sd, size):
+    """(width, depth, heads) read off a DINO weight file (64 channels per head in every released
+    size), or TEACHER_SIZES[size] for random weights."""
+    if sd is None:
+        return TEACHER_SIZES[size]
+    width = sd["cls_token"].shape[-1]
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    heads = {w: h for w, _, h in TEACHER_SIZES.values()}.get(width, width // 64)
+    return width, depth, heads
+
+def dinov2(sd, grid, args):
+    return DinoTeacher(False, *dino_size(sd, args.teacher_size), grid,
+                       args.teacher_input == "release")
+
+def dinov3(sd, grid, args):
+    return DinoTeacher(True, *dino_size(sd, args.teacher_size), grid,
+                       args.teacher_input == "release", args.teacher_rope_rescale)
+
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{0}14/dinov2_vit{0}14_pretrain.pth"
+DINOV3_GATED = ("--teacher_ckpt: DINOv3 weights are gated; "
+                "request dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth at "
+                "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/ "
+                "and pass its path")
+
+# the paper's teachers: DINOv2 ViT-L/14 below dim 64, DINOv3 ViT-L/16 from 64 (Sec. 4.1); DINOv2
+# ViT-S/14 and ViT-B/14 for smaller runs
+TEACHERS = {"dinov2_vits14": Teacher(dinov2, DINOV2_URL.format("s")),
+            "dinov2_vitb14": Teacher(dinov2, DINOV2_URL.format("b")),
+            "dinov2_vitl14": Teacher(dinov2, DINOV2_URL.format("l")),
+            "dinov3_vitl16": Teacher(dinov3, gated=DINOV3_GATED)}
+
+def teacher_file(name, path):
+    """The teacher's weight file: `path` (--teacher_ckpt) if given, else its registry URL downloaded
+    once into the torch hub cache (a gated teacher: one line saying where to ask for it)."""
+    if path:
+        return path
+    entry = TEACHERS[name]
+    if entry.url is None:
+        raise SystemExit(entry.gated)
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(entry.url))
+    if not os.path.exists(path):
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.hub.download_url_to_file(entry.url, path)
+        except Exception as e:
+            raise models.download_error(f"{name} ({entry.url})", e)
+    return path
+
+def load_teacher(name, path, grid, args):
+    """The frozen teacher `name` on the tokenizer's `grid`: its weight file at `path` (strict keys),
+    or random weights for path=None."""
+    sd = None
+    if path is None:
+        log.warning(f"!!! teacher {name} ({args.teacher_size}) has RANDOM weights: its features "
+                    "are meaningless (tests/demos only) !!!")
+    else:
+        sd = models.read_checkpoint(path)
+    teacher = TEACHERS[name].build(sd, grid, args)
+    if sd is not None:
+        models.load_state(teacher, sd, path)
+    return teacher.requires_grad_(False).eval()
+
+# ---- DINOv2 and DINOv3 (Meta's files, Meta's key names: strict loading)
+
+# width, depth, heads of the random-weight teachers (--teacher_size); with a weight file, its sizes
+# are read from it. tiny = tests only
+TEACHER_SIZES = {"tiny": (64, 2, 2), "small": (384, 12, 6), "base": (768, 12, 12),
+                 "large": (1024, 24, 16)}
+
+def rotate_half(x):  # DINOv3 RoPE pairs channel i with channel i + D/2
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+class DinoBlock(nn.Module):
+    """Pre-norm ViT block with LayerScale; DINOv3 adds RoPE on patch tokens and a masked k bias."""
+    def __init__(self, width, heads, eps, mask_k_bias):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width, eps=eps)
+        self.norm2 = nn.LayerNorm(width, eps=eps)
+        # containers named as in Meta's release files (attn.qkv, mlp.fc1, ls1.gamma, ...)
+        self.attn = nn.ModuleDict(dict(qkv=nn.Linear(width, 3 * width),
+                                       proj=nn.Linear(width, width)))
+        if mask_k_bias:
+            # DINOv3: bias_mask (1 for q, 0 for k, 1 for v) is stored in the release file
+            mask = torch.ones(3, width).index_fill_(0, torch.tensor([1]), 0)
+            self.attn.qkv.register_buffer("bias_mask", mask.flatten())
+        hidden = 4 * width
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(width, hidden), act=nn.GELU(),
+                                             fc2=nn.Linear(hidden, width)))
+        self.ls1 = nn.Module()
+        self.ls2 = nn.Module()
+        self.ls1.gamma = nn.Parameter(torch.ones(width))
+        self.ls2.gamma = nn.Parameter(torch.ones(width))
+
+    def attention(self, x, rope):
+        B, N, C = x.shape
+        qkv = self.attn.qkv
+        bias = qkv.bias * qkv.bias_mask if hasattr(qkv, "bias_mask") else qkv.bias
+        q, k, v = (F.linear(x, qkv.weight, bias).view(B, N, 3, self.heads, C // self.heads)
+                   .permute(2, 0, 3, 1, 4))
+        if rope is not None:
+            # rotate only the trailing patch tokens; CLS + storage tokens are left as they are
+            sin, cos = rope
+            n = N - sin.shape[0]
+            q, k = [torch.cat([t[:, :, :n], (t[:, :, n:] * cos + rotate_half(t[:, :, n:]) * sin)
+                               .to(t.dtype)], 2)
+                    for t in (q, k)]
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.attn.proj(x.transpose(1, 2).reshape(B, N, C))
+
+    def forward(self, x, rope):
+        x = x + self.ls1.gamma * self.attention(self.norm1(x), rope)
+        return x + self.ls2.gamma * self.mlp(self.norm2(x))
+
+class DinoTeacher(nn.Module):
+    """x in [-1, 1] (B, 3, H, W) -> final-norm patch tokens (B, grid * grid, dim); CLS/storage
+    dropped. v3: DINOv3 (patch 16, 4 storage tokens, RoPE), else DINOv2 (patch 14, learned
+    positions)."""
+    def __init__(self, v3, width, depth, heads, grid=16, release_input=True, rope_rescale=1.0):
+        super().__init__()
+        self.v3 = v3
+        self.dim = width
+        self.heads = heads
+        self.patch, self.n_storage = (16, 4) if self.v3 else (14, 0)
+        self.grid = grid
+        self.release_input = release_input
+        self.rope_rescale = rope_rescale
+        eps = 1e-5 if self.v3 else 1e-6  # DINOv3 ViT-L uses norm_layer "layernormbf16" (eps 1e-5)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        # in the release files; unused at inference
+        self.mask_token = nn.Parameter(torch.zeros(1, width))
+        self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv2d(3, width, self.patch, self.patch)))
+        if self.v3:
+            self.storage_tokens = nn.Parameter(torch.randn(1, self.n_storage, width) * 0.02)
+            self.rope_embed = nn.Module()  # RoPE periods base 100: 100 ** (2k / (D/2)), k < D/4
+            d = width // heads
+            self.rope_embed.register_buffer("periods",
+                                            100.0 ** (2 * torch.arange(d // 4) / (d // 2)))
+        else:  # learned absolute positions for 37x37 patches (img_size 518) + CLS
+            self.pos_embed = nn.Parameter(torch.randn(1, 37 * 37 + 1, width) * 0.02)
+        self.blocks = nn.ModuleList(DinoBlock(width, heads, eps, self.v3) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=eps)
+        self.register_buffer("mean", torch.tensor(models.IMAGENET_MEAN).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(models.IMAGENET_STD).view(1, 3, 1, 1),
+                             persistent=False)
+
+    def train(self, mode=True):  # frozen teacher: always eval
+        return super().train(False)
+
+    def pos_embed_for(self, gh, gw):
+        """DINOv2 position embedding resampled to gh x gw in float32: Meta's
+        interpolate_pos_encoding (bicubic, +0.1 scale-factor offset) or, on the release's input
+        path, timm's (bicubic, antialiased, exact size)."""
+        pos = self.pos_embed.float()
+        M = math.isqrt(pos.shape[1] - 1)
+        if gh == gw == M:
+            return pos
+        grid = pos[:, 1:].reshape(1, M, M, -1).permute(0, 3, 1, 2)
+        if self.release_input:
+            grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", antialias=True)
+        else:
+            grid = F.interpolate(grid, scale_factor=((gh + 0.1) / M, (gw + 0.1) / M),
+                                 mode="bicubic", antialias=False)
+        return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)], 1)
+
+    def rope(self, gh, gw):
+        """DINOv3 RoPE sin/cos (gh*gw, head_dim), patch-centre coords in [-1, 1] per axis.
+        rope_rescale r > 1 scales them by one log-uniform draw from [1/r, r] per batch: HF's DINOv3
+        in train mode, as the release runs it."""
+        dev = self.rope_embed.periods.device
+        ch = torch.arange(0.5, gh, device=dev) / gh
+        cw = torch.arange(0.5, gw, device=dev) / gw
+        # (HW, 2)
+        coords = 2 * torch.stack(torch.meshgrid(ch, cw, indexing="ij"), -1).flatten(0, 1) - 1
+        if self.rope_rescale > 1:
+            log_r = math.log(self.rope_rescale)
+            coords = coords * torch.empty((), device=dev).uniform_(-log_r, log_r).exp()
+        angles = (2 * math.pi * coords[:, :, None]
+                  / self.rope_embed.periods.float()).flatten(1).tile(2)
+        return angles.sin(), angles.cos()
+
+    def preprocess(self, x):
+        """x in [-1, 1] -> normalised input at grid * patch px, resized bilinearly (Meta's inference
+        path). The release's path first goes, for DINOv3, through uint8 (truncated) and Hugging
+        Face's processor (bilinear, antialiased, to 224); for DINOv2, through timm's transform
+        (bicubic, antialiased, to 518)."""
+        x = (x.float() + 1) / 2
+        if self.release_input and self.v3:
+            x = F.interpolate((x * 255).to(torch.uint8) * (1 / 255), size=(224, 224),
+                              mode="bilinear", antialias=True)
+        elif self.release_input:
+            x = F.interpolate(x, size=(518, 518), mode="bicubic", antialias=True)
+        x = (x - self.mean) / self.std
+        side = self.grid * self.patch
+        if x.shape[-1] == side:
+            return x
+        return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+
+    @torch.no_grad()
+    def forward(self, x):
+        x = self.patch_embed.proj(self.preprocess(x))
+        B, _, gh, gw = x.shape
+        x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype),
+                       x.flatten(2).transpose(1, 2)], 1)
+        rope = None
+        if self.v3:
+            x = torch.cat([x[:, :1], self.storage_tokens.expand(B, -1, -1).to(x.dtype),
+                           x[:, 1:]], 1)
+            rope = self.rope(gh, gw)
+        else:
+            x = x + self.pos_embed_for(gh, gw).to(x.dtype)
+        for blk in self.blocks:
+            x = blk(x, rope)
+        # LayerNorm is per token: norm after slicing is the same
+        return self.norm(x[:, 1 + self.n_storage:])
+
+
+# ---- The FID Inception-v3 (paper Sec. 4.1, rFID / gFID): the 2015-12-05 TF graph, named as in
+# pytorch-fid's weights, matched to torch-fidelity's `inception-v3-compat` extractor
+
+def tf1_resize(x, size):
+    """TF1 bilinear resize of float (N, C, H, W) to size x size: src = dst * in / out
+    (align_corners=False, NO half-pixel centres), neighbours floor / ceil clamped to the edge; fp32,
+    W then H, as torch-fidelity does."""
+    def taps(n):
+        src = (torch.arange(size, dtype=torch.float32, device=x.device)
+               * torch.tensor(n / size, dtype=torch.float32))
+        return src.floor().long(), src.ceil().long().clamp(max=n - 1), src - src.floor()
+    y0, y1, dy = taps(x.shape[2])
+    x0, x1, dx = taps(x.shape[3])
+    x = x[..., x0] + (x[..., x1] - x[..., x0]) * dx
+    return x[:, :, y0] + (x[:, :, y1] - x[:, :, y0]) * dy[:, None]
+
+def conv(cin, cout, kernel, stride=1, padding=None):
+    """conv (no bias) + BatchNorm (TF's eps 1e-3) + ReLU; 'SAME' padding at stride 1 unless told
+    otherwise."""
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    if padding is None:
+        padding = (kh // 2, kw // 2) if stride == 1 else 0
+    return nn.Sequential(OrderedDict(conv=nn.Conv2d(cin, cout, kernel, stride, padding, bias=False),
+                                     bn=nn.BatchNorm2d(cout, eps=1e-3), relu=nn.ReLU()))
+
+avg_pool = functools.partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1,
+                             count_include_pad=False)  # as TF
+max_pool = functools.partial(F.max_pool2d, kernel_size=3, stride=1, padding=1)
+
+class InceptionA(nn.Module):  # 35 x 35
+    def __init__(self, cin, pool_features):
+        super().__init__()
+        self.branch1x1 = conv(cin, 64, 1)
+        self.branch_pool = conv(cin, pool_features, 1)
+        self.branch5x5_1 = conv(cin, 48, 1)
+        self.branch5x5_2 = conv(48, 64, 5)
+        self.branch3x3dbl_1 = conv(cin, 64, 1)
+        self.branch3x3dbl_2 = conv(64, 96, 3)
+        self.branch3x3dbl_3 = conv(96, 96, 3)
+
+    def forward(self, x):
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(avg_pool(x))], 1)
+
+class InceptionB(nn.Module):  # 35 -> 17
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = conv(cin, 384, 3, stride=2)
+        self.branch3x3dbl_1 = conv(cin, 64, 1)
+        self.branch3x3dbl_2 = conv(64, 96, 3)
+        self.branch3x3dbl_3 = conv(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch3x3(x), b3, F.max_pool2d(x, 3, 2)], 1)
+
+class InceptionC(nn.Module):  # 17 x 17, factorised 7 x 7
+    def __init__(self, cin, c7):
+        super().__init__()
+        self.branch1x1 = conv(cin, 192, 1)
+        self.branch_pool = conv(cin, 192, 1)
+        self.branch7x7_1 = conv(cin, c7, 1)
+        self.branch7x7_2 = conv(c7, c7, (1, 7))
+        self.branch7x7_3 = conv(c7, 192, (7, 1))
+        self.branch7x7dbl_1 = conv(cin, c7, 1)
+        self.branch7x7dbl_2 = conv(c7, c7, (7, 1))
+        self.branch7x7dbl_3 = conv(c7, c7, (1, 7))
+        self.branch7x7dbl_4 = conv(c7, c7, (7, 1))
+        self.branch7x7dbl_5 = conv(c7, 192, (1, 7))
+
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        b77 = self.branch7x7dbl_5(self.branch7x7dbl_4(self.branch7x7dbl_3(
+            self.branch7x7dbl_2(self.branch7x7dbl_1(x)))))
+        return torch.cat([self.branch1x1(x), b7, b77, self.branch_pool(avg_pool(x))], 1)
+
+class InceptionD(nn.Module):  # 17 -> 8
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1 = conv(cin, 192, 1)
+        self.branch3x3_2 = conv(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = conv(cin, 192, 1)
+        self.branch7x7x3_2 = conv(192, 192, (1, 7))
+        self.branch7x7x3_3 = conv(192, 192, (7, 1))
+        self.branch7x7x3_4 = conv(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, 2)], 1)
+
+# 8 x 8; the TF graph's last block (Mixed_7c) max-pools where Mixed_7b average-pools
+class InceptionE(nn.Module):
+    def __init__(self, cin, pool):
+        super().__init__()
+        self.branch1x1 = conv(cin, 320, 1)
+        self.branch_pool = conv(cin, 192, 1)
+        self.branch3x3_1 = conv(cin, 384, 1)
+        self.branch3x3dbl_1 = conv(cin, 448, 1)
+        self.branch3x3dbl_2 = conv(448, 384, 3)
+        self.pool = pool
+        self.branch3x3_2a = conv(384, 384, (1, 3))
+        self.branch3x3_2b = conv(384, 384, (3, 1))
+        self.branch3x3dbl_3a = conv(384, 384, (1, 3))
+        self.branch3x3dbl_3b = conv(384, 384, (3, 1))
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        b3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
+                          self.branch3x3dbl_3a(b3dbl), self.branch3x3dbl_3b(b3dbl),
+                          self.branch_pool(self.pool(x))], 1)
+
+class InceptionV3(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = conv(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = conv(32, 32, 3, padding=0)  # TF 'VALID'
+        self.Conv2d_2b_3x3 = conv(32, 64, 3)
+        self.Conv2d_3b_1x1 = conv(64, 80, 1)
+        self.Conv2d_4a_3x3 = conv(80, 192, 3, padding=0)
+        self.Mixed_5b = InceptionA(192, 32)
+        self.Mixed_5c = InceptionA(256, 64)
+        self.Mixed_5d = InceptionA(288, 64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e = (
+            InceptionC(768, c) for c in (128, 160, 160, 192))
+        self.Mixed_7b = InceptionE(1280, avg_pool)
+        self.Mixed_7c = InceptionE(2048, max_pool)
+        self.fc = nn.Linear(2048, 1008)
+
+    @torch.no_grad()
+    def forward(self, x):
+        """uint8 (N, 3, H, W) -> (pool features (N, 2048), logits WITHOUT the fc bias (N, 1008),
+        which IS uses)."""
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"Inception expects uint8 (N, 3, H, W) images, "
+                             f"got {x.dtype} {tuple(x.shape)}")
+        # fp32, no TF32, whatever the caller's autocast / TF32 settings:
+        # FID must not depend on the GPU
+        with torch.autocast(x.device.type, enabled=False), torch.backends.cudnn.flags(
+                enabled=True, benchmark=False, deterministic=torch.backends.cudnn.deterministic,
+                allow_tf32=False):
+            x = (tf1_resize(x.float(), 299) - 128) / 128
+            x = F.max_pool2d(self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))), 3, 2)
+            x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, 2)
+            for name in ["5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"]:
+                x = getattr(self, "Mixed_" + name)(x)
+            pool = x.mean((2, 3))
+        # an fp64 matmul cannot fall to TF32
+        return pool, (pool.double() @ self.fc.weight.double().T).float()
+
+FID_WEIGHTS = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+               "pt_inception-2015-12-05-6726825d.pth")
+
+def load_inception(path=None):
+    """The frozen FID Inception: a .pth in pytorch-fid's layout, its release (None; cached by torch
+    hub) or "random"."""
+    # CPU init; "random" is then the same net in every process
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = InceptionV3().eval().requires_grad_(False)
+        # He init keeps random features O(1); PyTorch's default shrinks them to ~1e-7
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    if path == "random":
+        log.warning("!!! RANDOM Inception weights: "
+                    "FID / IS / precision / recall are MEANINGLESS !!!")
+        return model
+    try:
+        if path:
+            state = models.read_checkpoint(path)
+        else:
+            state = torch.hub.load_state_dict_from_url(FID_WEIGHTS, map_location="cpu")
+    except Exception as e:  # offline: urllib's URLError
+        raise models.download_error(f"FID Inception ({FID_WEIGHTS})", e)
+    # num_batches_tracked: a BN training counter, unused here
+    keys = lambda d: {k for k in d if not k.endswith("num_batches_tracked")}
+    for k in sorted(keys(model.state_dict()) ^ keys(state)):
+        raise SystemExit(f"--inception {path or FID_WEIGHTS}: should be pytorch-fid's FID "
+                         "Inception weights; it has "
+                         f"{'an unexpected' if k in state else 'no'} key {k}")
+    model.load_state_dict(state, strict=False)
+    return model
+
+# ---- The authors' released checkpoints (RecTok.pth, RecTok_decft.pth, ditdh*_epoch_*.pth): a dict
+# of `model` / `model_ema` state dicts with no construction arguments, some names of their own
+
+def released_file(path):
+    """hf://<org>/<repo>/<file> (e.g. hf://QingyuShi/RecTok/RecTok_decft.pth): that Hugging Face
+    file, downloaded once into the torch hub cache (under torchrun, local rank 0 downloads and the
+    others wait); other paths as given."""
+    if not str(path).startswith("hf://"):
+        return path
+    parts = str(path)[len("hf://"):].split("/", 2)
+    if len(parts) < 3 or not all(parts):
+        raise SystemExit(f"{path}: a released file is named hf://<org>/<repo>/<file>, "
+                         "e.g. hf://QingyuShi/RecTok/RecTok.pth")
+    url = f"https://huggingface.co/{parts[0]}/{parts[1]}/resolve/main/{parts[2]}"
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    local = os.path.join(folder, os.path.basename(parts[2]))
+    if int(os.environ.get("LOCAL_RANK", 0)) > 0:
+        while not os.path.isfile(local):
+            time.sleep(2)
+    if not os.path.isfile(local):
+        log.info(f"downloading {url} to {folder} (once)")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            # via a temporary file: never a half-written one
+            torch.hub.download_url_to_file(url, local)
+        except Exception as e:  # offline: urllib's URLError
+            raise SystemExit(f"could not download {url} ({str(e).splitlines()[0]}); "
+                             f"offline, put the file in {folder}")
+    return local
+
+# names in the authors' tokenizer files that differ from ours; their files may also carry the teacher
+RELEASE_RENAMES = {"encoder.patch_embed.0.": "encoder.patch_embed.",
+                   "decoder.ffn.1.": "decoder.to_pixels."}
+
+def release_tokenizer_to_ours(sd):
+    """Our names for a released tokenizer state dict (also sem_decoders.<teacher>.* ->
+    sem_decoder.*); the teacher's weights are dropped."""
+    out = {}
+    for k, v in sd.items():
+        if not k.startswith("sem_foundation_models."):
+            for old, new in RELEASE_RENAMES.items():
+                k = k.replace(old, new)
+            out["sem_decoder." + k.split(".", 2)[2] if k.startswith("sem_decoders.") else k] = v
+    return out
+
+def release_dit_to_ours(sd):
+    """A released DiT^DH state dict without its stored RoPE tables (we recompute them)."""
+    return {k: v for k, v in sd.items() if "_feat_rope.freqs_" not in k}
+
+def size_of(sd, prefix):
+    """The models.SIZES name of the tokenizer transformer under `prefix`, read off its tensors."""
+    width = sd[prefix + "positional_embedding"].shape[-1]
+    depth = len({k.split(".")[2] for k in sd if k.startswith(prefix + "transformer.")})
+    for name, (w, d, _) in models.SIZES.items():
+        if (w, d) == (width, depth):
+            return name
+    raise ValueError(f"no tokenizer size has width {width} and depth {depth} ({prefix})")
+
+def released_tokenizer_args(sd, path):
+    """The construction arguments of a released tokenizer (our names), read off its tensors."""
+    patch = sd["encoder.patch_embed.weight"].shape[-1]
+    kw = dict(img_size=math.isqrt(sd["encoder.positional_embedding"].shape[1]) * patch,
+              patch_size=patch,
+              dim=sd["encoder.latent_head.weight"].shape[0] // 2,
+              enc_size=size_of(sd, "encoder."),
+              dec_size=size_of(sd, "decoder."),
+              teacher_dim=0)
+    if "sem_decoder.out.weight" in sd:
+        kw.update(sem_type="transformer", sem_size=size_of(sd, "sem_decoder."),
+                  teacher_dim=sd["sem_decoder.out.weight"].shape[0])
+    elif "sem_decoder.mlp.2.weight" in sd:
+        kw.update(sem_type="mlp", teacher_dim=sd["sem_decoder.mlp.2.weight"].shape[0])
+    return kw
+
+def released_dit_args(sd, path):
+    """The construction arguments of a released DiT^DH, read off its tensors."""
+    width = sd["s_embedder.proj.weight"].shape[0]
+    head_width = sd["x_embedder.proj.weight"].shape[0]
+    widths = [v.shape[0] for k, v in sd.items()
+              if k.startswith("blocks.") and k.endswith(".norm1.weight")]
+    shape = (width, widths.count(width), head_width, len(widths) - widths.count(width))
+    sizes = models.DIT_SIZES.items()
+    size = next((n for n, c in sizes if (c[0], c[1], c[3], c[4]) == shape), None)
+    if size is None:
+        raise SystemExit(f"{path}: a DiT^DH of no known size "
+                         f"(width/depth/head width/head depth {shape})")
+    return dict(size=size, dim=sd["x_embedder.proj.weight"].shape[1],
+                grid=math.isqrt(sd["pos_embed"].shape[1]),
+                num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1)
+
+def read_weights(path, ema, kind, marker, to_ours, released_args):
+    """The checkpoint at `path` (a file or an hf:// name) in our layout: ours as saved, the authors'
+    with our key names and model_args read off its tensors. `marker`: a key that `kind` has in the
+    state dict to be loaded (`model_ema` if ema and there is one, else `model`)."""
+    ckpt = models.read_checkpoint(released_file(path))
+    key = "model_ema" if ema and "model_ema" in ckpt else "model"
+    if marker not in to_ours(ckpt.get(key, {})):
+        raise SystemExit(f"{path}: not {kind} (no {key}.{marker})")
+    if "model_args" in ckpt:
+        return ckpt
+    if "args" in ckpt:
+        raise SystemExit(f"{path}: saved by an older version of this code (no model_args); "
+                         "train it again")
+    ours = {k: to_ours(ckpt[k]) for k in ("model", "model_ema") if k in ckpt}
+    return dict(ckpt, **ours, model_args=released_args(ours[key], path))
+
+def load_tokenizer(path, ema=True, **overrides):
+    """A models.Tokenizer from our checkpoint or the authors' RecTok.pth / RecTok_decft.pth, in
+    train mode; `overrides` (e.g. gamma=0) win over its construction arguments."""
+    ckpt = read_weights(path, ema, "a tokenizer checkpoint", "encoder.latent_head.weight",
+                        release_tokenizer_to_ours, released_tokenizer_args)
+    key = "model_ema" if ema and "model_ema" in ckpt else "model"
+    if not any(k.startswith("sem_decoder.") for k in ckpt[key]):  # saved without it (stage 2)
+        overrides = dict(teacher_dim=0, **overrides)
+    model, key = models.load_model(models.Tokenizer, ckpt, path, ema, **overrides)
+    kw = ckpt["model_args"]
+    log.info(f"loaded tokenizer {path} ({key}): dim {model.dim}, "
+             f"{kw['enc_size']}/{kw['dec_size']}, {model.grid * model.decoder.patch_size}px")
+    return model
+
+def load_dit(path, ema=True):
+    """A models.DiTDH from our checkpoint or the authors' ditdh*_epoch_*.pth. Returns (model in
+    eval mode, the checkpoint's other entries, e.g. latent_stats and args)."""
+    ckpt = read_weights(path, ema, "a DiT^DH checkpoint", "s_embedder.proj.weight",
+                        release_dit_to_ours, released_dit_args)
+    model, key = models.load_model(models.DiTDH, ckpt, path, ema)
+    log.info(f"loaded DiT^DH-{model.size} {path} ({key}): dim {model.dim}, "
+             f"{model.num_classes} classes")
+    return model.eval(), {k: v for k, v in ckpt.items() if k not in ("model", "model_ema", "opt")}
