@@ -105,7 +105,7 @@ def bench_tokenizer(args, device, autocast):
                            rec_weight=1.0, perceptual_weight=1.0, kl_weight=1e-6, sem_weight=1.0,
                            disc_weight=0.1, ema=0.999, teacher_size=args.teacher_size,
                            teacher_input="release", teacher_rope_rescale=1.0)
-    teacher = pretrained.load_teacher("dinov3_vitl16", None, args.img_size // 16, opts)
+    teacher = pretrained.load_teacher("dinov3_vitl16", args.img_size // 16, opts)
     teacher.to(device)
     model = models.Tokenizer(args.img_size, 16, 128, args.tok_size, args.tok_size,
                              teacher_dim=teacher.dim).to(device)
@@ -175,7 +175,8 @@ def main(argv=None):
     p("--batch_size", type=int, default=64 if cuda else 2)
     p("--img_size", type=int, default=256 if cuda else 128)
     p("--tok_size", default="base" if cuda else "small", choices=sorted(models.SIZES))
-    p("--teacher_size", default="large" if cuda else "tiny", choices=sorted(pretrained.TEACHER_SIZES))
+    p("--teacher_size", default="large" if cuda else "tiny",
+      choices=sorted(pretrained.TEACHER_SIZES))
     p("--convnext_weight", type=float, default=0.1, help="0 drops the ConvNeXt-S perceptual term")
     p("--dit_size", default="XL" if cuda else "S", choices=list(models.DIT_SIZES))
     p("--sample_steps", type=int, default=50 if cuda else 5, help="Euler grid points")

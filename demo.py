@@ -1,8 +1,9 @@
-"""Demo-only code: the two demo judges, small CNNs that stand in for the pretrained networks at demo
-scale (README, quick start): the *teacher* gives FSD its targets (in place of DINO), the *evaluator*
-scores every demo metric (in place of the FID Inception)."""
+"""Demo-only code (README, quick start): the built-in dataset, and the two demo judges, small CNNs
+that stand in for the pretrained networks at demo scale: the *teacher* gives FSD its targets (in
+place of DINO), the *evaluator* scores every demo metric (in place of the FID Inception)."""
 import os
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -10,6 +11,64 @@ import torch.nn.functional as F
 import data
 import models
 from plumbing import Progress, log, rank_world, save_checkpoint
+
+# ---- The built-in dataset
+
+class Shapes(torch.utils.data.Dataset):
+    """Built-in procedural dataset: 10 classes (5 shapes x 2 colour families) on striped, textured
+    backgrounds, any resolution, generated deterministically from the index. No download."""
+
+    KINDS = ("disk", "square", "triangle", "ring", "cross")
+    num_classes = 10
+
+    def __init__(self, n=512, size=64, seed=0):
+        self.n = n
+        self.size = size
+        self.seed = seed
+        # index -> item: every epoch revisits the same images, rendering is ~5% of a demo step
+        self.rendered = {}
+
+    def __len__(self):
+        return self.n
+
+    def render(self, i):
+        rng = np.random.default_rng(self.seed * 1_000_003 + i)
+        label = i % 10
+        kind = self.KINDS[label % 5]
+        warm = label >= 5
+        s = self.size
+        yy, xx = np.mgrid[0:s, 0:s] / s
+        angle = rng.uniform(0, np.pi)
+        freq = rng.uniform(1.5, 4)
+        stripes = 0.5 + 0.5 * np.sin(2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle)))
+        bg = rng.uniform(0.2, 0.6, 3) * (0.7 + 0.3 * stripes[..., None])
+        cx = rng.uniform(0.3, 0.7)
+        cy = rng.uniform(0.3, 0.7)
+        r = rng.uniform(0.15, 0.28)
+        dx = xx - cx
+        dy = yy - cy
+        d2 = dx ** 2 + dy ** 2
+        ax = abs(dx)
+        ay = abs(dy)
+        mask = {"disk": d2 < r ** 2, "square": (ax < r * 0.8) & (ay < r * 0.8),
+                "triangle": (dy < r * 0.7) & (dy > 2 * ax - r),
+                "ring": (d2 < r ** 2) & (d2 > (0.55 * r) ** 2),
+                "cross": ((ax < r * 0.3) | (ay < r * 0.3)) & (ax < r) & (ay < r)}[kind]
+        hue = rng.uniform(0.7, 1.0), rng.uniform(0.0, 0.5), rng.uniform(0.0, 0.2)
+        color = np.array(hue if warm else hue[::-1])
+        img = np.where(mask[..., None], color, bg)
+        return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), label
+
+    def __getitem__(self, i):
+        if i not in self.rendered:
+            arr, label = self.render(i)
+            self.rendered[i] = (data.to_tensor(arr), label)
+        return self.rendered[i]
+
+def shapes(args, train=True):
+    """--demo's data where no --data is given: args.demo_images training images, or 64 held-out ones
+    (another seed)."""
+    return Shapes(args.demo_images if train else 64, args.img_size, seed=0 if train else 1)
 
 # ---- The demo judges: small CNNs trained in seconds on demo images' labels (judge below),
 # standing in for the pretrained networks at demo scale, where random weights would make FSD and
@@ -63,7 +122,7 @@ def judge(out_dir, size, device, role, grid=1, n_train=640):
         if ckpt.get("size") == size:
             judge.load_state_dict(ckpt["model"])
         else:
-            x, y = data.stack(data.Shapes(n_train, size, seed=data_seed))
+            x, y = data.stack(Shapes(n_train, size, seed=data_seed))
             progress = Progress("training the demo judge", 15 * n_train)
             opt = torch.optim.AdamW(judge.parameters(), 3e-3, weight_decay=0.05)
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3,
@@ -78,7 +137,7 @@ def judge(out_dir, size, device, role, grid=1, n_train=640):
                     opt.step()
                     sched.step()
                     progress.update(len(idx))
-            vx, vy = data.stack(data.Shapes(500, size, seed=1))
+            vx, vy = data.stack(Shapes(500, size, seed=1))
             with torch.no_grad():
                 logits = judge.eval()(data.to_uint8(vx.to(device)))[1]
                 accuracy = (logits.argmax(1).cpu() == vy).float().mean().item()

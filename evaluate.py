@@ -2,13 +2,13 @@
 matched to torch-fidelity's `inception-v3-compat` extractor that the paper's numbers used; tokenizer
 PSNR / rFID; latent linear probe and maps.
 
-    python evaluate.py --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz   # gFID, IS, P/R -> JSON
-    python evaluate.py --samples val/ --image_size 256 --save_stats val256.npz       # rFID reference mu, sigma
-    python evaluate.py --tokenizer tok.pt --data val/ --ref val256.npz --grid r.png  # PSNR, rFID
+    python evaluate.py --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz  # gFID, IS, P/R
+    python evaluate.py --samples val/ --image_size 256 --save_stats val256.npz      # rFID reference
+    python evaluate.py --tokenizer tok.pt --data val/ --ref val256.npz --grid r.png # PSNR, rFID
     python evaluate.py --linear_probe --tokenizer tok.pt --data train/ --val_data val/
-    python evaluate.py --viz --tokenizer tok.pt --data val/                          # PCA / cosine maps of z_t
-    python evaluate.py --demo                      # the demo pipeline's outputs, judged by its evaluator
-    torchrun --nproc_per_node 8 evaluate.py ...                                      # any of these, over ranks
+    python evaluate.py --viz --tokenizer tok.pt --data val/               # PCA / cosine maps of z_t
+    python evaluate.py --demo              # the demo pipeline's outputs, judged by its evaluator
+    torchrun --nproc_per_node 8 evaluate.py ...                           # any of these, over ranks
 
 Linear probe (the paper gives no recipe; ours): frozen features of centre crops, averaged over
 tokens: the posterior mean z (t = 0), z_t = 0.5 z + 0.5 eps (t = 0.5, fixed seed), the second-last
@@ -20,6 +20,7 @@ import functools
 import json
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import scipy.linalg
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 import data
 import demo
@@ -86,6 +88,31 @@ def precision_recall(real_feats, fake_feats, k=3, batch=10000):
     return inside(fake, real, radii(real)), inside(real, fake, radii(fake))
 
 # ---- Features of a folder / .npz of images, split over ranks
+def open_images(path, crop=None):
+    """(n, read(i, j) -> uint8 (j - i, H, W, 3)) over an ADM .npz (arr_0, held in memory: 10 GB for
+    50k at 256) or a folder of images (recursive, sorted; crop: PIL image -> uint8 array, e.g. the
+    ADM centre crop)."""
+    if path.endswith(".npz") and os.path.isfile(path):
+        with np.load(path) as f:
+            arr = f["arr_0"] if "arr_0" in f else None
+        if arr is None or arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] != 3:
+            raise SystemExit(f"{path}: needs arr_0, uint8 (N, H, W, 3) images")
+        return len(arr), lambda i, j: arr[i:j]
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path)
+                   for f in fs if f.lower().endswith(data.IMAGE_EXTS))
+    if not files:
+        raise SystemExit(f"{path}: not an .npz or a folder of images")
+    load = lambda file: np.asarray((crop or np.asarray)(Image.open(file).convert("RGB")))
+
+    def read(i, j):
+        with ThreadPoolExecutor(8) as pool:  # PIL decodes outside the GIL
+            imgs = list(pool.map(load, files[i:j]))
+        if len({im.shape for im in imgs}) > 1:
+            raise SystemExit(f"{path}: images differ in size; "
+                             "give --image_size to centre-crop them")
+        return np.stack(imgs)
+    return len(files), read
+
 def image_batches(n, read, batch_size):
     """This rank's contiguous share of n images as uint8 (B, 3, H, W) batches. Every rank gets
     ceil(n / world) (the last image repeated as padding) so that all_gather sees equal sizes;
@@ -116,7 +143,7 @@ def inception_features(model, batches, total=None):
 
 # pool features of an .npz / folder of images, all ranks'
 def features(model, path, batch_size, crop=None):
-    n, read = data.open_images(path, crop)
+    n, read = open_images(path, crop)
     per_rank = -(-n // rank_world()[1])
     pool = inception_features(model, image_batches(n, read, batch_size), per_rank)[0]
     return gather_rows(pool, n)
@@ -165,8 +192,8 @@ def generation_metrics(inception, batches, ref_mu, ref_sigma, ref_pool=None, n=N
 
 def sample_metrics(dit, tokenizer, stats, inception, ref, n, steps, cfg=1.0, guide=None,
                    batch_size=125):
-    """gFID / IS (+ precision / recall if ref has pool features) of n images generated in memory over
-    the ranks (models.generate); ref: reference's answer."""
+    """gFID / IS (+ precision / recall if ref has pool features) of n images generated in memory
+    over the ranks (models.generate); ref: reference's answer."""
     rank, world = rank_world()
     per = -(-n // world)  # every rank the same count; the last rank's extras are cut
     ids = range(rank * per, (rank + 1) * per)
@@ -184,6 +211,16 @@ def online_inception(args, device):
     if getattr(args, "random_frozen_nets", False):
         return pretrained.load_inception("random").to(device)
     return pretrained.load_inception(args.inception).to(device)
+
+def generation_reference(inception, args, dataset, world, rank):
+    """The reference of train_dit.py's online gFID, as `reference` answers: --fid_ref, else the
+    features of --eval_images training images spread over the classes."""
+    if args.fid_ref:
+        return reference(inception, args.fid_ref, args.batch_size)
+    real = torch.utils.data.Subset(dataset, data.spread(len(dataset), args.eval_images))
+    real = data.make_loader(real, args.batch_size, False, args.workers, world, rank)
+    pool = inception_features(inception, (data.to_uint8(x) for x, _ in real))[0]
+    return feature_stats(gather_rows(pool, len(real.dataset), strided=True)), None
 
 @torch.no_grad()
 def reconstruction_metrics(tokenizer, loader, inception, device, ref=None):
@@ -300,15 +337,15 @@ def demo_outputs(args, device):
     bs = 50
     judge, judge_accuracy = demo.judge(args.out_dir, size, device, "evaluator")
     loader = lambda ds: data.make_loader(ds, bs, False, 0, world, rank)
-    n, read = data.open_images(samples)
-    ref_batches = (data.to_uint8(x) for x, _ in loader(data.Shapes(500, size, seed=2)))
+    n, read = open_images(samples)
+    ref_batches = (data.to_uint8(x) for x, _ in loader(demo.Shapes(500, size, seed=2)))
     ref_pool = gather_rows(inception_features(judge, ref_batches)[0], 500, strided=True)
     gen = generation_metrics(judge, image_batches(n, read, bs), *feature_stats(ref_pool),
                              ref_pool, n, labels=torch.arange(n) % 10)
-    shapes = data.Shapes(200, size, seed=1)
+    shapes = demo.Shapes(200, size, seed=1)
     rec = reconstruction_metrics(tokenizer, loader(shapes), judge, device)
     (tx, ty), (vx, vy) = (probe_features(tokenizer, loader(ds), device)
-                          for ds in (data.Shapes(640, size), shapes))
+                          for ds in (demo.Shapes(640, size), shapes))
     if rank == 0:
         save_maps(tokenizer, torch.stack([shapes[i][0] for i in range(8)]).to(device), args.out_dir)
         probe = {k: train_probe(tx[k], ty, vx[k], vy, 10, epochs=100, lr=1e-2, batch_size=64)
@@ -397,7 +434,7 @@ def main(argv=None):
             print(f"mu, sigma of {len(pool)} images of {args.samples} -> {args.save_stats}")
     elif mode == "samples":
         (mu, sigma), ref_pool = reference(inception, args.ref, args.batch_size, crop)
-        n, read = data.open_images(args.samples, crop)
+        n, read = open_images(args.samples, crop)
         res = generation_metrics(inception, image_batches(n, read, args.batch_size), mu, sigma,
                                  ref_pool, n)
         if res:

@@ -1,14 +1,12 @@
-"""The paper's networks: the RecTok tokenizer (ViT encoder, pixel decoder, semantic decoder) with its
-forward flow, the networks of its losses, DiT^DH with its flow loss and Euler sampler, and loading our
-own checkpoints.
+"""The paper's networks: the RecTok tokenizer (ViT encoder, pixel decoder, semantic decoder) with
+its forward flow, DiT^DH with its flow loss and Euler sampler, and loading our own checkpoints (the
+networks made by others, the teachers and the loss networks among them, are in pretrained.py).
 Names follow the paper: x (image in [-1, 1]), z (latent), t (flow time), eps (noise),
 z_t = (1 - t) z + t eps (Eq. 1).
-Parameter names follow the authors' release, so their files load with strict keys (pretrained.py reads
-them)."""
+Parameter names follow the authors' release, so their files load with strict keys (pretrained.py
+reads them)."""
 import logging
 import math
-import os
-import warnings
 
 import torch
 import torch.nn as nn
@@ -330,72 +328,6 @@ class Tokenizer(nn.Module):
         else:
             pred = None
         return x_hat, kl, pred, ids_keep
-
-# ---- Networks of the tokenizer's losses (paper Eq. 4; the release's utils/losses.py):
-# perceptual (LPIPS-VGG, ConvNeXt-S) and PatchGAN
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-def download_error(what, e):
-    """The one line for a pretrained file that could not be downloaded (offline, say)."""
-    return SystemExit(f"could not load pretrained {what} ({str(e).splitlines()[0]}); "
-                      "offline, place the file in "
-                      f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}, "
-                      "or run --demo (random weights)")
-
-class Perceptual(nn.Module):
-    """LPIPS-VGG; convnext_weight w > 0 gives the release's
-    (LPIPS + w * ConvNeXt-S logit MSE at 224) / (1 + w)."""
-    def __init__(self, convnext_weight, random_weights):
-        super().__init__()
-        import lpips
-        import torchvision
-        try:
-            # lpips still calls torchvision with its deprecated `pretrained=`
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*(pretrained|weights).*deprecated")
-                self.lpips = lpips.LPIPS(net="vgg", pnet_rand=random_weights, verbose=False)
-            if convnext_weight > 0:
-                self.convnext = torchvision.models.convnext_small(
-                    weights=None if random_weights else "DEFAULT")
-            else:
-                self.convnext = None
-        except Exception as e:
-            raise download_error("VGG-16 (vgg16-397923af.pth) / "
-                                 "ConvNeXt-S (convnext_small-0c510722.pth)", e)
-        self.convnext_weight = convnext_weight
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
-        self.eval().requires_grad_(False)
-        if random_weights:
-            log.warning("!!! LPIPS / ConvNeXt backbones have RANDOM weights "
-                        "(--random_frozen_nets): demo/test only !!!")
-
-    def train(self, mode=True):  # frozen networks stay in eval mode (LPIPS has dropout)
-        return super().train(False)
-
-    def forward(self, x, x_hat):
-        loss = self.lpips(x_hat, x).mean()
-        if self.convnext is None:
-            return loss
-        # ConvNeXt-S input: 224 px, ImageNet-normalised
-        x, x_hat = ((F.interpolate((img + 1) / 2, size=224, mode="bilinear", antialias=True)
-                     - self.mean) / self.std
-                    for img in (x, x_hat))
-        conv = F.mse_loss(self.convnext(x_hat), self.convnext(x))
-        return (loss + self.convnext_weight * conv) / (1 + self.convnext_weight)
-
-def patchgan(ndf=64, n_layers=3):
-    """PatchGAN discriminator (3 layers, ndf 64, BatchNorm), as in taming-transformers."""
-    layers = [nn.Conv2d(3, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
-    ch = ndf
-    for n in range(1, n_layers + 1):
-        out = ndf * min(2 ** n, 8)
-        layers += [nn.Conv2d(ch, out, 4, 2 if n < n_layers else 1, 1, bias=False),
-                   nn.BatchNorm2d(out), nn.LeakyReLU(0.2, True)]
-        ch = out
-    return nn.Sequential(*layers, nn.Conv2d(ch, 1, 4, 1, 1))
 
 # ---- DiT^DH (paper Sec. 4.1, after RAE): a LightningDiT encoder plus a wide, shallow head,
 # named as in the release's ditdh*_epoch_*.pth

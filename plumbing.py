@@ -111,13 +111,14 @@ RANGES = {  # closed intervals of the numeric flags; check_args applies the ones
     "warmup_rate": (0, 1), "ema": (0, 1), "mask_ratio": (0, 1), "mask_ratio_min": (-1, 1),
     "cfg": (1, INF), "steps": (2, INF), "sample_steps": (2, INF)}
 
-def check_args(args, problems=(), files=None, ranges=RANGES):
+def check_args(args, problems=(), files=None, ranges=None):
     """Every out-of-range numeric flag, missing folder, file that is not what its flag needs
     (`files`: flag -> (path or None, what it should be: one kind of KINDS or a tuple of them)) and
     given problem (None: no problem) in one line, before any model is built, so that one run of the
-    command shows everything there is to fix. A broken install comes first, on its own: nothing else
-    can be trusted to run."""
+    command shows everything there is to fix. `ranges`: a script's own intervals, over RANGES. A
+    broken install comes first, on its own: nothing else can be trusted to run."""
     check_install()
+    ranges = dict(RANGES, **(ranges or {}))
     bad = [f"--{k} {v}: must be " + (f">= {lo}" if hi == INF else f"in [{lo}, {hi}]")
            for k, (lo, hi) in ranges.items()
            if (v := getattr(args, k, None)) is not None and not lo <= v <= hi]
@@ -293,11 +294,11 @@ def keep_buffers_if(finite, module, before):
         b.copy_(torch.where(finite, b, old))
 
 class LogInterval:
-    """What one metrics row averages (last_good: the checkpoint named if the run must stop): each value summed over the interval's steps (a skipped step
-    adds 0, so its NaN stays out), the count of skipped steps, and the longest run of them in a row
-    (carried across rows). Device tensors, read once per row; every rank's copy goes into a
-    mid-epoch checkpoint, so the rows of a run resumed inside an epoch are the uninterrupted
-    run's."""
+    """What one metrics row averages (last_good: the checkpoint named if the run must stop): each
+    value summed over the interval's steps (a skipped step adds 0, so its NaN stays out), the count
+    of skipped steps, and the longest run of them in a row (carried across rows). Device tensors,
+    read once per row; every rank's copy goes into a mid-epoch checkpoint, so the rows of a run
+    resumed inside an epoch are the uninterrupted run's."""
 
     def __init__(self, device, last_good):
         self.device = device
@@ -372,7 +373,8 @@ class Preemption:
         self.requested = True
 
     def any_rank(self):
-        """1 if any rank got a signal, as a device tensor (the all-reduce is queued, not waited for)."""
+        """1 if any rank got a signal, as a device tensor (the all-reduce is queued, not waited
+        for)."""
         flag = torch.full((), float(self.requested), device=self.device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -554,16 +556,18 @@ def save_grid(path, rows):
     if wandb is not None:  # attached to the next metrics record's step
         wandb.log({os.path.splitext(os.path.basename(path))[0]: wandb.Image(path)}, commit=False)
 
-# ---- The resumable output: one memory-mapped array shared by all ranks plus a `done` flag per image, so a
-# rerun with the same settings finishes the job, and one with more --num_images extends a finished one
-# (image i does not depend on the count).
+# ---- sample.py's resumable output: one memory-mapped array shared by all ranks plus a `done` flag
+# per image, so a rerun with the same settings finishes the job, and one with more --num_images
+# extends a finished one (image i does not depend on the count).
 
 def open_output(out, settings, size, rank):
-    """(images, done) memory maps for settings["num_images"] images of `out`, or None if `out` already holds
-    them. An earlier run into `out` with other settings is refused in one line."""
+    """(images, done) memory maps for settings["num_images"] images of `out`, or None if `out`
+    already holds them. An earlier run into `out` with other settings is refused in one line."""
     n = settings["num_images"]
-    finished = os.path.exists(out) and not os.path.exists(out + ".done.npy")  # the .npy files: a run under way
-    old = {} if finished else None  # what an earlier run into `out` was asked for ({}: not recorded)
+    # the .npy files: a run under way
+    finished = os.path.exists(out) and not os.path.exists(out + ".done.npy")
+    # what an earlier run into `out` was asked for ({}: not recorded)
+    old = {} if finished else None
     if os.path.exists(out + ".settings.json"):
         with open(out + ".settings.json") as f:
             old = json.load(f)
@@ -572,8 +576,9 @@ def open_output(out, settings, size, rank):
         differ = [f"--{k} {old.get(k)} (now {v})" for k, v in settings.items()
                   if old.get(k) != v and not (k == "num_images" and extend)]
         if differ:
-            raise SystemExit(f"{out} was sampled with other settings: {', '.join(differ)}; give the same ones to "
-                             "finish it (or more --num_images to extend it), or another --out")
+            raise SystemExit(f"{out} was sampled with other settings: {', '.join(differ)}; give "
+                             "the same ones to finish it (or more --num_images to extend it), or "
+                             "another --out")
         if finished and not extend:
             return None
     if rank == 0 and (old is None or finished):  # a new run, or the extension of a finished one
@@ -591,8 +596,8 @@ def open_output(out, settings, size, rank):
     return np.load(f"{out}.images.npy", mmap_mode="r+"), np.load(f"{out}.done.npy", mmap_mode="r+")
 
 def close_output(out, images, png=None):
-    """Rank 0, once every image is done: `out` as an ADM .npz (written atomically), a grid of the first images
-    (up to 4 rows of 10), the --png files; the memory maps are removed."""
+    """Rank 0, once every image is done: `out` as an ADM .npz (written atomically), a grid of the
+    first images (up to 4 rows of 10), the --png files; the memory maps are removed."""
     rows = [images[r * 10:(r + 1) * 10] for r in range(max(1, min(4, len(images) // 10)))]
     save_grid(os.path.join(os.path.dirname(out) or ".", "samples_grid.png"),
               [torch.from_numpy(np.array(r)).permute(0, 3, 1, 2).float() / 127.5 - 1 for r in rows])

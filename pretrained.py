@@ -1,11 +1,13 @@
 """Networks made by others, and the authors' files: the frozen teachers of FSD behind one registry
-(DINOv2, DINOv3), the FID Inception-v3, and the readers of the authors' released checkpoints (their key
-names, hf:// names). models.py holds the paper's own networks."""
+(DINOv2, DINOv3), the networks of the tokenizer's losses (LPIPS-VGG, ConvNeXt-S, PatchGAN), the FID
+Inception-v3, and the readers of the authors' released checkpoints (their key names, hf:// names).
+models.py holds the paper's own networks."""
 import functools
 import logging
 import math
 import os
 import time
+import warnings
 from collections import OrderedDict
 from typing import Callable, NamedTuple, Optional
 
@@ -16,6 +18,16 @@ import torch.nn.functional as F
 import models
 
 log = logging.getLogger("rectok")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+def download_error(what, e):
+    """The one line for a pretrained file that could not be downloaded (offline, say)."""
+    return SystemExit(f"could not load pretrained {what} ({str(e).splitlines()[0]}); "
+                      "offline, place the file in "
+                      f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}, "
+                      "or run --demo (random weights)")
 
 # ---- The teacher registry (paper Sec. 3.2: E_VFM of Eq. 5, the network FSD distils).
 # A teacher is a frozen nn.Module with
@@ -78,13 +90,14 @@ def teacher_file(name, path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             torch.hub.download_url_to_file(entry.url, path)
         except Exception as e:
-            raise models.download_error(f"{name} ({entry.url})", e)
+            raise download_error(f"{name} ({entry.url})", e)
     return path
 
-def load_teacher(name, path, grid, args):
-    """The frozen teacher `name` on the tokenizer's `grid`: its weight file at `path` (strict keys),
-    or random weights for path=None."""
+def load_teacher(name, grid, args):
+    """The frozen teacher `name` on the tokenizer's `grid`: its weight file (teacher_file; strict
+    keys), or random weights with --random_frozen_nets."""
     sd = None
+    path = None if args.random_frozen_nets else teacher_file(name, args.teacher_ckpt)
     if path is None:
         log.warning(f"!!! teacher {name} ({args.teacher_size}) has RANDOM weights: its features "
                     "are meaningless (tests/demos only) !!!")
@@ -176,9 +189,9 @@ class DinoTeacher(nn.Module):
             self.pos_embed = nn.Parameter(torch.randn(1, 37 * 37 + 1, width) * 0.02)
         self.blocks = nn.ModuleList(DinoBlock(width, heads, eps, self.v3) for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=eps)
-        self.register_buffer("mean", torch.tensor(models.IMAGENET_MEAN).view(1, 3, 1, 1),
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
                              persistent=False)
-        self.register_buffer("std", torch.tensor(models.IMAGENET_STD).view(1, 3, 1, 1),
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
                              persistent=False)
 
     def train(self, mode=True):  # frozen teacher: always eval
@@ -251,6 +264,62 @@ class DinoTeacher(nn.Module):
         # LayerNorm is per token: norm after slicing is the same
         return self.norm(x[:, 1 + self.n_storage:])
 
+
+# ---- The networks of the tokenizer's losses (paper Eq. 4; the release's utils/losses.py)
+# perceptual (LPIPS-VGG, ConvNeXt-S) and PatchGAN
+
+class Perceptual(nn.Module):
+    """LPIPS-VGG; convnext_weight w > 0 gives the release's
+    (LPIPS + w * ConvNeXt-S logit MSE at 224) / (1 + w)."""
+    def __init__(self, convnext_weight, random_weights):
+        super().__init__()
+        import lpips
+        import torchvision
+        try:
+            # lpips still calls torchvision with its deprecated `pretrained=`
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*(pretrained|weights).*deprecated")
+                self.lpips = lpips.LPIPS(net="vgg", pnet_rand=random_weights, verbose=False)
+            if convnext_weight > 0:
+                self.convnext = torchvision.models.convnext_small(
+                    weights=None if random_weights else "DEFAULT")
+            else:
+                self.convnext = None
+        except Exception as e:
+            raise download_error("VGG-16 (vgg16-397923af.pth) / "
+                                 "ConvNeXt-S (convnext_small-0c510722.pth)", e)
+        self.convnext_weight = convnext_weight
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.eval().requires_grad_(False)
+        if random_weights:
+            log.warning("!!! LPIPS / ConvNeXt backbones have RANDOM weights "
+                        "(--random_frozen_nets): demo/test only !!!")
+
+    def train(self, mode=True):  # frozen networks stay in eval mode (LPIPS has dropout)
+        return super().train(False)
+
+    def forward(self, x, x_hat):
+        loss = self.lpips(x_hat, x).mean()
+        if self.convnext is None:
+            return loss
+        # ConvNeXt-S input: 224 px, ImageNet-normalised
+        x, x_hat = ((F.interpolate((img + 1) / 2, size=224, mode="bilinear", antialias=True)
+                     - self.mean) / self.std
+                    for img in (x, x_hat))
+        conv = F.mse_loss(self.convnext(x_hat), self.convnext(x))
+        return (loss + self.convnext_weight * conv) / (1 + self.convnext_weight)
+
+def patchgan(ndf=64, n_layers=3):
+    """PatchGAN discriminator (3 layers, ndf 64, BatchNorm), as in taming-transformers."""
+    layers = [nn.Conv2d(3, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+    ch = ndf
+    for n in range(1, n_layers + 1):
+        out = ndf * min(2 ** n, 8)
+        layers += [nn.Conv2d(ch, out, 4, 2 if n < n_layers else 1, 1, bias=False),
+                   nn.BatchNorm2d(out), nn.LeakyReLU(0.2, True)]
+        ch = out
+    return nn.Sequential(*layers, nn.Conv2d(ch, 1, 4, 1, 1))
 
 # ---- The FID Inception-v3 (paper Sec. 4.1, rFID / gFID): the 2015-12-05 TF graph, named as in
 # pytorch-fid's weights, matched to torch-fidelity's `inception-v3-compat` extractor
@@ -429,7 +498,7 @@ def load_inception(path=None):
         else:
             state = torch.hub.load_state_dict_from_url(FID_WEIGHTS, map_location="cpu")
     except Exception as e:  # offline: urllib's URLError
-        raise models.download_error(f"FID Inception ({FID_WEIGHTS})", e)
+        raise download_error(f"FID Inception ({FID_WEIGHTS})", e)
     # num_batches_tracked: a BN training counter, unused here
     keys = lambda d: {k for k in d if not k.endswith("num_batches_tracked")}
     for k in sorted(keys(model.state_dict()) ^ keys(state)):
@@ -469,7 +538,8 @@ def released_file(path):
                              f"offline, put the file in {folder}")
     return local
 
-# names in the authors' tokenizer files that differ from ours; their files may also carry the teacher
+# names in the authors' tokenizer files that differ from ours (their files may also carry the
+# teacher)
 RELEASE_RENAMES = {"encoder.patch_embed.0.": "encoder.patch_embed.",
                    "decoder.ffn.1.": "decoder.to_pixels."}
 

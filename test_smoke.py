@@ -38,8 +38,8 @@ torch.set_num_threads(2)
 def load_teacher(name, path=None, size="large", grid=16, release_input=True, rope_rescale=1.0):
     """pretrained.load_teacher with the stage-1 flags it reads."""
     args = SimpleNamespace(teacher_size=size, teacher_input="release" if release_input else "direct",
-                           teacher_rope_rescale=rope_rescale)
-    return pretrained.load_teacher(name, path, grid, args)
+                           teacher_rope_rescale=rope_rescale, teacher_ckpt=path, random_frozen_nets=path is None)
+    return pretrained.load_teacher(name, grid, args)
 
 
 def tiny_tokenizer(dim=16, img=64, teacher_dim=32, **kw):
@@ -102,7 +102,7 @@ def tokenizer_file(path, img_size=32):
 
 def shapes_folder(root, per_class, classes, seed=0, size=32):
     """An ImageNet-style folder of built-in shapes: `classes` sub-folders of `per_class` PNGs each."""
-    ds = data.Shapes(10 * per_class, size, seed=seed)
+    ds = demo.Shapes(10 * per_class, size, seed=seed)
     for i in range(10 * per_class):
         arr, label = ds.render(i)
         if label < classes:
@@ -393,11 +393,11 @@ def test_tokenizer_loss_falls_on_a_fixed_batch():
     torch.manual_seed(0)
     m = tiny_tokenizer(img=32, patch_size=8, teacher_dim=64).train()
     teacher = load_teacher("dinov2_vitl14", None, "tiny", grid=4)
-    perceptual, disc = models.Perceptual(0.0, True), models.patchgan()
+    perceptual, disc = pretrained.Perceptual(0.0, True), pretrained.patchgan()
     args = type("A", (), dict(rec_weight=1.0, perceptual_weight=1.0, kl_weight=1e-6, sem_weight=1.0, disc_weight=0.5,
                               sem_target="all"))
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
-    x = torch.stack([data.Shapes(4, 32)[i][0] for i in range(4)])
+    x = torch.stack([demo.Shapes(4, 32)[i][0] for i in range(4)])
     losses = []
     for _ in range(30):
         x_hat, kl, pred, ids_keep = m(x)
@@ -502,12 +502,12 @@ def test_progress_lines_have_a_rate_and_the_time_left(caplog):
 
 def nan_images(monkeypatch, which):
     """Training images (the built-in set with seed 0) whose index is in `which` become NaN."""
-    render = data.Shapes.__getitem__
+    render = demo.Shapes.__getitem__
 
     def getitem(self, i):
         x, label = render(self, i)
         return (torch.full_like(x, math.nan) if self.seed == 0 and i in which else x), label
-    monkeypatch.setattr(data.Shapes, "__getitem__", getitem)
+    monkeypatch.setattr(demo.Shapes, "__getitem__", getitem)
 
 
 def test_a_non_finite_step_is_skipped_and_counted(tmp_path, monkeypatch):
@@ -648,13 +648,13 @@ def test_whole_epoch_warmup_and_the_release_data_order(order, warmup_rate, warmu
     """Warm-up: int(warmup_rate * epochs) whole epochs (1 for 1.5, none for 0.9). Data order: one permutation for
     every epoch unless --reshuffle (the release never calls set_epoch)."""
     import train_tokenizer as tt
-    seen, getitem = [], data.Shapes.__getitem__
+    seen, getitem = [], demo.Shapes.__getitem__
 
     def record(self, i):  # the training images (Shapes seed 0) in the order the loader asks for them
         if self.seed == 0:
             seen.append(i)
         return getitem(self, i)
-    monkeypatch.setattr(data.Shapes, "__getitem__", record)
+    monkeypatch.setattr(demo.Shapes, "__getitem__", record)
     main_of(tt, TINY_TRAIN + ["--epochs", "3", "--warmup_rate", str(warmup_rate), "--out_dir", str(tmp_path)] + order)
     epochs = [seen[16 * e:16 * (e + 1)] for e in range(3)]  # 16 images, 2 steps of 8 per epoch
     assert all(sorted(e) == list(range(16)) for e in epochs)
@@ -671,7 +671,7 @@ def test_loss_networks_run_in_fp32_unless_asked(tmp_path):
     import train_tokenizer as tt
     from types import SimpleNamespace
     m = tiny_tokenizer(img=32, patch_size=8, teacher_dim=0)
-    x = torch.stack([data.Shapes(2, 32)[i][0] for i in range(2)])
+    x = torch.stack([demo.Shapes(2, 32)[i][0] for i in range(2)])
     for bf16_losses, dtype in ((False, torch.float32), (True, torch.bfloat16)):
         args = SimpleNamespace(compile=False, grad_ckpt=False, blr=1e-4, global_batch=2, convnext_weight=0.0, ema=0.9, random_frozen_nets=True,
                                weight_decay=0.0, grad_clip=3.0, rec_weight=1.0, perceptual_weight=1.0, kl_weight=0.0,
@@ -1066,7 +1066,7 @@ def test_readme_python_snippets_run_as_written(tmp_path, monkeypatch):
     dit = randomise(tiny_dit(dim=4, grid=4, num_classes=1000))
     torch.save({"model": dit.state_dict(), "model_ema": dit.state_dict()}, cache / "ditdhxl_epoch_0599.pth")
     torch.save({"mean": torch.zeros(4), "std": torch.ones(4)}, tmp_path / "latent_stats.pt")
-    Image.fromarray(data.Shapes(1, 48).render(0)[0]).save(tmp_path / "cat.jpg")
+    Image.fromarray(demo.Shapes(1, 48).render(0)[0]).save(tmp_path / "cat.jpg")
     monkeypatch.chdir(tmp_path)
     scope = {}
     exec(snippets[0], scope)
@@ -1134,7 +1134,7 @@ def test_train_dit_stats_and_resume(tmp_path):
             "--vis_every", "1", "--sample_steps", "3", "--out_dir", str(tmp_path), "--epochs"]
     main_of(train_dit, argv + ["2"])
     ckpt = models.read_checkpoint(str(tmp_path / "dit.pt"))
-    images = torch.stack([data.Shapes(32, 32)[i][0] for i in range(32)])
+    images = torch.stack([demo.Shapes(32, 32)[i][0] for i in range(32)])
     mean = tok.eval().posterior(images)[0].flatten(0, 1)
     torch.testing.assert_close(ckpt["latent_stats"]["mean"], mean.mean(0), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(ckpt["latent_stats"]["std"], mean.std(0, unbiased=False), atol=1e-5, rtol=1e-4)
@@ -1154,7 +1154,7 @@ def test_flat_folder_trains_an_unconditional_dit_and_samples_without_guidance(tm
     flat = tmp_path / "flat"
     os.makedirs(flat)
     for i in range(16):
-        Image.fromarray(data.Shapes(16, 32).render(i)[0]).save(flat / f"{i}.png")
+        Image.fromarray(demo.Shapes(16, 32).render(i)[0]).save(flat / f"{i}.png")
     ds = data.ImageFolder(str(flat), 32)
     assert ds.num_classes == 1 and len(ds) == 16 and {label for _, label in ds.samples} == {0}
     tokenizer_file(tmp_path / "tokenizer_ft.pt")
@@ -1375,7 +1375,7 @@ def test_reconstruction_mode_with_the_random_inception(tmp_path, monkeypatch):
 def test_reconstruction_metrics_of_a_perfect_tokenizer(tmp_path):
     class Identity(torch.nn.Module):
         encode = decode = staticmethod(lambda x: x)
-    loader = data.make_loader(data.Shapes(12, 16), 5, False, workers=0)
+    loader = data.make_loader(demo.Shapes(12, 16), 5, False, workers=0)
     res = ev.reconstruction_metrics(Identity(), loader, StandInInception(dim=8), torch.device("cpu"))
     assert res["n"] == 12 and res["psnr"] == pytest.approx(100) and abs(res["rfid"]) < 1e-6
     # against another set's statistics the FID is that of the two feature sets
@@ -1417,9 +1417,9 @@ def test_linear_probe_mode(tmp_path):
 
 def test_probe_features_pool_the_latents_and_the_hooked_block(tmp_path):
     tokenizer = pretrained.load_tokenizer(tokenizer_file(tmp_path / "tok.pt"))
-    loader = data.make_loader(data.Shapes(5, 32), 2, False, workers=0)
+    loader = data.make_loader(demo.Shapes(5, 32), 2, False, workers=0)
     feats, labels = ev.probe_features(tokenizer, loader, torch.device("cpu"))
-    x = torch.stack([data.Shapes(5, 32)[i][0] for i in range(5)])
+    x = torch.stack([demo.Shapes(5, 32)[i][0] for i in range(5)])
     z = tokenizer.posterior(x)[0]
     torch.testing.assert_close(feats["z_t0.0"], z.mean(1), rtol=1e-4, atol=1e-5)
     assert feats["encoder_block-2"].shape == (5, 192) and labels.tolist() == [0, 1, 2, 3, 4]
@@ -1438,12 +1438,12 @@ def test_viz_mode_writes_pca_and_cosine_grids(tmp_path):
 
 
 def test_demo_judges_learn_the_demo_classes_differ_and_are_cached(tmp_path, monkeypatch):
-    seeds, init = [], data.Shapes.__init__
+    seeds, init = [], demo.Shapes.__init__
 
     def record(self, n=512, size=64, seed=0):  # every Shapes set a judge is built with: (size of it, seed)
         seeds.append((n, seed))
         init(self, n, size, seed)
-    monkeypatch.setattr(data.Shapes, "__init__", record)
+    monkeypatch.setattr(demo.Shapes, "__init__", record)
     judges = {}
     for role in ("teacher", "evaluator"):
         seeds.clear()
@@ -1454,7 +1454,7 @@ def test_demo_judges_learn_the_demo_classes_differ_and_are_cached(tmp_path, monk
     assert judges["evaluator"][1][1] not in (0, 1, 2)  # ... the evaluator from others: not training, held-out, ref
     teacher, evaluator = judges["teacher"][0], judges["evaluator"][0]
     assert [p.shape for p in teacher.parameters()] != [p.shape for p in evaluator.parameters()]  # other architecture
-    x = torch.stack([data.Shapes(4, 32, seed=5)[i][0] for i in range(4)])
+    x = torch.stack([demo.Shapes(4, 32, seed=5)[i][0] for i in range(4)])
     assert teacher(x).shape == (4, 64, teacher.dim)  # the teachers' interface: patch features on the 8 x 8 token grid
     pool, logits = evaluator(data.to_uint8(x))  # the FID Inception's interface
     assert pool.shape == (4, evaluator.dim) and logits.shape == (4, 10)
@@ -1511,7 +1511,7 @@ def test_demo_mode(tmp_path, monkeypatch):
     tokenizer_file(tmp_path / "tokenizer.pt", img_size=32)
     with pytest.raises(SystemExit, match="sample.py --demo"):
         main_of(ev, ["--demo", "--out_dir", str(tmp_path)])
-    real = data.Shapes(20, 32, seed=3)  # "samples" that are real images of their class i % 10
+    real = demo.Shapes(20, 32, seed=3)  # "samples" that are real images of their class i % 10
     np.savez(tmp_path / "samples.npz", arr_0=np.stack([real.render(i)[0] for i in range(20)]))
     calls = judge_calls(monkeypatch, n_train=640)
     main_of(ev, ["--demo", "--out_dir", str(tmp_path)])
@@ -1544,7 +1544,7 @@ class Dimmer(torch.nn.Module):  # a "tokenizer" whose reconstructions lose a dif
 
 def two_rank_worker(rank, init_file, out):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    loader = data.make_loader(data.Shapes(5, 16), 2, False, workers=0, world=2, rank=rank)  # 3 per rank, 1 padding
+    loader = data.make_loader(demo.Shapes(5, 16), 2, False, workers=0, world=2, rank=rank)  # 3 per rank, 1 padding
     res = ev.reconstruction_metrics(Dimmer(), loader, StandInInception(dim=8), torch.device("cpu"))
     labels = plumbing.gather_rows(torch.cat([y for _, y in loader]), 5, strided=True)
     gen = ev.generation_metrics(StandInInception(dim=8), [torch.full((10, 3, 16, 16), 50 * rank, dtype=torch.uint8)],
@@ -1560,7 +1560,7 @@ def test_online_metrics_over_two_ranks_match_one_process(tmp_path):
     torch.multiprocessing.spawn(two_rank_worker, (str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=2)
     res, labels, gen = torch.load(tmp_path / "out.pt", weights_only=False)
     assert labels.tolist() == [0, 1, 2, 3, 4]  # dataset order, the sampler's padding dropped
-    one = ev.reconstruction_metrics(Dimmer(), data.make_loader(data.Shapes(5, 16), 2, False, workers=0),
+    one = ev.reconstruction_metrics(Dimmer(), data.make_loader(demo.Shapes(5, 16), 2, False, workers=0),
                                     StandInInception(dim=8), torch.device("cpu"))
     assert res["n"] == 5 and res["psnr"] == pytest.approx(one["psnr"], rel=1e-6)
     assert res["rfid"] == pytest.approx(one["rfid"], rel=1e-6)
@@ -1569,7 +1569,7 @@ def test_online_metrics_over_two_ranks_match_one_process(tmp_path):
 
 def test_online_metrics_refuse_an_unsharded_loader(monkeypatch):
     monkeypatch.setattr(ev, "rank_world", lambda: (0, 2))  # as under torchrun with 2 ranks
-    loader = data.make_loader(data.Shapes(4, 16), 2, False, workers=0)  # world=1: every rank would see all images
+    loader = data.make_loader(demo.Shapes(4, 16), 2, False, workers=0)  # world=1: every rank would see all images
     with pytest.raises(ValueError, match="sharded"):
         ev.reconstruction_metrics(Dimmer(), loader, StandInInception(dim=8), torch.device("cpu"))
 
@@ -1650,7 +1650,7 @@ def test_dino_sizes_are_read_from_the_weight_file():
 def test_compiled_tokenizer_step_matches_eager():
     import train_tokenizer as tt
     from types import SimpleNamespace
-    x = torch.stack([data.Shapes(4, 32)[i][0] for i in range(4)])
+    x = torch.stack([demo.Shapes(4, 32)[i][0] for i in range(4)])
     runs = []
     for compile in (False, True):
         torch.manual_seed(0)
@@ -1694,7 +1694,7 @@ def test_grad_ckpt_gives_the_same_loss_and_gradients():
     """--grad_ckpt recomputes each transformer block in the backward pass: the step's numbers must not change."""
     tok = tiny_tokenizer(img=32, patch_size=8, teacher_dim=8).train()
     dit = randomise(tiny_dit()).train()
-    x = torch.stack([data.Shapes(2, 32)[i][0] for i in range(2)])
+    x = torch.stack([demo.Shapes(2, 32)[i][0] for i in range(2)])
     z, y = torch.randn(2, 4, 4, 4), torch.tensor([1, 2])
 
     def loss_and_grads(grad_ckpt):

@@ -25,12 +25,12 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import demo
 import evaluate
 import models
 import pretrained
-from plumbing import (INF, RANGES, LogInterval, Metrics, Preemption, Progress, all_finite,
-                      check_args, gather_rows, parse_args, resume, save_checkpoint, save_epoch,
-                      save_grid, start_log)
+from plumbing import (LogInterval, Metrics, Preemption, Progress, all_finite, check_args,
+                      parse_args, resume, save_checkpoint, save_epoch, save_grid, start_log)
 
 log = logging.getLogger("rectok")
 
@@ -140,15 +140,10 @@ def train(args, tokenizer, dataset, stats, rank, world, device):
     epoch, step, epoch_step = resume(ckpt_path, args, ("model", "img_size", "global_batch"),
                                      train_step.parts, device, interval, loader,
                                      accum * args.batch_size)
-    if args.eval_every:  # gFID / IS against --fid_ref, or a class-spread part of the training images
+    # online gFID / IS (--eval_every): against --fid_ref, or a class-spread part of the train set
+    if args.eval_every:
         inception = evaluate.online_inception(args, device)
-        if args.fid_ref:
-            ref = evaluate.reference(inception, args.fid_ref, args.batch_size)
-        else:
-            real = torch.utils.data.Subset(dataset, data.spread(len(dataset), args.eval_images))
-            real = data.make_loader(real, args.batch_size, False, args.workers, world, rank)
-            pool = evaluate.inception_features(inception, (data.to_uint8(x) for x, _ in real))[0]
-            ref = evaluate.feature_stats(gather_rows(pool, len(real.dataset), strided=True)), None
+        ref = evaluate.generation_reference(inception, args, dataset, world, rank)
     # the sample grids' classes (image i: label classes[i % len(classes)])
     classes = list(range(10))
     if num_classes == 1000:
@@ -224,42 +219,41 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p = parser.add_argument
-    p("--tokenizer", help="tokenizer checkpoint (ours or RecTok_decft.pth); --demo: <out_dir>/tokenizer_ft.pt")
+    p("--tokenizer", help="ours or the release's RecTok_decft.pth "
+      "(default: <out_dir>/tokenizer_ft.pt)")
     p("--data", help="ImageNet-style train folder (class sub-folders); omit with --demo")
     p("--data_list", help="optional `relative/path label` file list")
     p("--out_dir", help="the run's folder (rerun with it to resume); --demo: out/demo")
     p("--demo_images", type=int, help="size of the built-in dataset of --demo")
-    p("--model", default="XL", choices=list(models.DIT_SIZES), help="DiT^DH size ('tiny': tests, 'demo': --demo)")
+    p("--model", default="XL", choices=list(models.DIT_SIZES), help="DiT^DH size (tiny: tests)")
     p("--epochs", type=int, default=800)
     p("--decay_start_epoch", type=int, default=40)
     p("--decay_end_epoch", type=int, default=800)
     p("--lr", type=float, default=2e-4)
     p("--min_lr", type=float, default=2e-5)
-    p("--batch_size", type=int, help="per process; default: --global_batch / processes, at most 64 (the rest by "
-      "gradient accumulation)")
-    p("--global_batch", type=int, default=1024, help="reached by gradient accumulation on fewer GPUs")
+    p("--batch_size", type=int, help="per process (default: derived from --global_batch, <= 64)")
+    p("--global_batch", type=int, default=1024, help="by gradient accumulation on fewer GPUs")
     p("--grad_clip", type=float, default=1.0)
-    p("--label_drop", type=float, default=0.1, help="share of labels replaced by the null class (CFG); with one "
-      "class (a flat image folder), 0 trains an unconditional model, to sample with --cfg 1")
+    p("--label_drop", type=float, default=0.1, help="share of labels replaced by the null class "
+      "(CFG); 0 with one class (a flat folder): an unconditional model, sampled with --cfg 1")
     p("--ema", type=float, default=0.9995, help="the released code (the paper text says 0.995)")
     p("--latent_stats", help="reuse statistics from a DiT checkpoint or a latent_stats.pt")
-    p("--sample_steps", type=int, default=50, help="Euler grid points for the PNG of EMA samples")
-    p("--cfg", type=float, default=1.0, help="guidance scale for the PNG of EMA samples")
+    p("--sample_steps", type=int, default=50, help="Euler grid points of the EMA sample grids")
+    p("--cfg", type=float, default=1.0, help="guidance scale of the EMA sample grids")
     p("--workers", type=int, default=8)
     p("--seed", type=int, default=0)
-    p("--reshuffle", action="store_true", help="a new data order every epoch (the release: one order, drawn once)")
+    p("--reshuffle", action="store_true", help="a new data order every epoch (release: one order)")
     p("--log_every", type=int, default=50)
     p("--vis_every", type=int, default=5)
     p("--compile", action="store_true")
-    p("--grad_ckpt", action="store_true", help="activation checkpointing per transformer block: less GPU memory, "
-      "~1/3 more compute (the release's --grad_checkpointing)")
-    p("--save_every", type=int, default=0, help="also keep dit_epoch{E:04d}.pt every N epochs (E counts from 0: "
-      "the paper's 600-epoch model is dit_epoch0599.pt, as the release's ditdhxl_epoch_0599)")
-    p("--wandb", metavar="PROJECT", help="also send metrics and image grids to this Weights & Biases project")
-    p("--eval_every", type=int, default=0, help="every N epochs: gFID + IS of EMA samples (--cfg, --sample_steps)")
+    p("--grad_ckpt", action="store_true", help="activation checkpointing: less memory, ~1/3 slower")
+    p("--save_every", type=int, default=0, help="also keep dit_epoch{E:04d}.pt every N epochs (E "
+      "from 0: the paper's 600-epoch model is dit_epoch0599.pt, the release's epoch_0599)")
+    p("--wandb", metavar="PROJECT", help="also send metrics and grids to Weights & Biases")
+    p("--eval_every", type=int, default=0, help="every N epochs: gFID + IS of EMA samples")
     p("--eval_images", type=int, default=10_000)
-    p("--fid_ref", help="gFID reference: ADM's VIRTUAL_imagenet256_labeled.npz; default: training images")
-    p("--inception", help="FID Inception .pth (default: pytorch-fid's release, downloaded once); 'random' for demos")
+    p("--fid_ref", help="gFID reference: ADM's VIRTUAL_imagenet256_labeled.npz (default: train)")
+    p("--inception", help="FID Inception .pth (default: pytorch-fid's, downloaded once); random")
     args = parse_args(parser, DEMO, argv)
     tok_path = args.tokenizer or args.out_dir and os.path.join(args.out_dir, "tokenizer_ft.pt")
     no_null = (args.label_drop == 0 and args.cfg > 1
@@ -272,7 +266,7 @@ def main(argv=None):
                 "--latent_stats": (args.latent_stats, "latent statistics"),
                 "--inception": (args.inception, "FID Inception weights"),
                 "--fid_ref": (args.fid_ref, ("an .npz", "a folder"))},
-               dict(RANGES, epochs=(0, INF), label_drop=(0, 1)))  # --epochs 0: the statistics only
+               dict(epochs=(0, float("inf")), label_drop=(0, 1)))  # --epochs 0: the statistics only
     # processes: under torchrun one per GPU (NCCL) or per CPU slot (gloo), else one
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -289,7 +283,7 @@ def main(argv=None):
     tokenizer = pretrained.load_tokenizer(tok_path, gamma=0.0, mask_ratio=0.0).to(device).eval()
     tokenizer.sem_decoder = None
     args.img_size = tokenizer.grid * tokenizer.decoder.patch_size
-    dataset = data.make_dataset(args)
+    dataset = data.make_dataset(args) if args.data else demo.shapes(args)  # --demo: built-in
 
     # 1. latent statistics: posterior means, no flip, whole training set; those of a run being
     #    resumed (dit.pt holds them; memory-mapped, not read whole), else --latent_stats, else new

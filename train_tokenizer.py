@@ -102,9 +102,9 @@ class TokenizerStep:
         self.teacher = teacher
         self.world = world
         self.base_lr = args.blr * args.global_batch / 256
-        self.perceptual = models.Perceptual(args.convnext_weight, args.random_frozen_nets)
+        self.perceptual = pretrained.Perceptual(args.convnext_weight, args.random_frozen_nets)
         self.perceptual.to(device)
-        self.disc = models.patchgan().to(device)
+        self.disc = pretrained.patchgan().to(device)
         # AdamW as the release sets it up; fused: one kernel for all parameters (also on the CPU,
         # where a demo step is 12% faster than the per-parameter loop)
         self.opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=self.base_lr,
@@ -201,7 +201,8 @@ class TokenizerStep:
         if use_gan:
             self.opt_d.found_inf = (~finite).float()
             self.opt_d.step()
-            keep_buffers_if(finite, self.disc, disc_stats)  # a skipped step's BatchNorm updates undone
+            # a skipped step's BatchNorm statistics updates are undone
+            keep_buffers_if(finite, self.disc, disc_stats)
         self.opt_d.zero_grad(set_to_none=True)
         # EMA of the trained weights (one fused lerp); a skipped step leaves it as it was
         weight = (1 - self.args.ema) * finite.float()
@@ -214,15 +215,16 @@ def train(args, stage, model, ema, teacher, rank, world, device):
     `teacher` is None when there is no semantic loss (stage 2)."""
     # data: the training set, and 8 held-out images spread over a sorted folder's classes
     accum = args.global_batch // (args.batch_size * world)
-    dataset = data.make_dataset(args)
+    dataset = data.make_dataset(args) if args.data else demo.shapes(args)
     loader = data.make_loader(dataset, args.batch_size, True, args.workers, world, rank, args.seed)
     if len(loader) < accum:
         raise SystemExit(f"{len(dataset)} images are too few for one global batch of "
                          f"{args.global_batch}")
-    val = data.make_dataset(args, train=False)
+    val = data.make_dataset(args, train=False) if args.data else demo.shapes(args, train=False)
     held_out = torch.stack([val[i][0] for i in data.spread(len(val), 8)]).to(device)
     train_step = TokenizerStep(args, model, ema, teacher, device, world)
-    if args.eval_every:  # PSNR + rFID of the EMA weights on a fixed, class-spread part of --val_data
+    # online PSNR + rFID of the EMA weights (--eval_every) on a fixed, class-spread part of val_data
+    if args.eval_every:
         inception = evaluate.online_inception(args, device)
         val = torch.utils.data.Subset(val, data.spread(len(val), args.eval_images))
         eval_loader = data.make_loader(val, args.batch_size, False, args.workers, world, rank)
@@ -303,54 +305,42 @@ def train(args, stage, model, ema, teacher, rank, world, device):
     log.info(f"done: {ckpt_path}")
 
 def common_args(parser):
-    """Flags shared by both tokenizer stages (defaults: stage 1, paper Sec. 4.1 and the release's
+    """Flags of both tokenizer stages (defaults: stage 1, paper Sec. 4.1 and the release's
     run_train_tokenizer.sh)."""
     p = parser.add_argument
     p("--data", help="ImageNet-style train folder (class sub-folders); omit with --demo")
     p("--data_list", help="optional `relative/path label` file list, like the authors' train.txt")
-    p("--val_data", help="ImageNet val folder for the held-out PSNR batch (default: a train batch)")
+    p("--val_data", help="folder of the held-out images (default: the train folder)")
     p("--out_dir", help="the run's folder (rerun with it to resume); --demo: out/demo")
     p("--demo_images", type=int, help="size of the built-in dataset of --demo")
     p("--epochs", type=int, default=200)
-    p("--batch_size", type=int, help="per process; default: --global_batch / processes, at most "
-      "64 (the rest by gradient accumulation)")
-    p("--global_batch", type=int, default=1024, help="reached by gradient accumulation on fewer GPUs")
+    p("--batch_size", type=int, help="per process (default: derived from --global_batch, <= 64)")
+    p("--global_batch", type=int, default=1024, help="by gradient accumulation on fewer GPUs")
     p("--blr", type=float, default=1e-4, help="lr = blr * global_batch / 256")
-    p("--warmup_rate", type=float, default=0.25,
-      help="linear warm-up for int(warmup_rate * epochs) epochs")
+    p("--warmup_rate", type=float, default=0.25, help="warm-up: int(warmup_rate * epochs) epochs")
     p("--weight_decay", type=float, default=1e-4)
     p("--grad_clip", type=float, default=3.0)
     p("--ema", type=float, default=0.999)
     p("--rec_weight", type=float, default=1.0)
     p("--perceptual_weight", type=float, default=1.0)
-    p("--convnext_weight", type=float, default=0.1,
-      help="ConvNeXt-S term of the released code; 0 = LPIPS only")
-    p("--disc_weight", type=float, default=0.1, help="the release's effective weight (its run "
-      "scripts' 0.5 never reaches the loss); the paper's 0.5 is --disc_weight 0.5")
-    p("--bf16_losses", action="store_true",
-      help="LPIPS, ConvNeXt-S and PatchGAN under bf16 autocast (the release: fp32)")
-    p("--save_every", type=int, default=0,
-      help="also keep <stage>_epoch{E:04d}.pt every N epochs (E counts from 0)")
+    p("--convnext_weight", type=float, default=0.1, help="ConvNeXt-S term (release); 0: LPIPS only")
+    p("--disc_weight", type=float, default=0.1, help="the release's effective weight (paper: 0.5)")
+    p("--bf16_losses", action="store_true", help="LPIPS, ConvNeXt, PatchGAN in bf16 (release: no)")
+    p("--save_every", type=int, default=0, help="also keep <stage>_epoch{E:04d}.pt every N epochs")
     p("--disc_start_epoch", type=int, default=100)
-    p("--random_frozen_nets", action="store_true",
-      help="random teacher / VGG / ConvNeXt weights (demo, tests)")
+    p("--random_frozen_nets", action="store_true", help="random teacher / VGG / ConvNeXt (tests)")
     p("--workers", type=int, default=8)
     p("--seed", type=int, default=0)
-    p("--reshuffle", action="store_true",
-      help="a new data order every epoch (the release: one order, drawn once)")
+    p("--reshuffle", action="store_true", help="a new data order every epoch (release: one order)")
     p("--log_every", type=int, default=50)
     p("--vis_every", type=int, default=5)
     p("--compile", action="store_true")
-    p("--grad_ckpt", action="store_true", help="activation checkpointing per transformer block: "
-      "less GPU memory, ~1/3 more compute (the release's --grad_checkpointing)")
-    p("--wandb", metavar="PROJECT",
-      help="also send metrics and image grids to this Weights & Biases project")
-    p("--eval_every", type=int, default=0,
-      help="every N epochs: PSNR + rFID of the EMA model on --val_data")
+    p("--grad_ckpt", action="store_true", help="activation checkpointing: less memory, ~1/3 slower")
+    p("--wandb", metavar="PROJECT", help="also send metrics and grids to Weights & Biases")
+    p("--eval_every", type=int, default=0, help="every N epochs: PSNR + rFID of the EMA model")
     p("--eval_images", type=int, default=10_000)
-    p("--fid_ref", help="rFID reference (evaluate.py --save_stats of val); default: the same real "
-      "images")
-    p("--inception", help="FID Inception .pth (default: pytorch-fid's release, downloaded once)")
+    p("--fid_ref", help="rFID reference (evaluate.py --save_stats); default: the real images")
+    p("--inception", help="FID Inception .pth (default: pytorch-fid's, downloaded once)")
 
 def input_files(args):
     """The files both tokenizer stages may be given (for check_args), with what each must be."""
@@ -378,38 +368,30 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common_args(parser)
     p = parser.add_argument
-    p("--dim", type=int, default=128, choices=[16, 32, 64, 128],
-      help="latent channels per token (the paper's)")
+    p("--dim", type=int, default=128, choices=[16, 32, 64, 128], help="latent channels per token")
     p("--img_size", type=int, default=256)
     p("--patch_size", type=int, default=16)
     p("--enc_size", default="base", choices=sorted(models.SIZES))
     p("--dec_size", default="base", choices=sorted(models.SIZES))
     p("--sem_size", default="tiny", choices=sorted(models.SIZES))
     p("--sem_type", default="transformer", choices=["transformer", "mlp"])
-    p("--teacher", choices=sorted(pretrained.TEACHERS) + ["judge"],
-      help="default: DINOv2 ViT-L/14 below dim 64, DINOv3 ViT-L/16 from 64; 'judge': the demo's "
-      "teacher judge, a small CNN trained on demo images (demo.judge)")
-    p("--teacher_ckpt",
-      help="the teacher's weight file (Meta's); default: downloaded (DINOv3 is gated: pass it)")
+    p("--teacher", choices=sorted(pretrained.TEACHERS) + ["judge"], help="default: DINOv2 ViT-L "
+      "below dim 64, DINOv3 ViT-L from 64; judge: the demo's teacher judge (demo.py)")
+    p("--teacher_ckpt", help="the teacher's weight file (default: downloaded; DINOv3's is gated)")
     p("--teacher_size", default="large", choices=sorted(pretrained.TEACHER_SIZES),
-      help="of random teacher weights ('tiny': tests); a weight file has its own")
-    p("--mask_ratio", type=float, default=0.4,
-      help="RAD: ratio ~ max(0, U(mask_ratio_min, mask_ratio)); 0 = off")
+      help="of random teacher weights (tiny: tests); a weight file has its own")
+    p("--mask_ratio", type=float, default=0.4, help="RAD: max(0, U(mask_ratio_min, mask_ratio))")
     p("--mask_ratio_min", type=float, default=-0.1)
     p("--gamma", type=float, default=1.0, help="FSD noise scale; 0 = no forward-flow noise")
     p("--noise_schedule", default="shift", choices=["shift", "uniform", "lognorm"])
-    p("--no_fsd", action="store_true",
-      help="ablation: the semantic decoder reads the clean latent z, not z_t")
+    p("--no_fsd", action="store_true", help="ablation: the semantic decoder reads z, not z_t")
     p("--sem_target", default="all", choices=["all", "masked"],
-      help="semantic loss on every position (the release) or on the masked ones only (the "
-      "paper's RAD text; the release's sem_target=reconstruction)")
+      help="semantic loss on every position (release) or the masked ones (paper's RAD text)")
     p("--teacher_input", default="release", choices=["release", "direct"],
       help="the release's teacher preprocessing (DINOv3: uint8, 224 px and back) or Meta's")
     p("--teacher_rope_rescale", type=float, default=2.0,
-      help="DINOv3 RoPE coords x log-uniform [1/r, r] per forward, as the release's teacher runs "
-      "(Hugging Face train mode); 1 = deterministic")
-    p("--no_kl", action="store_true",
-      help="ablation: plain autoencoder, deterministic z and no KL (the paper's AE)")
+      help="DINOv3 RoPE coords x log-uniform [1/r, r] per forward (release); 1: none")
+    p("--no_kl", action="store_true", help="ablation: a plain autoencoder (deterministic z, no KL)")
     p("--kl_weight", type=float, default=1e-6)
     p("--sem_weight", type=float, default=1.0)
     args = parse_args(parser, DEMO, argv)
@@ -438,15 +420,14 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     start_log(args, "tokenizer", rank, world, device)
-    torch.manual_seed(args.seed)  # the same on every rank: identical initial (random frozen) weights
+    torch.manual_seed(args.seed)  # the same on every rank: identical initial weights
     # the frozen teacher of FSD (pretrained.TEACHERS), or the demo's teacher judge
     grid = args.img_size // args.patch_size
     teacher = None
     if args.sem_weight > 0 and teacher_name == "judge":
         teacher = demo.judge(args.out_dir, args.img_size, device, "teacher", grid)[0]
     elif args.sem_weight > 0:
-        path = pretrained.teacher_file(teacher_name, args.teacher_ckpt) if use_file else None
-        teacher = pretrained.load_teacher(teacher_name, path, grid, args).to(device)
+        teacher = pretrained.load_teacher(teacher_name, grid, args).to(device)
     model = models.Tokenizer(img_size=args.img_size, patch_size=args.patch_size, dim=args.dim,
                              enc_size=args.enc_size, dec_size=args.dec_size,
                              sem_size=args.sem_size, sem_type=args.sem_type,
