@@ -263,7 +263,7 @@ def probe_features(tokenizer, loader, device, seed=0):
             z = tokenizer.posterior(x.to(device, non_blocking=True))[0]
         eps = torch.randn(z.shape, generator=gen, device=device)
         for t in PROBE_TS:
-            feats[f"z_t{t}"].append(((1 - t) * z + t * eps).mean(1))
+            feats[f"z_t{t}"].append(models.tokenizer_flow(z, t, eps).mean(1))
         labels.append(y.to(device))
     hook.remove()
     n = n_images(loader)
@@ -304,7 +304,7 @@ def latent_maps(tokenizer, x, ts=VIZ_TS, seed=0):
                          / (v.amax(d, keepdim=True) - v.amin(d, keepdim=True) + 1e-8))
     pca = [x]
     cos = [x]
-    for z_t in ((1 - t) * z + t * eps for t in ts):
+    for z_t in (models.tokenizer_flow(z, t, eps) for t in ts):
         flat = z_t.flatten(0, 1) - z_t.flatten(0, 1).mean(0)
         components = torch.linalg.svd(flat, full_matrices=False).Vh[:3].T
         pca.append(image(unit(flat @ components, 0).view(B, N, 3)))

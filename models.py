@@ -98,8 +98,9 @@ class Block(nn.Module):
 #   t = 0 noise, t = 1 data, velocity x - eps.
 
 def time_shift(u, s):
-    """u in [0, 1] -> s u / (1 + (s - 1) u): s > 1 pushes t towards 1. The released code's shift
-    for both halves, with s = sqrt(N_tokens * dim / 4096) (the paper prints 1/s)."""
+    """u in [0, 1] -> s u / (1 + (s - 1) u), the released code's shift for both halves, with
+    s = sqrt(N_tokens * dim / 4096) (the paper prints 1/s): s > 1 pushes the time towards noise in
+    both (the tokenizer's t = time_shift(u), DiT^DH's t = 1 - time_shift(u))."""
     return s * u / (1 + (s - 1) * u)
 
 def tokenizer_flow(z, t, eps):

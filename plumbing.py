@@ -155,7 +155,7 @@ def batch_problem(args, world):
 # (in the checkpoint's model state dict)
 KINDS = {"a tokenizer checkpoint": "encoder.latent_head.weight",
          "a DiT^DH checkpoint": "s_embedder.proj.weight",
-         "DINOv2/v3 weights": "cls_token",
+         **{t.kind: t.marker for t in pretrained.TEACHERS.values()},  # "DINOv2/v3 weights", ...
          "FID Inception weights": "Conv2d_1a_3x3.conv.weight",
          "latent statistics": "std"}
 

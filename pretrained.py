@@ -38,12 +38,16 @@ def download_error(what, e):
 # and a registry entry: build(sd, grid, args) makes it (sd: its weight file's state dict, whose key
 # names load_teacher checks strictly, or None for random weights at --teacher_size; args: stage 1's
 # flags), url: where its weights are downloaded from once (None: a gated file, given by
-# --teacher_ckpt, with `gated` saying where to ask for it). A new teacher: its class, one entry.
+# --teacher_ckpt, with `gated` saying where to ask for it); cache, kind and marker where the
+# defaults (DINO's) do not fit. A new teacher: its class, one entry.
 
 class Teacher(NamedTuple):
     build: Callable
     url: Optional[str] = None
     gated: Optional[str] = None
+    cache: Optional[str] = None  # its file's name in the torch hub cache (default: the URL's)
+    kind: str = "DINOv2/v3 weights"  # what --teacher_ckpt must be (plumbing.KINDS), told by...
+    marker: str = "cls_token"  # ...a key that only such files have
 
 def dino_size(sd, size):
     """(width, depth, heads) read off a DINO weight file (64 channels per head in every released
@@ -63,18 +67,30 @@ def dinov3(sd, grid, args):
     return DinoTeacher(True, *dino_size(sd, args.teacher_size), grid,
                        args.teacher_input == "release", args.teacher_rope_rescale)
 
+def siglip(sd, grid, args):
+    return SiglipTeacher(**siglip_size(sd, args.teacher_size), grid=grid,
+                         release_input=args.teacher_input == "release")
+
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{0}14/dinov2_vit{0}14_pretrain.pth"
 DINOV3_GATED = ("--teacher_ckpt: DINOv3 weights are gated; "
                 "request dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth at "
                 "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/ "
                 "and pass its path")
+DINOV3_B_GATED = DINOV3_GATED.replace("vitl16_pretrain_lvd1689m-8aa4cbdd",
+                                      "vitb16_pretrain_lvd1689m-73cec8be")
+# SigLIP 2 (the release's default tag of vit_large_patch16_siglip_256 at timm 1.0.19, v2_webli)
+SIGLIP_URL = ("https://huggingface.co/timm/vit_large_patch16_siglip_256.v2_webli/resolve/main/"
+              "pytorch_model.bin")
 
-# the paper's teachers: DINOv2 ViT-L/14 below dim 64, DINOv3 ViT-L/16 from 64 (Sec. 4.1); DINOv2
-# ViT-S/14 and ViT-B/14 for smaller runs
+# the paper's teachers: DINOv2 ViT-L/14 below dim 64, DINOv3 ViT-L/16 from 64 (Sec. 4.1); SigLIP 2
+# and DINOv3 ViT-B/16 of its Tab. 6; DINOv2 ViT-S/14 and ViT-B/14 for smaller runs
 TEACHERS = {"dinov2_vits14": Teacher(dinov2, DINOV2_URL.format("s")),
             "dinov2_vitb14": Teacher(dinov2, DINOV2_URL.format("b")),
             "dinov2_vitl14": Teacher(dinov2, DINOV2_URL.format("l")),
-            "dinov3_vitl16": Teacher(dinov3, gated=DINOV3_GATED)}
+            "dinov3_vitb16": Teacher(dinov3, gated=DINOV3_B_GATED),
+            "dinov3_vitl16": Teacher(dinov3, gated=DINOV3_GATED),
+            "siglip": Teacher(siglip, SIGLIP_URL, cache="vit_large_patch16_siglip_256.v2_webli.bin",
+                              kind="SigLIP weights", marker="attn_pool.latent")}
 
 def teacher_file(name, path):
     """The teacher's weight file: `path` (--teacher_ckpt) if given, else its registry URL downloaded
@@ -84,7 +100,8 @@ def teacher_file(name, path):
     entry = TEACHERS[name]
     if entry.url is None:
         raise SystemExit(entry.gated)
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(entry.url))
+    cached = entry.cache or os.path.basename(entry.url)
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", cached)
     if not os.path.exists(path):
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -264,6 +281,143 @@ class DinoTeacher(nn.Module):
         # LayerNorm is per token: norm after slicing is the same
         return self.norm(x[:, 1 + self.n_storage:])
 
+
+# ---- SigLIP (timm's SigLIP ViTs: timm's key names, strict loading; the release builds
+# vit_large_patch16_siglip_256 and distils its forward_features)
+
+SIGLIP_MEAN = SIGLIP_STD = 0.5  # timm's SigLIP cfgs: IMAGENET_INCEPTION_MEAN / _STD
+SIGLIP_CROP_PCT = 0.9  # timm's default _cfg crop_pct, which the SigLIP cfgs do not override
+# width -> heads: timm's SigLIP ViTs (B 768 / 12, L 1024 / 16 as TEACHER_SIZES; So400m 1152 / 16)
+# and the random-weight sizes (tiny 64 / 2); others 64 channels a head
+SIGLIP_HEADS = {**{w: h for w, _, h in TEACHER_SIZES.values()}, 1152: 16}
+
+def siglip_size(sd, size):
+    """SiglipTeacher's size arguments read off a timm SigLIP file, or TEACHER_SIZES[size] for random
+    weights (patch 16 at 256 px, MLP 4 x width, with the attention-pool head, as
+    vit_large_patch16_siglip_256)."""
+    if sd is None:
+        width, depth, heads = TEACHER_SIZES[size]
+        return dict(width=width, depth=depth, heads=heads)
+    if "pos_embed" not in sd or "patch_embed.proj.weight" not in sd:
+        hint = (" (an open_clip file: its image tower is under visual.trunk.*)"
+                if any(k.startswith("visual.trunk.") for k in sd) else "")
+        raise SystemExit(f"--teacher_ckpt: should be timm's SigLIP weights (timm key names, e.g. "
+                         f"{SIGLIP_URL}); it has {', '.join(list(sd)[:3])}, ...{hint}")
+    width = sd["pos_embed"].shape[-1]
+    return dict(width=width,
+                depth=len({k.split(".")[1] for k in sd if k.startswith("blocks.")}),
+                heads=SIGLIP_HEADS.get(width, width // 64),
+                hidden=sd["blocks.0.mlp.fc1.weight"].shape[0],
+                patch=sd["patch_embed.proj.weight"].shape[-1],
+                pos_grid=math.isqrt(sd["pos_embed"].shape[1]),
+                pool_hidden=(sd["attn_pool.mlp.fc1.weight"].shape[0]
+                             if "attn_pool.latent" in sd else 0))
+
+
+def mlp(width, hidden):
+    return nn.Sequential(OrderedDict(fc1=nn.Linear(width, hidden), act=nn.GELU(),
+                                     fc2=nn.Linear(hidden, width)))
+
+
+class SiglipBlock(nn.Module):
+    """Pre-norm ViT block: LayerNorm (eps 1e-6) -> MHA (qkv with bias, SDPA) -> residual; LayerNorm
+    -> MLP (exact GELU) -> residual. No LayerScale."""
+    def __init__(self, width, heads, hidden):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width, eps=1e-6)
+        self.attn = nn.ModuleDict(dict(qkv=nn.Linear(width, 3 * width),
+                                       proj=nn.Linear(width, width)))
+        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = mlp(width, hidden)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = (self.attn.qkv(self.norm1(x)).view(B, N, 3, self.heads, C // self.heads)
+                   .permute(2, 0, 3, 1, 4))
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        x = x + self.attn.proj(a)
+        return x + self.mlp(self.norm2(x))
+
+
+class SiglipTeacher(nn.Module):
+    """x in [-1, 1] (B, 3, H, W) -> SigLIP's final-norm patch tokens (B, grid * grid, dim), as
+    timm's forward_features (SigLIP has no CLS token: every token is a patch token).
+
+    release_input: the release's path, timm's eval transform for the model (resize the short side to
+    floor(256 / 0.9) = 284 px, bicubic, antialiased; centre crop 256; mean = std = 0.5), so the
+    teacher sees the central 256/284 of the image; else the image itself at grid * patch px
+    (bilinear), mean = std = 0.5. Off 16 x 16 patches, the positions are resampled as timm's
+    dynamic_img_size does (bicubic, antialiased, in float32)."""
+    def __init__(self, width, depth, heads, grid=16, release_input=True, hidden=None, patch=16,
+                 pos_grid=16, pool_hidden=None):
+        super().__init__()
+        self.dim = width
+        self.grid = grid
+        self.patch = patch
+        self.release_input = release_input
+        hidden = hidden or 4 * width
+        self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv2d(3, width, patch, patch)))
+        self.pos_embed = nn.Parameter(torch.randn(1, pos_grid * pos_grid, width) * 0.02)
+        self.blocks = nn.ModuleList(SiglipBlock(width, heads, hidden) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        pool_hidden = hidden if pool_hidden is None else pool_hidden
+        if pool_hidden:
+            # timm's attention-pool head (global_pool "map": one latent query, q / kv / proj, norm,
+            # MLP): in the weight file, NOT run here (the release distils forward_features, before
+            # the pool); held so that the file loads with strict keys
+            self.attn_pool = nn.Module()
+            self.attn_pool.latent = nn.Parameter(torch.zeros(1, 1, width))
+            self.attn_pool.q = nn.Linear(width, width)
+            self.attn_pool.kv = nn.Linear(width, 2 * width)
+            self.attn_pool.proj = nn.Linear(width, width)
+            self.attn_pool.norm = nn.LayerNorm(width, eps=1e-6)
+            self.attn_pool.mlp = mlp(width, pool_hidden)
+
+    def train(self, mode=True):  # frozen teacher: always eval
+        return super().train(False)
+
+    @property
+    def native(self):
+        """The side in px of the model's own input (256: pos_embed's grid x patch)."""
+        return math.isqrt(self.pos_embed.shape[1]) * self.patch
+
+    def pos_embed_for(self, gh, gw):
+        pos = self.pos_embed
+        M = math.isqrt(pos.shape[1])
+        if gh == gw == M:
+            return pos
+        grid = pos.float().reshape(1, M, M, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", antialias=True)
+        return grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1).to(pos.dtype)
+
+    def preprocess(self, x):
+        """x in [-1, 1] -> normalised input at grid * patch px."""
+        x = (x.float() + 1) / 2
+        if self.release_input:
+            # torchvision Resize(int) on a tensor: the short side to `scaled`, the long side
+            # int(scaled * long / short); antialiased bicubic (torchvision's default antialias)
+            crop = self.native
+            scaled = math.floor(crop / SIGLIP_CROP_PCT)
+            h, w = x.shape[-2:]
+            size = ((scaled, int(scaled * w / h)) if h <= w else (int(scaled * h / w), scaled))
+            x = F.interpolate(x, size=size, mode="bicubic", antialias=True)
+            top, left = (int(round((s - crop) / 2.0)) for s in size)  # CenterCrop's offsets
+            x = x[..., top:top + crop, left:left + crop]
+        x = (x - SIGLIP_MEAN) / SIGLIP_STD
+        side = self.grid * self.patch
+        if x.shape[-2:] == (side, side):
+            return x
+        return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+
+    @torch.no_grad()
+    def forward(self, x):
+        x = self.patch_embed.proj(self.preprocess(x))
+        _, _, gh, gw = x.shape
+        x = x.flatten(2).transpose(1, 2) + self.pos_embed_for(gh, gw).to(x.dtype)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
 
 # ---- The networks of the tokenizer's losses (paper Eq. 4; the release's utils/losses.py)
 # perceptual (LPIPS-VGG, ConvNeXt-S) and PatchGAN

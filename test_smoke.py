@@ -370,6 +370,134 @@ def test_teacher_key_names_are_metas():
     assert v3["rope_embed.periods"].shape == (16,) and "pos_embed" not in v3
 
 
+# SigLIP 2 and DINOv3 ViT-B/16 (paper Tab. 6): timm's and Meta's key names; parity with timm's
+# vit_large_patch16_siglip_256 and Meta's dinov3_vitb16 on random weights of the real shapes was exact
+# (measured outside the tests, with timm and Meta's code, which the tests do not need)
+
+def build_teacher(name, sd, size="tiny", grid=16):
+    args = SimpleNamespace(teacher_size=size, teacher_input="release", teacher_rope_rescale=1.0)
+    return pretrained.TEACHERS[name].build(sd, grid, args)
+
+
+# timm's vit_large_patch16_siglip_256 state dict outside its 24 blocks (timm 1.0.19), and in each block
+SIGLIP_TOP = ({"pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias",
+               "attn_pool.latent"}
+              | {f"attn_pool.{m}.{p}" for m in ("q", "kv", "proj", "norm", "mlp.fc1", "mlp.fc2")
+                 for p in ("weight", "bias")})
+SIGLIP_BLOCK = {f"{m}.{p}" for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+                for p in ("weight", "bias")}
+
+
+def test_new_teacher_key_names_are_timms_and_metas():
+    with torch.device("meta"):
+        siglip = load_teacher("siglip")
+        sd = siglip.state_dict()
+        v3b = load_teacher("dinov3_vitb16", size="base").state_dict()
+        # a weight file's sizes win over --teacher_size: ViT-L SigLIP / ViT-B DINOv3 files at "tiny"
+        from_file = build_teacher("siglip", sd).state_dict()
+        v3b_file = build_teacher("dinov3_vitb16", v3b)
+        # timm's "gap" SigLIPs have no attention-pool head: none is built
+        gap = build_teacher("siglip", {k: v for k, v in sd.items() if not k.startswith("attn_pool.")})
+    assert len(sd) == 306 and {k for k in sd if not k.startswith("blocks.")} == SIGLIP_TOP
+    assert all({k.split(".", 2)[2] for k in sd if k.startswith(f"blocks.{i}.")} == SIGLIP_BLOCK for i in range(24))
+    assert sd["pos_embed"].shape == (1, 256, 1024) and sd["attn_pool.latent"].shape == (1, 1, 1024)
+    assert sd["blocks.23.mlp.fc1.weight"].shape == (4096, 1024) and sd["attn_pool.kv.weight"].shape == (2048, 1024)
+    assert siglip.dim == 1024 and siglip.blocks[0].heads == 16 and "cls_token" not in sd
+    assert {k: v.shape for k, v in from_file.items()} == {k: v.shape for k, v in sd.items()}
+    assert not any(k.startswith("attn_pool.") for k in gap.state_dict()) and gap.dim == 1024
+    # DINOv3 ViT-B/16: Meta's ViT-L layout at 768 / 12 / 12 (hub/backbones.py dinov3_vitb16)
+    assert len(v3b) == 188 and v3b["storage_tokens"].shape == (1, 4, 768) and "blocks.11.attn.qkv.bias_mask" in v3b
+    assert "blocks.12.norm1.weight" not in v3b and v3b["rope_embed.periods"].shape == (16,)
+    assert v3b_file.dim == 768 and v3b_file.heads == 12 and len(v3b_file.blocks) == 12
+    assert v3b_file.norm.eps == 1e-5 and v3b_file.blocks[0].norm1.eps == 1e-5
+
+
+def test_siglip_rejects_an_open_clip_file():
+    with torch.device("meta"):
+        sd = {"visual.trunk." + k: v for k, v in build_teacher("siglip", None).state_dict().items()}
+    with pytest.raises(SystemExit, match="timm's SigLIP weights.*open_clip"):
+        build_teacher("siglip", sd)
+
+
+@pytest.mark.parametrize("name", ["siglip", "dinov3_vitb16"])
+def test_new_teacher_shapes_frozen_and_round_trip(name, tmp_path):
+    torch.manual_seed(0)
+    teacher = load_teacher(name, None, "tiny", grid=4)
+    x = torch.rand(2, 3, 64, 64, requires_grad=True) * 2 - 1
+    out = teacher(x)
+    assert out.shape == (2, 16, teacher.dim) and not out.requires_grad
+    assert not any(p.requires_grad for p in teacher.parameters())
+    teacher.train()
+    assert not any(m.training for m in teacher.modules())
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    torch.save(teacher.state_dict(), tmp_path / "t.pth")
+    loaded = load_teacher(name, str(tmp_path / "t.pth"), "tiny", grid=4)
+    assert torch.equal(loaded(x), teacher(x))
+    sd = teacher.state_dict()
+    del sd["blocks.1.attn.qkv.weight"]
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(SystemExit, match=r"missing keys blocks\.1\.attn\.qkv\.weight"):
+        load_teacher(name, str(tmp_path / "bad.pth"), "tiny", grid=4)
+
+
+def test_siglip_release_input_is_timms_eval_transform():
+    """The release's path: short side to floor(256 / 0.9) = 284 px (bicubic), centre crop 256 (offset 14),
+    mean = std = 0.5; so the teacher sees the central 256/284 of the image."""
+    release = load_teacher("siglip", None, "tiny", grid=16)
+    direct = load_teacher("siglip", None, "tiny", grid=16, release_input=False)
+    grey = torch.full((2, 3, 256, 256), 0.3)  # [-1, 1] in, and mean = std = 0.5: a constant stays itself
+    torch.testing.assert_close(release.preprocess(grey), grey, atol=1e-6, rtol=0)
+    torch.testing.assert_close(direct.preprocess(grey), grey, atol=1e-6, rtol=0)
+    # a horizontal ramp, linear in the pixel centres: cubic resampling keeps it linear away from the border,
+    # so output column j shows the input at (j + 14 + 0.5) * 256 / 284 px
+    ramp = ((torch.arange(256) + 0.5) / 256 * 2 - 1).expand(1, 3, 256, 256)
+    out = release.preprocess(ramp)[0, 0, 100]
+    j = torch.arange(256)
+    expected = (j + 14 + 0.5) / 284 * 2 - 1
+    assert out.shape == (256,) and torch.equal(direct.preprocess(ramp), ramp)
+    torch.testing.assert_close(out[8:-8], expected[8:-8], atol=1e-5, rtol=0)
+    assert release.preprocess(torch.zeros(1, 3, 128, 192)).shape == (1, 3, 256, 256)  # short side to 284, crop
+    assert load_teacher("siglip", None, "tiny", grid=4).preprocess(ramp).shape == (1, 3, 64, 64)
+
+
+# recorded from SiglipTeacher as written (issue 30) (torch 2.14.1 CPU); a change meant to change them rerecords
+GOLDEN30 = {"release": [-0.6547852158546448, -0.09340895712375641, 1.3171306848526, -1.3517742156982422,
+                        -0.3351857662200928, -1.397998571395874, -0.9594683051109314, 1.5009276866912842,
+                        50.359458923339844],
+            "direct": [-1.8640440702438354, -0.44096824526786804, 0.9287497401237488, -1.6485801935195923,
+                       -0.6970083117485046, -0.8384884595870972, -0.7953179478645325, 1.0685654878616333,
+                       -12.119440078735352]}
+
+
+def siglip_golden_values():
+    """A tiny random SigLIP (seeded), on both input paths, the direct one on a 3 x 3 grid (positions
+    resampled from 16 x 16): a few numbers of each."""
+    torch.manual_seed(0)
+    teacher = load_teacher("siglip", None, "tiny", grid=4)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # norms and biases off their init (ones / zeros), so that each one counts
+        for p in teacher.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    x = torch.rand(2, 3, 48, 48, generator=g) * 2 - 1
+    release = teacher(x)
+    teacher.release_input, teacher.grid = False, 3
+    direct = teacher(x)
+    assert release.shape == (2, 16, 64) and direct.shape == (2, 9, 64)
+    w = torch.arange(64.0).cos()
+    return {k: v[0, 0, :4].tolist() + v[1, -1, -4:].tolist() + [(v @ w).sum().item()]
+            for k, v in (("release", release), ("direct", direct))}
+
+
+def test_siglip_golden_forward():
+    got = siglip_golden_values()
+    assert set(got) == set(GOLDEN30)
+    for k, want in GOLDEN30.items():
+        assert got[k] == pytest.approx(want, rel=1e-5, abs=1e-6), f"{k}: {got[k]} != golden {want}"
+
+
 def test_semantic_loss_trains_encoder_never_teacher():
     import train_tokenizer as tt
     torch.manual_seed(0)
@@ -1633,6 +1761,19 @@ def test_a_toy_teacher_through_the_registry_trains_a_step(tmp_path, monkeypatch)
     assert ckpt["model"]["sem_decoder.out.weight"].shape[0] == Toy.dim and ckpt["args"]["teacher"] == "toy"
 
 
+@pytest.mark.parametrize("name", ["siglip", "dinov3_vitb16"])
+def test_a_stage1_step_with_each_new_teacher(name, tmp_path):
+    """`train_tokenizer.py --teacher siglip` / `dinov3_vitb16` (paper Tab. 6) run a stage-1 step (random tiny
+    weights here; the published files in real runs)."""
+    import train_tokenizer as tt
+    main_of(tt, ["--demo", "--demo_images", "8", "--batch_size", "8", "--global_batch", "8", "--epochs", "1",
+                 "--log_every", "1", "--teacher", name, "--teacher_size", "tiny", "--out_dir", str(tmp_path)])
+    row = json.loads(open(tmp_path / "metrics.jsonl").readline())
+    assert row["step"] == 1 and 0 < row["sem"] < 2 * 0.7
+    sd = models.read_checkpoint(str(tmp_path / "tokenizer.pt"))["model"]
+    assert sd["sem_decoder.out.weight"].shape[0] == pretrained.TEACHER_SIZES["tiny"][0]
+
+
 def test_dino_sizes_are_read_from_the_weight_file():
     """The registry's DINOv2 ViT-S/14, ViT-B/14 and ViT-L/14 (and DINOv3 ViT-L/16) take their sizes from the file,
     whatever --teacher_size says (it sizes random weights only)."""
@@ -1642,7 +1783,8 @@ def test_dino_sizes_are_read_from_the_weight_file():
             sd = load_teacher(name, size=size).state_dict()
             assert pretrained.dino_size(sd, "tiny") == shape
             assert load_teacher(name, size=size).dim == shape[0]
-    assert sorted(pretrained.TEACHERS) == ["dinov2_vitb14", "dinov2_vitl14", "dinov2_vits14", "dinov3_vitl16"]
+    assert sorted(pretrained.TEACHERS) == ["dinov2_vitb14", "dinov2_vitl14", "dinov2_vits14", "dinov3_vitb16",
+                                           "dinov3_vitl16", "siglip"]
     assert pretrained.TEACHERS["dinov2_vits14"].url.endswith("/dinov2_vits14/dinov2_vits14_pretrain.pth")
     assert pretrained.TEACHERS["dinov3_vitl16"].url is None and "gated" in pretrained.TEACHERS["dinov3_vitl16"].gated
 

@@ -399,15 +399,15 @@ def main(argv=None):
         parser.error("--sem_target masked needs --sem_type transformer and --mask_ratio > 0")
     teacher_name = args.teacher or ("dinov2_vitl14" if args.dim < 64 else "dinov3_vitl16")
     use_file = args.sem_weight > 0 and not args.random_frozen_nets and teacher_name != "judge"
-    gated = use_file and not args.teacher_ckpt and pretrained.TEACHERS[teacher_name].gated
+    entry = pretrained.TEACHERS.get(teacher_name, pretrained.Teacher(None))  # the judge: none
+    gated = use_file and not args.teacher_ckpt and entry.gated
     check_args(args, [args.patch_size > 0 and args.img_size % args.patch_size
                       and f"--img_size {args.img_size} is not a multiple of --patch_size "
                       f"{args.patch_size}",
                       not (args.data or args.demo)
                       and "--data is required (an ImageNet-style train folder), or use --demo",
                       gated],
-               dict(input_files(args), **{"--teacher_ckpt": (args.teacher_ckpt,
-                                                             "DINOv2/v3 weights")}))
+               dict(input_files(args), **{"--teacher_ckpt": (args.teacher_ckpt, entry.kind)}))
     # processes: under torchrun one per GPU (NCCL) or per CPU slot (gloo), else one
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
