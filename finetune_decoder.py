@@ -53,6 +53,7 @@ def main(argv=None):
     model = pretrained.load_tokenizer(path, ema=False, gamma=0.0, mask_ratio=0.0)
     ema_decoder = pretrained.load_tokenizer(path, ema=True).decoder.state_dict()
     model.sem_decoder = None
+    model.sem_decoders = None
     model.requires_grad_(False)
     model.decoder.requires_grad_(True)
     # unused without masking; keeps DDP free of unused params

@@ -225,7 +225,8 @@ def check_pixel_range(x):
 class Tokenizer(nn.Module):
     def __init__(self, img_size=256, patch_size=16, dim=128, enc_size="base", dec_size="base",
                  sem_size="tiny", sem_type="transformer", teacher_dim=1024, mask_ratio=0.4,
-                 mask_ratio_min=-0.1, gamma=1.0, noise_schedule="shift", sem_noisy=True, kl=True):
+                 mask_ratio_min=-0.1, gamma=1.0, noise_schedule="shift", sem_noisy=True, kl=True,
+                 teachers=None):
         model_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         # every construction argument, saved with the weights (load_model)
@@ -248,17 +249,24 @@ class Tokenizer(nn.Module):
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        if not teacher_dim:
-            self.sem_decoder = None
-        elif sem_type == "transformer":
-            self.sem_decoder = SemanticDecoder(sem_size, self.grid, dim, teacher_dim)
-        else:
-            self.sem_decoder = MLPSemanticDecoder(dim, teacher_dim)
+        # one teacher (teacher_dim: its feature channels), or several at once (teachers: name ->
+        # channels; paper Tab. 6): one semantic decoder each, named as the release's sem_decoders
+        self.sem_decoder = None
+        self.sem_decoders = None
+        if teachers:
+            self.sem_decoders = nn.ModuleDict({name: self.semantic_decoder(sem_type, sem_size, c)
+                                               for name, c in teachers.items()})
+        elif teacher_dim:
+            self.sem_decoder = self.semantic_decoder(sem_type, sem_size, teacher_dim)
+        sem_params = sum(n_params(m) for m in (self.sem_decoder, self.sem_decoders) if m)
         log.info(f"tokenizer: encoder+pixel decoder "
                  f"{n_params(self.encoder) + n_params(self.decoder):,} params, "
-                 f"semantic decoder "
-                 f"{n_params(self.sem_decoder) if self.sem_decoder else 0:,} params, "
-                 f"dim {dim}")
+                 f"semantic decoder(s) {sem_params:,} params, dim {dim}")
+
+    def semantic_decoder(self, sem_type, sem_size, teacher_dim):
+        if sem_type == "transformer":
+            return SemanticDecoder(sem_size, self.grid, self.dim, teacher_dim)
+        return MLPSemanticDecoder(self.dim, teacher_dim)
 
     def random_keep(self, B, device):
         """RAD masking: one ratio per batch, max(0, U(mask_ratio_min, mask_ratio)); keep
@@ -324,10 +332,12 @@ class Tokenizer(nn.Module):
         else:
             kl = mean.new_zeros(())
         # --no_fsd aligns the clean latent instead (Tab. 4)
+        z_sem = z_t if self.sem_noisy else z
+        pred = None
         if self.sem_decoder is not None:
-            pred = self.sem_decoder(z_t if self.sem_noisy else z, ids_keep)
-        else:
-            pred = None
+            pred = self.sem_decoder(z_sem, ids_keep)
+        elif self.sem_decoders is not None:  # several teachers: a prediction each, by name
+            pred = {name: dec(z_sem, ids_keep) for name, dec in self.sem_decoders.items()}
         return x_hat, kl, pred, ids_keep
 
 # ---- DiT^DH (paper Sec. 4.1, after RAE): a LightningDiT encoder plus a wide, shallow head,

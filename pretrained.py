@@ -92,6 +92,14 @@ TEACHERS = {"dinov2_vits14": Teacher(dinov2, DINOV2_URL.format("s")),
             "siglip": Teacher(siglip, SIGLIP_URL, cache="vit_large_patch16_siglip_256.v2_webli.bin",
                               kind="SigLIP weights", marker="attn_pool.latent")}
 
+# the release's names of its teachers (sem_decoders.<name> in its checkpoints), where ours differ
+RELEASE_KEYS = {"dinov2_vitl14": "dinov2", "dinov3_vitl16": "dinov3", "dinov3_vitb16": "dinov3b"}
+
+def release_key(name):
+    """The key of teacher `name`'s semantic decoder when several teachers train at once:
+    sem_decoders.<key>, as in the release's checkpoints."""
+    return RELEASE_KEYS.get(name, name)
+
 def teacher_file(name, path):
     """The teacher's weight file: `path` (--teacher_ckpt) if given, else its registry URL downloaded
     once into the torch hub cache (a gated teacher: one line saying where to ask for it)."""
@@ -110,11 +118,11 @@ def teacher_file(name, path):
             raise download_error(f"{name} ({entry.url})", e)
     return path
 
-def load_teacher(name, grid, args):
-    """The frozen teacher `name` on the tokenizer's `grid`: its weight file (teacher_file; strict
-    keys), or random weights with --random_frozen_nets."""
+def load_teacher(name, grid, args, ckpt=None):
+    """The frozen teacher `name` on the tokenizer's `grid`: its weight file (teacher_file of `ckpt`;
+    strict keys), or random weights with --random_frozen_nets."""
     sd = None
-    path = None if args.random_frozen_nets else teacher_file(name, args.teacher_ckpt)
+    path = None if args.random_frozen_nets else teacher_file(name, ckpt)
     if path is None:
         log.warning(f"!!! teacher {name} ({args.teacher_size}) has RANDOM weights: its features "
                     "are meaningless (tests/demos only) !!!")
@@ -698,14 +706,17 @@ RELEASE_RENAMES = {"encoder.patch_embed.0.": "encoder.patch_embed.",
                    "decoder.ffn.1.": "decoder.to_pixels."}
 
 def release_tokenizer_to_ours(sd):
-    """Our names for a released tokenizer state dict (also sem_decoders.<teacher>.* ->
-    sem_decoder.*); the teacher's weights are dropped."""
+    """Our names for a released tokenizer state dict: with one teacher sem_decoders.<teacher>.* ->
+    sem_decoder.*, with several they stay; the teachers' weights are dropped."""
+    teachers = {k.split(".")[1] for k in sd if k.startswith("sem_decoders.")}
     out = {}
     for k, v in sd.items():
         if not k.startswith("sem_foundation_models."):
             for old, new in RELEASE_RENAMES.items():
                 k = k.replace(old, new)
-            out["sem_decoder." + k.split(".", 2)[2] if k.startswith("sem_decoders.") else k] = v
+            if k.startswith("sem_decoders.") and len(teachers) == 1:
+                k = "sem_decoder." + k.split(".", 2)[2]
+            out[k] = v
     return out
 
 def release_dit_to_ours(sd):
@@ -715,7 +726,7 @@ def release_dit_to_ours(sd):
 def size_of(sd, prefix):
     """The models.SIZES name of the tokenizer transformer under `prefix`, read off its tensors."""
     width = sd[prefix + "positional_embedding"].shape[-1]
-    depth = len({k.split(".")[2] for k in sd if k.startswith(prefix + "transformer.")})
+    depth = len({k[len(prefix):].split(".")[1] for k in sd if k.startswith(prefix + "transformer.")})
     for name, (w, d, _) in models.SIZES.items():
         if (w, d) == (width, depth):
             return name
@@ -735,6 +746,10 @@ def released_tokenizer_args(sd, path):
                   teacher_dim=sd["sem_decoder.out.weight"].shape[0])
     elif "sem_decoder.mlp.2.weight" in sd:
         kw.update(sem_type="mlp", teacher_dim=sd["sem_decoder.mlp.2.weight"].shape[0])
+    teachers = sorted({k.split(".")[1] for k in sd if k.startswith("sem_decoders.")})
+    if teachers:  # several (their transformer decoders)
+        kw.update(sem_type="transformer", sem_size=size_of(sd, f"sem_decoders.{teachers[0]}."),
+                  teachers={t: sd[f"sem_decoders.{t}.out.weight"].shape[0] for t in teachers})
     return kw
 
 def released_dit_args(sd, path):
@@ -775,8 +790,8 @@ def load_tokenizer(path, ema=True, **overrides):
     ckpt = read_weights(path, ema, "a tokenizer checkpoint", "encoder.latent_head.weight",
                         release_tokenizer_to_ours, released_tokenizer_args)
     key = "model_ema" if ema and "model_ema" in ckpt else "model"
-    if not any(k.startswith("sem_decoder.") for k in ckpt[key]):  # saved without it (stage 2)
-        overrides = dict(teacher_dim=0, **overrides)
+    if not any(k.startswith(("sem_decoder.", "sem_decoders.")) for k in ckpt[key]):
+        overrides = dict(teacher_dim=0, teachers=None, **overrides)  # saved without (stage 2)
     model, key = models.load_model(models.Tokenizer, ckpt, path, ema, **overrides)
     kw = ckpt["model_args"]
     log.info(f"loaded tokenizer {path} ({key}): dim {model.dim}, "

@@ -38,8 +38,8 @@ torch.set_num_threads(2)
 def load_teacher(name, path=None, size="large", grid=16, release_input=True, rope_rescale=1.0):
     """pretrained.load_teacher with the stage-1 flags it reads."""
     args = SimpleNamespace(teacher_size=size, teacher_input="release" if release_input else "direct",
-                           teacher_rope_rescale=rope_rescale, teacher_ckpt=path, random_frozen_nets=path is None)
-    return pretrained.load_teacher(name, grid, args)
+                           teacher_rope_rescale=rope_rescale, random_frozen_nets=path is None)
+    return pretrained.load_teacher(name, grid, args, path)
 
 
 def tiny_tokenizer(dim=16, img=64, teacher_dim=32, **kw):
@@ -1774,6 +1774,55 @@ def test_a_stage1_step_with_each_new_teacher(name, tmp_path):
     assert sd["sem_decoder.out.weight"].shape[0] == pretrained.TEACHER_SIZES["tiny"][0]
 
 
+def test_two_teachers_at_once_train_a_decoder_each_and_average_their_losses(tmp_path):
+    """`--teacher dinov3_vitl16,siglip` (paper Tab. 6): one semantic decoder per teacher under the release's
+    key names (sem_decoders.dinov3, sem_decoders.siglip), and the semantic loss the mean of the teachers'
+    (the release's utils/losses.py: summed, then divided by their count)."""
+    import train_tokenizer as tt
+    main_of(tt, ["--demo", "--demo_images", "8", "--batch_size", "8", "--global_batch", "8", "--epochs", "1",
+                 "--log_every", "1", "--teacher", "dinov3_vitl16,siglip", "--teacher_size", "tiny",
+                 "--out_dir", str(tmp_path)])
+    ckpt = models.read_checkpoint(str(tmp_path / "tokenizer.pt"))
+    assert ckpt["model_args"]["teachers"] == {"dinov3": 64, "siglip": 64} and ckpt["model_args"]["teacher_dim"] == 0
+    assert {k.split(".")[1] for k in ckpt["model"] if k.startswith("sem_decoders.")} == {"dinov3", "siglip"}
+    assert not any(k.startswith("sem_decoder.") for k in ckpt["model"])
+    row = json.loads(open(tmp_path / "metrics.jsonl").readline())
+    assert 0 < row["sem"] < 2 * 0.7
+    # the average, against the loss of each teacher on stub predictions
+    args = SimpleNamespace(rec_weight=1.0, perceptual_weight=0.0, kl_weight=0.0, sem_weight=0.5, sem_target="all")
+    x = torch.zeros(2, 3, 8, 8)
+    pred = {"a": torch.randn(2, 4, 6), "b": torch.randn(2, 4, 6)}
+    target = {"a": torch.randn(2, 4, 6), "b": torch.randn(2, 4, 6)}
+    terms = tt.generator_losses(args, x, x, None, pred, target, None, None, None, False)
+    each = [(1 - torch.nn.functional.cosine_similarity(pred[k], target[k], dim=-1)).mean() for k in "ab"]
+    torch.testing.assert_close(terms["sem"], 0.5 * (each[0] + each[1]) / 2)
+    # stage 2 from it: no semantic decoder left, and it reloads
+    import finetune_decoder
+    main_of(finetune_decoder, ["--demo", "--demo_images", "8", "--batch_size", "8", "--global_batch", "8",
+                               "--epochs", "1", "--out_dir", str(tmp_path)])
+    assert not any(k.startswith("sem_decoder") for k in models.read_checkpoint(str(tmp_path / "tokenizer_ft.pt"))["model"])
+
+
+def test_the_releases_two_teacher_checkpoints_load(tmp_path):
+    torch.manual_seed(0)
+    m = tiny_tokenizer(dim=32, teacher_dim=0, teachers={"dinov3": 48, "siglip": 40}).eval()
+    release = {}
+    for k, v in m.state_dict().items():
+        release[k.replace("encoder.patch_embed.", "encoder.patch_embed.0.").replace("decoder.to_pixels.",
+                                                                                     "decoder.ffn.1.")] = v
+    release["sem_foundation_models.siglip.pos_embed"] = torch.zeros(1)  # the teachers' weights: skipped
+    torch.save({"model": release, "model_ema": release}, tmp_path / "release.pth")
+    theirs = pretrained.load_tokenizer(str(tmp_path / "release.pth")).eval()
+    assert theirs.model_args["teachers"] == {"dinov3": 48, "siglip": 40} and theirs.sem_decoder is None
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    torch.manual_seed(1)
+    ours = m.train()(x)[2]
+    torch.manual_seed(1)
+    loaded = theirs.train()(x)[2]
+    assert ours.keys() == loaded.keys() == {"dinov3", "siglip"}
+    assert all(torch.equal(ours[k], loaded[k]) for k in ours) and loaded["siglip"].shape == (2, 16, 40)
+
+
 def test_dino_sizes_are_read_from_the_weight_file():
     """The registry's DINOv2 ViT-S/14, ViT-B/14 and ViT-L/14 (and DINOv3 ViT-L/16) take their sizes from the file,
     whatever --teacher_size says (it sizes random weights only)."""
@@ -2196,7 +2245,8 @@ GOLDEN = {'dit_checkpoint': {'epoch': 1,
                                                       'sem_noisy': True,
                                                       'sem_size': 'demo',
                                                       'sem_type': 'transformer',
-                                                      'teacher_dim': 0},
+                                                      'teacher_dim': 0,
+                                                      'teachers': None},
                                        'model_ema': {'sum': 1506.2549861458767, 'sumsq': 2369.9425751462322},
                                        'opt': {'exp_avg': {'abs': 0.09064837924816434, 'sumsq': 9.931791593531613e-05},
                                                'exp_avg_sq': 0.0004965895639950546,
@@ -2256,7 +2306,8 @@ GOLDEN = {'dit_checkpoint': {'epoch': 1,
                                                'sem_noisy': True,
                                                'sem_size': 'demo',
                                                'sem_type': 'transformer',
-                                               'teacher_dim': 64},
+                                               'teacher_dim': 64,
+                                               'teachers': None},
                                 'model_ema': {'sum': 2369.7676255791616, 'sumsq': 3647.3814120340767},
                                 'opt': {'exp_avg': {'abs': 55.50781036096018, 'sumsq': 0.05032167892114814},
                                         'exp_avg_sq': 0.20635630409234257,
@@ -2311,7 +2362,8 @@ GOLDEN = {'dit_checkpoint': {'epoch': 1,
                                                'sem_noisy': True,
                                                'sem_size': 'demo',
                                                'sem_type': 'transformer',
-                                               'teacher_dim': 64},
+                                               'teacher_dim': 64,
+                                               'teachers': None},
                                 'model_ema': {'sum': 1559.7721015986444, 'sumsq': 1906.5485140322005},
                                 'opt': {'exp_avg': {'abs': 2.5339370994659065, 'sumsq': 0.0008987838088123717},
                                         'exp_avg_sq': 0.0035034768437708463,

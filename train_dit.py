@@ -282,6 +282,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # the same on every rank: identical initial weights
     tokenizer = pretrained.load_tokenizer(tok_path, gamma=0.0, mask_ratio=0.0).to(device).eval()
     tokenizer.sem_decoder = None
+    tokenizer.sem_decoders = None
     args.img_size = tokenizer.grid * tokenizer.decoder.patch_size
     dataset = data.make_dataset(args) if args.data else demo.shapes(args)  # --demo: built-in
 

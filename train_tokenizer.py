@@ -60,7 +60,11 @@ def generator_losses(args, x, x_hat, kl, pred, target, ids_keep, perceptual, dis
         terms["perceptual"] = args.perceptual_weight * perceptual(x, x_hat)
     if args.kl_weight > 0:
         terms["kl"] = args.kl_weight * kl
-    if pred is not None:
+    if isinstance(pred, dict):  # several teachers: their losses averaged (the release's losses.py)
+        masked_only = args.sem_target == "masked"
+        losses = [semantic_loss(pred[k], target[k], ids_keep, masked_only) for k in pred]
+        terms["sem"] = args.sem_weight * (sum(losses) / len(losses))
+    elif pred is not None:
         masked_only = args.sem_target == "masked"
         terms["sem"] = args.sem_weight * semantic_loss(pred, target, ids_keep, masked_only)
     if use_gan:
@@ -68,6 +72,19 @@ def generator_losses(args, x, x_hat, kl, pred, target, ids_keep, perceptual, dis
         terms["gan"] = args.disc_weight * -disc((x_hat + 1) / 2).mean()
         disc.requires_grad_(True)
     return terms
+
+def teacher_features(teacher, x):
+    """FSD's targets: the frozen teacher's patch features of x, or with several teachers (an
+    nn.ModuleDict) a dict of them by name; computed in inference mode, then cloned (inference
+    tensors cannot enter autograd)."""
+    with torch.inference_mode():
+        if isinstance(teacher, nn.ModuleDict):
+            target = {name: net(x) for name, net in teacher.items()}
+        else:
+            target = teacher(x)
+    if isinstance(target, dict):
+        return {name: t.clone() for name, t in target.items()}
+    return target.clone()
 
 # ---- Optimiser and lr schedule (paper Sec. 4.1; the release's utils/train_utils.py)
 
@@ -115,9 +132,10 @@ class TokenizerStep:
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.ema_params = [e for e, p in zip(ema.parameters(), model.parameters())
                            if p.requires_grad]
+        sem_decoders = [model.sem_decoder, *(model.sem_decoders or {}).values()]
         transformers = [getattr(net, "transformer", [])
-                        for net in (model.encoder, model.decoder, model.sem_decoder)]
-        for net in (model.encoder, model.decoder, model.sem_decoder):
+                        for net in (model.encoder, model.decoder, *sem_decoders)]
+        for net in (model.encoder, model.decoder, *sem_decoders):
             if isinstance(net, models.ViT):
                 net.grad_ckpt = args.grad_ckpt
         if args.compile:
@@ -128,8 +146,9 @@ class TokenizerStep:
             for blocks in transformers:
                 for block in blocks:
                     block.compile(dynamic=True)
-            for block in getattr(teacher, "blocks", []):
-                block.compile()
+            for net in teacher.values() if isinstance(teacher, nn.ModuleDict) else [teacher]:
+                for block in getattr(net, "blocks", []):
+                    block.compile()
             self.perceptual.compile()
             self.disc.compile()
         # DDP all-reduces the gradients (bucket views: no copy into the buckets)
@@ -169,9 +188,7 @@ class TokenizerStep:
                     x_hat, kl, pred, ids_keep = self.ddp_model(x)
                     target = None
                     if self.teacher is not None:
-                        with torch.inference_mode():
-                            target = self.teacher(x)
-                        target = target.clone()  # inference tensors cannot enter autograd
+                        target = teacher_features(self.teacher, x)
                 with loss_precision:
                     terms = generator_losses(self.args, x, x_hat, kl, pred, target, ids_keep,
                                              self.perceptual, self.disc, use_gan)
@@ -363,6 +380,15 @@ DEMO_BOTH_STAGES = dict(demo_images=2000, global_batch=16, warmup_rate=0.1, ema=
 DEMO = dict(DEMO_BOTH_STAGES, epochs=24, blr=1.6e-2, img_size=32, dim=16, patch_size=8,
             enc_size="demo", dec_size="tiny", sem_size="demo", teacher="judge", sem_weight=0.7)
 
+def teacher_names(value):
+    """--teacher: one name of pretrained.TEACHERS, several comma-separated, or judge (alone)."""
+    names = value.split(",")
+    known = [n for n in names if n in pretrained.TEACHERS or n == "judge" and len(names) == 1]
+    if len(known) < len(names) or len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"{value}: give names of {', '.join(sorted(pretrained.TEACHERS))}"
+                                         ", comma-separated and each once, or judge")
+    return value
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -375,9 +401,11 @@ def main(argv=None):
     p("--dec_size", default="base", choices=sorted(models.SIZES))
     p("--sem_size", default="tiny", choices=sorted(models.SIZES))
     p("--sem_type", default="transformer", choices=["transformer", "mlp"])
-    p("--teacher", choices=sorted(pretrained.TEACHERS) + ["judge"], help="default: DINOv2 ViT-L "
-      "below dim 64, DINOv3 ViT-L from 64; judge: the demo's teacher judge (demo.py)")
-    p("--teacher_ckpt", help="the teacher's weight file (default: downloaded; DINOv3's is gated)")
+    p("--teacher", type=teacher_names, help="default: DINOv2 ViT-L below dim 64, DINOv3 ViT-L "
+      "from 64; several, comma-separated (Tab. 6); judge: the demo's teacher judge (demo.py); of: "
+      + ", ".join(sorted(pretrained.TEACHERS)))
+    p("--teacher_ckpt", help="the teacher's weight file (default: downloaded; DINOv3's is gated); "
+      "several teachers: comma-separated, in --teacher's order, empty: downloaded")
     p("--teacher_size", default="large", choices=sorted(pretrained.TEACHER_SIZES),
       help="of random teacher weights (tiny: tests); a weight file has its own")
     p("--mask_ratio", type=float, default=0.4, help="RAD: max(0, U(mask_ratio_min, mask_ratio))")
@@ -397,17 +425,22 @@ def main(argv=None):
     args = parse_args(parser, DEMO, argv)
     if args.sem_target == "masked" and (args.sem_type == "mlp" or args.mask_ratio <= 0):
         parser.error("--sem_target masked needs --sem_type transformer and --mask_ratio > 0")
-    teacher_name = args.teacher or ("dinov2_vitl14" if args.dim < 64 else "dinov3_vitl16")
-    use_file = args.sem_weight > 0 and not args.random_frozen_nets and teacher_name != "judge"
-    entry = pretrained.TEACHERS.get(teacher_name, pretrained.Teacher(None))  # the judge: none
-    gated = use_file and not args.teacher_ckpt and entry.gated
+    names = (args.teacher or ("dinov2_vitl14" if args.dim < 64 else "dinov3_vitl16")).split(",")
+    ckpts = (args.teacher_ckpt or "").split(",")
+    ckpts = ckpts + [""] * (len(names) - len(ckpts))
+    use_file = args.sem_weight > 0 and not args.random_frozen_nets and names != ["judge"]
+    entries = [pretrained.TEACHERS.get(n, pretrained.Teacher(None)) for n in names]  # judge: none
+    gated = [e.gated for e, c in zip(entries, ckpts) if use_file and e.gated and not c]
+    teacher_files = {"--teacher_ckpt" + (f" ({n})" if len(names) > 1 else ""): (c or None, e.kind)
+                     for n, c, e in zip(names, ckpts, entries)}
     check_args(args, [args.patch_size > 0 and args.img_size % args.patch_size
                       and f"--img_size {args.img_size} is not a multiple of --patch_size "
                       f"{args.patch_size}",
                       not (args.data or args.demo)
                       and "--data is required (an ImageNet-style train folder), or use --demo",
-                      gated],
-               dict(input_files(args), **{"--teacher_ckpt": (args.teacher_ckpt, entry.kind)}))
+                      len(ckpts) > len(names) and f"--teacher_ckpt: {len(ckpts)} files for "
+                      f"{len(names)} teachers", *gated],
+               dict(input_files(args), **teacher_files))
     # processes: under torchrun one per GPU (NCCL) or per CPU slot (gloo), else one
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -421,17 +454,24 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     start_log(args, "tokenizer", rank, world, device)
     torch.manual_seed(args.seed)  # the same on every rank: identical initial weights
-    # the frozen teacher of FSD (pretrained.TEACHERS), or the demo's teacher judge
+    # the frozen teacher of FSD (pretrained.TEACHERS), several at once by their names in the
+    # release's checkpoints, or the demo's teacher judge
     grid = args.img_size // args.patch_size
     teacher = None
-    if args.sem_weight > 0 and teacher_name == "judge":
+    if args.sem_weight > 0 and names == ["judge"]:
         teacher = demo.judge(args.out_dir, args.img_size, device, "teacher", grid)[0]
+    elif args.sem_weight > 0 and len(names) == 1:
+        teacher = pretrained.load_teacher(names[0], grid, args, ckpts[0] or None).to(device)
     elif args.sem_weight > 0:
-        teacher = pretrained.load_teacher(teacher_name, grid, args).to(device)
+        teacher = nn.ModuleDict({pretrained.release_key(n): pretrained.load_teacher(n, grid, args, c
+                                                                                    or None)
+                                 for n, c in zip(names, ckpts)}).to(device)
+    several = isinstance(teacher, nn.ModuleDict)
     model = models.Tokenizer(img_size=args.img_size, patch_size=args.patch_size, dim=args.dim,
                              enc_size=args.enc_size, dec_size=args.dec_size,
                              sem_size=args.sem_size, sem_type=args.sem_type,
-                             teacher_dim=teacher.dim if teacher else 0,
+                             teacher_dim=teacher.dim if teacher and not several else 0,
+                             teachers={k: t.dim for k, t in teacher.items()} if several else None,
                              mask_ratio=args.mask_ratio, mask_ratio_min=args.mask_ratio_min,
                              gamma=args.gamma, noise_schedule=args.noise_schedule,
                              sem_noisy=not args.no_fsd, kl=not args.no_kl)
