@@ -726,7 +726,8 @@ def release_dit_to_ours(sd):
 def size_of(sd, prefix):
     """The models.SIZES name of the tokenizer transformer under `prefix`, read off its tensors."""
     width = sd[prefix + "positional_embedding"].shape[-1]
-    depth = len({k[len(prefix):].split(".")[1] for k in sd if k.startswith(prefix + "transformer.")})
+    blocks = [k[len(prefix):] for k in sd if k.startswith(prefix + "transformer.")]
+    depth = len({k.split(".")[1] for k in blocks})
     for name, (w, d, _) in models.SIZES.items():
         if (w, d) == (width, depth):
             return name

@@ -385,8 +385,9 @@ def teacher_names(value):
     names = value.split(",")
     known = [n for n in names if n in pretrained.TEACHERS or n == "judge" and len(names) == 1]
     if len(known) < len(names) or len(set(names)) < len(names):
-        raise argparse.ArgumentTypeError(f"{value}: give names of {', '.join(sorted(pretrained.TEACHERS))}"
-                                         ", comma-separated and each once, or judge")
+        choices = ", ".join(sorted(pretrained.TEACHERS))
+        raise argparse.ArgumentTypeError(f"{value}: give names of {choices}, comma-separated and "
+                                         "each once, or judge")
     return value
 
 def main(argv=None):
