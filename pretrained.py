@@ -1,10 +1,12 @@
 """Networks made by others, and the authors' files: the frozen teachers of FSD behind one registry
-(DINOv2, DINOv3), the networks of the tokenizer's losses (LPIPS-VGG, ConvNeXt-S, PatchGAN), the FID
+(DINOv2, DINOv3, SigLIP 2, SAM, RADIO), the networks of the tokenizer's losses (LPIPS-VGG, ConvNeXt-S, PatchGAN), the FID
 Inception-v3, and the readers of the authors' released checkpoints (their key names, hf:// names).
 models.py holds the paper's own networks."""
 import functools
+import json
 import logging
 import math
+import mmap
 import os
 import time
 import warnings
@@ -39,7 +41,9 @@ def download_error(what, e):
 # names load_teacher checks strictly, or None for random weights at --teacher_size; args: stage 1's
 # flags), url: where its weights are downloaded from once (None: a gated file, given by
 # --teacher_ckpt, with `gated` saying where to ask for it); cache, kind and marker where the
-# defaults (DINO's) do not fit. A new teacher: its class, one entry.
+# defaults (DINO's) do not fit; to_ours(sd): the file's tensors that the module holds, where the
+# file holds more (build reads the sizes off the file as published). A new teacher: its class,
+# one entry.
 
 class Teacher(NamedTuple):
     build: Callable
@@ -48,6 +52,7 @@ class Teacher(NamedTuple):
     cache: Optional[str] = None  # its file's name in the torch hub cache (default: the URL's)
     kind: str = "DINOv2/v3 weights"  # what --teacher_ckpt must be (plumbing.KINDS), told by...
     marker: str = "cls_token"  # ...a key that only such files have
+    to_ours: Optional[Callable] = None
 
 def dino_size(sd, size):
     """(width, depth, heads) read off a DINO weight file (64 channels per head in every released
@@ -71,6 +76,36 @@ def siglip(sd, grid, args):
     return SiglipTeacher(**siglip_size(sd, args.teacher_size), grid=grid,
                          release_input=args.teacher_input == "release")
 
+def sam(sd, grid, args):
+    return SamTeacher(**sam_size(sd, args.teacher_size), grid=grid,
+                      release_input=args.teacher_input == "release")
+
+def radio(sd, grid, args):
+    return RadioTeacher(**radio_size(sd, args.teacher_size), grid=grid)
+
+# what SAM and RADIO hold of their files (Teacher.to_ours)
+SAM_PREFIX = "vision_encoder."
+
+def sam_unused(key):
+    """The vision encoder's absolute and relative positions, which the release's config drops."""
+    return key == "pos_embed" or key.endswith((".attn.rel_pos_h", ".attn.rel_pos_w"))
+
+def sam_to_ours(sd):
+    """The vision encoder's tensors of a SamModel file, prefix stripped, less its positions; the
+    prompt encoder, mask decoder and shared image embedding are not the teacher's."""
+    n = len(SAM_PREFIX)
+    return {k[n:]: v for k, v in sd.items() if k.startswith(SAM_PREFIX) and not sam_unused(k[n:])}
+
+RADIO_PREFIX = "radio_model.model.patch_generator."
+# in the file, not the spatial features': the summary's token indices, the per-teacher adaptor
+# heads, forward_intermediates' per-layer normaliser
+RADIO_UNUSED = ("radio_model.summary_idxs", "radio_model.adaptors.",
+                "radio_model.inter_feature_normalizer.")
+
+def radio_to_ours(sd):
+    """The file's tensors less RADIO_UNUSED."""
+    return {k: v for k, v in sd.items() if not k.startswith(RADIO_UNUSED)}
+
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{0}14/dinov2_vit{0}14_pretrain.pth"
 DINOV3_GATED = ("--teacher_ckpt: DINOv3 weights are gated; "
                 "request dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth at "
@@ -81,19 +116,31 @@ DINOV3_B_GATED = DINOV3_GATED.replace("vitl16_pretrain_lvd1689m-8aa4cbdd",
 # SigLIP 2 (the release's default tag of vit_large_patch16_siglip_256 at timm 1.0.19, v2_webli)
 SIGLIP_URL = ("https://huggingface.co/timm/vit_large_patch16_siglip_256.v2_webli/resolve/main/"
               "pytorch_model.bin")
+SAM_URL = "https://huggingface.co/facebook/sam-vit-large/resolve/main/pytorch_model.bin"
+# RADIOv2.5-L, the release's "nvidia/RADIO-L" (the paper's Tab. 6 "RADIOv2")
+RADIO_URL = "https://huggingface.co/nvidia/RADIO-L/resolve/main/model.safetensors"
 
-# the paper's teachers: DINOv2 ViT-L/14 below dim 64, DINOv3 ViT-L/16 from 64 (Sec. 4.1); SigLIP 2
-# and DINOv3 ViT-B/16 of its Tab. 6; DINOv2 ViT-S/14 and ViT-B/14 for smaller runs
+# the paper's teachers: DINOv2 ViT-L/14 below dim 64, DINOv3 ViT-L/16 from 64 (Sec. 4.1); SigLIP 2,
+# SAM ViT-L, RADIOv2.5-L and DINOv3 ViT-B/16 of its Tab. 6; DINOv2 ViT-S/14 and ViT-B/14 for
+# smaller runs
 TEACHERS = {"dinov2_vits14": Teacher(dinov2, DINOV2_URL.format("s")),
             "dinov2_vitb14": Teacher(dinov2, DINOV2_URL.format("b")),
             "dinov2_vitl14": Teacher(dinov2, DINOV2_URL.format("l")),
             "dinov3_vitb16": Teacher(dinov3, gated=DINOV3_B_GATED),
             "dinov3_vitl16": Teacher(dinov3, gated=DINOV3_GATED),
             "siglip": Teacher(siglip, SIGLIP_URL, cache="vit_large_patch16_siglip_256.v2_webli.bin",
-                              kind="SigLIP weights", marker="attn_pool.latent")}
+                              kind="SigLIP weights", marker="attn_pool.latent"),
+            "sam": Teacher(sam, SAM_URL, cache="sam-vit-large.bin", kind="SAM weights",
+                           marker="vision_encoder.neck.conv1.weight", to_ours=sam_to_ours),
+            "radio": Teacher(radio, RADIO_URL, cache="nvidia_RADIO-L.safetensors",
+                             kind="RADIO weights",
+                             marker="radio_model.model.patch_generator.pos_embed",
+                             to_ours=radio_to_ours)}
 
-# the release's names of its teachers (sem_decoders.<name> in its checkpoints), where ours differ
+# the release's names of its teachers (sem_decoders.<name> in its checkpoints), where ours differ;
+# --teacher takes either
 RELEASE_KEYS = {"dinov2_vitl14": "dinov2", "dinov3_vitl16": "dinov3", "dinov3_vitb16": "dinov3b"}
+RELEASE_NAMES = {key: name for name, key in RELEASE_KEYS.items()}
 
 def release_key(name):
     """The key of teacher `name`'s semantic decoder when several teachers train at once:
@@ -127,11 +174,48 @@ def load_teacher(name, grid, args, ckpt=None):
         log.warning(f"!!! teacher {name} ({args.teacher_size}) has RANDOM weights: its features "
                     "are meaningless (tests/demos only) !!!")
     else:
-        sd = models.read_checkpoint(path)
-    teacher = TEACHERS[name].build(sd, grid, args)
+        sd = read_teacher_file(path)
+    entry = TEACHERS[name]
+    teacher = entry.build(sd, grid, args)
     if sd is not None:
-        models.load_state(teacher, sd, path)
+        models.load_state(teacher, entry.to_ours(sd) if entry.to_ours else sd, path)
     return teacher.requires_grad_(False).eval()
+
+def read_teacher_file(path):
+    """A teacher's weight file as a state dict: a .safetensors file (RADIO's) with torch alone,
+    any other with torch.load."""
+    return read_safetensors(path) if path.endswith(".safetensors") else models.read_checkpoint(path)
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+def read_safetensors(path):
+    """A .safetensors file as a state dict: 8 bytes (little-endian) of header length, a JSON
+    header {name: {dtype, shape, data_offsets: [begin, end]}} (offsets past the header), then the
+    tensors' bytes (little-endian), memory-mapped copy-on-write."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        sd = {}
+        for name, t in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = SAFETENSORS_DTYPES[t["dtype"]]
+            begin, end = t["data_offsets"]
+            count = (end - begin) // dtype.itemsize
+            flat = torch.empty(0, dtype=dtype)
+            if count:
+                flat = torch.frombuffer(data, dtype=dtype, offset=8 + n + begin, count=count)
+            sd[name] = flat.reshape(t["shape"])
+        return sd
+    except FileNotFoundError:
+        raise SystemExit(f"checkpoint not found: {path}")
+    except Exception as e:
+        raise SystemExit(f"{path} is not a safetensors file, or a corrupt or truncated one "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})")
 
 # ---- DINOv2 and DINOv3 (Meta's files, Meta's key names: strict loading)
 
@@ -340,12 +424,17 @@ class SiglipBlock(nn.Module):
         self.mlp = mlp(width, hidden)
 
     def forward(self, x):
-        B, N, C = x.shape
-        q, k, v = (self.attn.qkv(self.norm1(x)).view(B, N, 3, self.heads, C // self.heads)
-                   .permute(2, 0, 3, 1, 4))
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
-        x = x + self.attn.proj(a)
+        x = x + attention(self.attn, self.heads, self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+
+def attention(attn, heads, x):
+    """Multi-head self-attention of timm's / SAM's ViTs over x (B, N, C): attn.qkv (with bias),
+    SDPA, attn.proj."""
+    B, N, C = x.shape
+    q, k, v = attn.qkv(x).view(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+    a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+    return attn.proj(a)
 
 
 class SiglipTeacher(nn.Module):
@@ -426,6 +515,272 @@ class SiglipTeacher(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
+
+# ---- SAM (transformers' SamModel files, their vision_encoder.* key names; the release builds
+# SamVisionModel of facebook/sam-vit-large at image_size 256 without absolute or relative positions,
+# utils/foundation_models.py, and never runs it in models/rectok.py: its input path and patch-token
+# output below follow the authors' earlier models/detok.py, which does)
+
+SAM_SIDE = 256  # the release's image_size: the processor's longest edge and padded size
+SAM_WINDOW = 14  # the window of every released SAM
+# width -> heads: SAM ViT-B 768 / 12, ViT-L 1024 / 16 (as TEACHER_SIZES), ViT-H 1280 / 16
+SAM_HEADS = {**{w: h for w, _, h in TEACHER_SIZES.values()}, 1280: 16}
+
+def sam_global_blocks(depth):
+    """SAM's global-attention blocks, the last of each quarter (L: 5, 11, 17, 23; the last block
+    below depth 4)."""
+    step = depth // 4 or depth
+    return [i for i in range(depth) if (i + 1) % step == 0]
+
+def sam_size(sd, size):
+    """SamTeacher's size arguments read off a SamModel file (the window and global blocks off its
+    relative-position tables: (2 * 14 - 1) rows in a window block, (2 * 64 - 1) in a global one at
+    SAM's 1024 px), or TEACHER_SIZES[size] for random weights."""
+    if sd is None:
+        width, depth, heads = TEACHER_SIZES[size]
+        return dict(width=width, depth=depth, heads=heads)
+    pre = SAM_PREFIX
+    if pre + "patch_embed.projection.weight" not in sd:
+        hint = ""
+        if any(k.startswith("image_encoder.") for k in sd):
+            hint = (" (Meta's segment-anything file, image_encoder.*: take transformers' "
+                    "facebook/sam-vit-large)")
+        raise SystemExit(f"--teacher_ckpt: should be SAM weights in transformers' layout "
+                         f"(vision_encoder.* keys, e.g. {SAM_URL}); it has "
+                         f"{', '.join(list(sd)[:3])}, ...{hint}")
+    proj = sd[pre + "patch_embed.projection.weight"]
+    width = proj.shape[0]
+    depth = len({k.split(".")[2] for k in sd if k.startswith(pre + "layers.")})
+    kw = dict(width=width, depth=depth, heads=SAM_HEADS.get(width, width // 64),
+              hidden=sd[pre + "layers.0.mlp.lin1.weight"].shape[0], patch=proj.shape[-1],
+              out=sd[pre + "neck.conv1.weight"].shape[0])
+    rows = [sd.get(f"{pre}layers.{i}.attn.rel_pos_h") for i in range(depth)]
+    if pre + "pos_embed" in sd and None not in rows:
+        global_rows = 2 * sd[pre + "pos_embed"].shape[1] - 1
+        kw["global_blocks"] = [i for i, r in enumerate(rows) if r.shape[0] == global_rows]
+        windows = {(r.shape[0] + 1) // 2 for r in rows if r.shape[0] != global_rows}
+        if len(windows) > 1:
+            raise SystemExit("--teacher_ckpt: SAM blocks of several window sizes "
+                             f"{sorted(windows)}")
+        kw["window"] = windows.pop() if windows else SAM_WINDOW
+    return kw
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) map (SAM's neck)."""
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class SamBlock(nn.Module):
+    """SAM's ViT block on a (B, H, W, C) token map: LayerNorm (eps 1e-6) -> attention within
+    window x window windows (the normed map zero-padded to a multiple of the window, the padding
+    taking part as keys and cropped after; window 0: global) -> residual; LayerNorm -> MLP (exact
+    GELU) -> residual. No positions."""
+    def __init__(self, width, heads, hidden, window):
+        super().__init__()
+        self.heads = heads
+        self.window = window
+        self.layer_norm1 = nn.LayerNorm(width, eps=1e-6)
+        self.attn = nn.ModuleDict(dict(qkv=nn.Linear(width, 3 * width),
+                                       proj=nn.Linear(width, width)))
+        self.layer_norm2 = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.ModuleDict(dict(lin1=nn.Linear(width, hidden), lin2=nn.Linear(hidden, width)))
+
+    def forward(self, x):
+        B, H, W, C = x.shape
+        h = self.layer_norm1(x)
+        w = self.window
+        if w:
+            Hp, Wp = H + (-H % w), W + (-W % w)
+            h = F.pad(h, (0, 0, 0, Wp - W, 0, Hp - H))
+            # one sequence of w * w tokens per window
+            h = h.view(B, Hp // w, w, Wp // w, w, C).transpose(2, 3).reshape(-1, w * w, C)
+            h = attention(self.attn, self.heads, h)
+            h = h.view(B, Hp // w, Wp // w, w, w, C).transpose(2, 3).reshape(B, Hp, Wp, C)
+            h = h[:, :H, :W]
+        else:
+            h = attention(self.attn, self.heads, h.reshape(B, H * W, C)).view(B, H, W, C)
+        x = x + h
+        return x + self.mlp.lin2(F.gelu(self.mlp.lin1(self.layer_norm2(x))))
+
+
+class SamTeacher(nn.Module):
+    """x in [-1, 1] (B, 3, H, W) -> SAM's neck features (B, grid * grid, dim = 256 channels):
+    SamVisionModel's last_hidden_state, the map after the neck (conv 1x1 -> LayerNorm2d -> conv
+    3x3 -> LayerNorm2d), as tokens, resized bilinearly to the tokenizer's grid where they differ
+    (models/detok.py). Ours: the release builds this network but does not run it.
+
+    release_input: detok.py's SamImageProcessor call on (x + 1) / 2: uint8 (truncated), the
+    longest edge to 256 (a no-op at 256 px; else antialiased bilinear, PIL's filter approximated),
+    / 255, ImageNet mean / std, zero-padded to 256 x 256 at the bottom / right. Else the image
+    itself at grid * patch px (bilinear), ImageNet mean / std."""
+    def __init__(self, width, depth, heads, grid=16, release_input=True, hidden=None, patch=16,
+                 out=256, window=SAM_WINDOW, global_blocks=None):
+        super().__init__()
+        self.dim = out
+        self.grid = grid
+        self.patch = patch
+        self.release_input = release_input
+        hidden = hidden or 4 * width
+        if global_blocks is None:
+            global_blocks = sam_global_blocks(depth)
+        self.patch_embed = nn.ModuleDict(dict(projection=nn.Conv2d(3, width, patch, patch)))
+        self.layers = nn.ModuleList(
+            SamBlock(width, heads, hidden, 0 if i in global_blocks else window)
+            for i in range(depth))
+        self.neck = nn.ModuleDict(dict(conv1=nn.Conv2d(width, out, 1, bias=False),
+                                       layer_norm1=LayerNorm2d(out, eps=1e-6),
+                                       conv2=nn.Conv2d(out, out, 3, padding=1, bias=False),
+                                       layer_norm2=LayerNorm2d(out, eps=1e-6)))
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
+                             persistent=False)
+
+    @property
+    def blocks(self):  # for --compile
+        return self.layers
+
+    def train(self, mode=True):  # frozen teacher: always eval
+        return super().train(False)
+
+    def preprocess(self, x):
+        """x in [-1, 1] -> SAM's normalised input."""
+        x = ((x.float() + 1) / 2).clamp(0, 1)
+        if not self.release_input:
+            side = self.grid * self.patch
+            if x.shape[-2:] != (side, side):
+                x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+            return (x - self.mean) / self.std
+        u = (x * 255).to(torch.uint8).float()  # to PIL: truncated
+        h, w = x.shape[-2:]
+        scale = SAM_SIDE / max(h, w)
+        size = (int(h * scale + 0.5), int(w * scale + 0.5))
+        if size != (h, w):
+            u = F.interpolate(u, size=size, mode="bilinear", antialias=True).round().clamp(0, 255)
+        x = (u.double() / 255).float()  # the processor's rescale, in float64
+        x = (x - self.mean) / self.std
+        return F.pad(x, (0, SAM_SIDE - size[1], 0, SAM_SIDE - size[0]))
+
+    @torch.no_grad()
+    def forward(self, x):
+        x = self.patch_embed.projection(self.preprocess(x)).permute(0, 2, 3, 1)  # (B, h, w, C)
+        for block in self.layers:
+            x = block(x)
+        x = self.neck.conv1(x.permute(0, 3, 1, 2))
+        x = self.neck.layer_norm2(self.neck.conv2(self.neck.layer_norm1(x)))
+        if x.shape[-2:] != (self.grid, self.grid):
+            x = F.interpolate(x, size=(self.grid, self.grid), mode="bilinear", align_corners=False)
+        return x.flatten(2).transpose(1, 2)
+
+# ---- RADIO (NVIDIA's Hugging Face files, their radio_model.* key names; the release builds
+# nvidia/RADIO-L by remote code, utils/foundation_models.py, and never runs it: the spatial features
+# below follow NVlabs/RADIO's RADIOModel.forward, radio/radio_model.py and enable_cpe_support.py)
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # RADIO's input conditioner
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+def radio_size(sd, size):
+    """RadioTeacher's size arguments read off a RADIO file, or TEACHER_SIZES[size] for random
+    weights (RADIOv2.5's layout: patch 16, 128 x 128 positions, 8 prefix tokens)."""
+    if sd is None:
+        width, depth, heads = TEACHER_SIZES[size]
+        return dict(width=width, depth=depth, heads=heads)
+    if RADIO_PREFIX + "pos_embed" not in sd:
+        raise SystemExit(f"--teacher_ckpt: should be RADIO weights in Hugging Face's layout "
+                         f"(radio_model.* keys, e.g. {RADIO_URL}); it has "
+                         f"{', '.join(list(sd)[:3])}, ...")
+    embedder = sd[RADIO_PREFIX + "embedder.weight"]
+    width = embedder.shape[0]
+    blocks = "radio_model.model.blocks."
+    return dict(width=width, depth=len({k.split(".")[3] for k in sd if k.startswith(blocks)}),
+                heads=SIGLIP_HEADS.get(width, width // 64),
+                hidden=sd[blocks + "0.mlp.fc1.weight"].shape[0],
+                patch=math.isqrt(embedder.shape[1] // 3),
+                pos_grid=math.isqrt(sd[RADIO_PREFIX + "pos_embed"].shape[1]),
+                prefix_tokens=sd[RADIO_PREFIX + "cls_token.token"].shape[0],
+                feature_norm="radio_model.feature_normalizer.mean" in sd)
+
+
+class RadioTeacher(nn.Module):
+    """x in [-1, 1] (B, 3, H, W) -> RADIO's spatial features (B, grid * grid, dim): the last
+    block's patch tokens (RADIO replaces the ViT's final norm by Identity), as RADIOModel.forward's
+    second output. Ours: the release builds this network but does not run it.
+
+    Input: (x + 1) / 2 at grid * patch px (bilinear; 256 px for the 16 x 16 grid: as it is), then
+    the file's conditioner (CLIP mean / std); no release path to follow, so --teacher_input does
+    not change it. Backbone: timm's ViT-L/16 blocks (SiglipBlock's), RADIO's patch generator
+    ("CPE": a bias-free linear patch embedding, a 128 x 128 position table resized bilinearly to
+    max(gh, gw) a side and cropped to its top-left gh x gw, 8 prefix tokens: a summary token per
+    teacher of RADIO's and registers)."""
+    def __init__(self, width, depth, heads, grid=16, hidden=None, patch=16, pos_grid=128,
+                 prefix_tokens=8, feature_norm=False):
+        super().__init__()
+        self.dim = width
+        self.grid = grid
+        self.patch = patch
+        self.radio_model = nn.Module()
+        conditioner = self.radio_model.input_conditioner = nn.Module()
+        conditioner.register_buffer("norm_mean", torch.tensor(OPENAI_CLIP_MEAN).view(3, 1, 1))
+        conditioner.register_buffer("norm_std", torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1))
+        vit = self.radio_model.model = nn.Module()
+        vit.patch_generator = nn.Module()
+        vit.patch_generator.embedder = nn.Linear(3 * patch * patch, width, bias=False)
+        vit.patch_generator.pos_embed = nn.Parameter(torch.randn(1, pos_grid ** 2, width) * 0.02)
+        vit.patch_generator.cls_token = nn.Module()
+        vit.patch_generator.cls_token.token = nn.Parameter(torch.randn(prefix_tokens, width) * 0.02)
+        vit.blocks = nn.ModuleList(SiglipBlock(width, heads, hidden or 4 * width)
+                                   for _ in range(depth))
+        if feature_norm:  # RADIO's FeatureNormalizer, (x - mean) @ tx.T, where a file has one
+            normalizer = self.radio_model.feature_normalizer = nn.Module()
+            normalizer.register_buffer("mean", torch.zeros(width))
+            normalizer.register_buffer("tx", torch.eye(width))
+
+    @property
+    def blocks(self):  # for --compile
+        return self.radio_model.model.blocks
+
+    def train(self, mode=True):  # frozen teacher: always eval
+        return super().train(False)
+
+    def pos_embed_for(self, gh, gw):
+        pos = self.radio_model.model.patch_generator.pos_embed
+        M = math.isqrt(pos.shape[1])
+        if gh == gw == M:
+            return pos
+        side = max(gh, gw)
+        table = pos.float().reshape(1, M, M, -1).permute(0, 3, 1, 2)
+        table = F.interpolate(table, size=(side, side), mode="bilinear", align_corners=False)
+        return table[..., :gh, :gw].flatten(2).transpose(1, 2).to(pos.dtype)
+
+    def preprocess(self, x):
+        """x in [-1, 1] -> the conditioned input at grid * patch px."""
+        x = (x.float() + 1) / 2
+        side = self.grid * self.patch
+        if x.shape[-2:] != (side, side):
+            x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+        conditioner = self.radio_model.input_conditioner
+        return (x - conditioner.norm_mean) / conditioner.norm_std
+
+    @torch.no_grad()
+    def forward(self, x):
+        x = self.preprocess(x)
+        B, C, H, W = x.shape
+        p = self.patch
+        gh, gw = H // p, W // p
+        # each patch's pixels channel-major, patches row-major
+        x = x.reshape(B, C, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C * p * p)
+        generator = self.radio_model.model.patch_generator
+        x = generator.embedder(x) + self.pos_embed_for(gh, gw).to(x.dtype)
+        prefix = generator.cls_token.token
+        x = torch.cat([prefix.expand(B, -1, -1).to(x.dtype), x], 1)
+        for block in self.blocks:
+            x = block(x)
+        x = x[:, prefix.shape[0]:]
+        normalizer = getattr(self.radio_model, "feature_normalizer", None)
+        if normalizer is not None:
+            x = (x - normalizer.mean) @ normalizer.tx.T
+        return x
 
 # ---- The networks of the tokenizer's losses (paper Eq. 4; the release's utils/losses.py)
 # perceptual (LPIPS-VGG, ConvNeXt-S) and PatchGAN

@@ -498,6 +498,208 @@ def test_siglip_golden_forward():
         assert got[k] == pytest.approx(want, rel=1e-5, abs=1e-6), f"{k}: {got[k]} != golden {want}"
 
 
+# SAM ViT-L and RADIOv2.5-L (paper Tab. 6): transformers' and NVIDIA's key names; the release builds both
+# and runs neither, so their input paths and patch-token outputs are ours (README). Parity with transformers'
+# SamVisionModel and NVlabs/RADIO's RADIOModel on random weights of the real shapes was exact (measured
+# outside the tests, with their code, which the tests do not need)
+
+SAM_LAYER = {f"{m}.{p}" for m in ("layer_norm1", "attn.qkv", "attn.proj", "layer_norm2", "mlp.lin1", "mlp.lin2")
+             for p in ("weight", "bias")}
+SAM_NECK = {"neck.conv1.weight", "neck.layer_norm1.weight", "neck.layer_norm1.bias", "neck.conv2.weight",
+            "neck.layer_norm2.weight", "neck.layer_norm2.bias"}
+RADIO_TOP = {"radio_model.input_conditioner.norm_mean", "radio_model.input_conditioner.norm_std",
+             "radio_model.model.patch_generator.embedder.weight", "radio_model.model.patch_generator.pos_embed",
+             "radio_model.model.patch_generator.cls_token.token"}
+
+
+def sam_file(teacher):
+    """A SamModel weight file as transformers saves facebook/sam-vit-*: the vision encoder under
+    vision_encoder.*, with the absolute and relative positions the release's config drops (a window block's
+    rel_pos 2 * 14 - 1 rows, a global one's 2 * 64 - 1), and the prompt encoder / mask decoder."""
+    sd = {"vision_encoder." + k: v for k, v in teacher.state_dict().items()}
+    sd["vision_encoder.pos_embed"] = torch.zeros(1, 64, 64, 8)
+    for i, layer in enumerate(teacher.layers):
+        rows = 2 * (layer.window or 64) - 1
+        sd[f"vision_encoder.layers.{i}.attn.rel_pos_h"] = torch.zeros(rows, 4)
+        sd[f"vision_encoder.layers.{i}.attn.rel_pos_w"] = torch.zeros(rows, 4)
+    sd["prompt_encoder.point_embed.0.weight"] = torch.zeros(1, 256)
+    sd["mask_decoder.iou_token.weight"] = torch.zeros(1, 256)
+    sd["shared_image_embedding.positional_embedding"] = torch.zeros(2, 128)
+    return sd
+
+
+def save_safetensors(sd, path):
+    """The safetensors layout (8-byte header length, JSON header, raw little-endian bytes), written here
+    with torch and json alone, as huggingface_hub saves RADIO's model.safetensors."""
+    header, blobs, offset = {}, [], 0
+    for name, t in sd.items():
+        raw = t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": {torch.float32: "F32", torch.int64: "I64"}[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head + b"".join(blobs))
+
+
+def test_sam_and_radio_key_names_and_sizes_are_the_published_files():
+    with torch.device("meta"):
+        sam = load_teacher("sam")
+        radio = load_teacher("radio")
+        sd, rd = sam.state_dict(), radio.state_dict()
+        # a file's sizes win over --teacher_size ("tiny"): windows and global blocks read off its rel_pos
+        file = sam_file(sam)
+        sam_from_file = build_teacher("sam", file)
+        radio_file = dict(rd, **{"radio_model.summary_idxs": torch.zeros(4, dtype=torch.int64),
+                                 "radio_model.adaptors.clip.head_mlp.final.weight": torch.zeros(8, 1024)})
+        radio_from_file = build_teacher("radio", radio_file)
+    # SAM-L: transformers' SamVisionEncoder less its positions (296 tensors), the 256-channel neck its output
+    assert len(sd) == 296 and {k for k in sd if not k.startswith("layers.")} == SAM_NECK | {
+        "patch_embed.projection.weight", "patch_embed.projection.bias"}
+    assert all({k.split(".", 2)[2] for k in sd if k.startswith(f"layers.{i}.")} == SAM_LAYER for i in range(24))
+    assert sd["patch_embed.projection.weight"].shape == (1024, 3, 16, 16) and sam.dim == 256
+    assert [i for i, layer in enumerate(sam.layers) if layer.window == 0] == [5, 11, 17, 23]
+    assert {layer.window for layer in sam.layers} == {0, 14} and sam.layers[0].heads == 16
+    assert pretrained.sam_to_ours(file).keys() == sd.keys()
+    assert [i for i, layer in enumerate(sam_from_file.layers) if layer.window == 0] == [5, 11, 17, 23]
+    assert sam_from_file.state_dict().keys() == sd.keys() and sam_from_file.layers[3].window == 14
+    # RADIOv2.5-L: NVIDIA's file less the summary indices and adaptor heads (293 tensors), no final norm
+    assert len(rd) == 293 and {k for k in rd if ".blocks." not in k} == RADIO_TOP
+    assert all({k.split(".", 4)[4] for k in rd if k.startswith(f"radio_model.model.blocks.{i}.")} == SIGLIP_BLOCK
+               for i in range(24))
+    assert rd["radio_model.model.patch_generator.pos_embed"].shape == (1, 128 * 128, 1024)
+    assert rd["radio_model.model.patch_generator.cls_token.token"].shape == (8, 1024)
+    assert rd["radio_model.model.patch_generator.embedder.weight"].shape == (1024, 768)
+    assert pretrained.radio_to_ours(radio_file).keys() == rd.keys()
+    assert radio_from_file.dim == 1024 and len(radio_from_file.blocks) == 24
+    assert radio_from_file.blocks[0].heads == 16
+
+
+def test_sam_and_radio_reject_other_files_in_one_line():
+    with torch.device("meta"):
+        meta_sam = {"image_encoder." + k: v for k, v in build_teacher("sam", None).state_dict().items()}
+        dino = load_teacher("dinov2_vitl14", size="tiny").state_dict()
+    with pytest.raises(SystemExit, match="SAM weights in transformers' layout.*segment-anything"):
+        build_teacher("sam", meta_sam)
+    with pytest.raises(SystemExit, match="RADIO weights in Hugging Face's layout.*cls_token"):
+        build_teacher("radio", dino)
+
+
+def test_sam_and_radio_load_their_files_frozen(tmp_path):
+    """load_teacher: a SamModel .bin (prefix stripped, positions and the prompt / mask heads left out) and a
+    RADIO .safetensors (read with torch alone; summary indices and adaptors left out) give the teacher that
+    saved them; a missing tensor and a truncated file are one line; plumbing tells the files' kinds."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    sam = load_teacher("sam", None, "tiny", grid=4)
+    radio = load_teacher("radio", None, "tiny", grid=4)
+    with torch.no_grad():
+        for p in [*sam.parameters(), *radio.parameters()]:
+            p.add_(0.1 * torch.randn_like(p))
+    torch.save(sam_file(sam), tmp_path / "sam.bin")
+    rd = dict(radio.state_dict(), **{"radio_model.summary_idxs": torch.arange(4),
+                                     "radio_model.adaptors.sam.feat_mlp.fc1.weight": torch.ones(3, 64)})
+    save_safetensors(rd, tmp_path / "radio.safetensors")
+    read = pretrained.read_safetensors(str(tmp_path / "radio.safetensors"))
+    assert read.keys() == rd.keys() and all(torch.equal(read[k], rd[k]) for k in rd)
+    for name, teacher, path in (("sam", sam, "sam.bin"), ("radio", radio, "radio.safetensors")):
+        loaded = load_teacher(name, str(tmp_path / path), "tiny", grid=4)
+        out = loaded(x)
+        assert torch.equal(out, teacher(x)) and out.shape == (2, 16, teacher.dim) and not out.requires_grad
+        assert not any(p.requires_grad for p in loaded.parameters())
+        assert pretrained.TEACHERS[name].kind in plumbing.file_kinds(str(tmp_path / path))
+    bad = sam_file(sam)
+    del bad["vision_encoder.layers.1.attn.qkv.weight"]
+    torch.save(bad, tmp_path / "bad.bin")
+    with pytest.raises(SystemExit, match=r"missing keys layers\.1\.attn\.qkv\.weight"):
+        load_teacher("sam", str(tmp_path / "bad.bin"), "tiny", grid=4)
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "radio.safetensors").read_bytes()[:500])
+    with pytest.raises(SystemExit, match="cut.safetensors is not a safetensors file, or a corrupt or truncated"):
+        load_teacher("radio", str(tmp_path / "cut.safetensors"), "tiny", grid=4)
+
+
+def test_sam_release_input_is_the_processors_and_windows_pad_the_map():
+    """detok.py's SamImageProcessor call: uint8 (truncated), the longest edge to 256, ImageNet mean / std, then
+    zeros to 256 x 256 at the bottom / right; the direct path: grid * 16 px. A 4 x 4 token map in 14 x 14
+    windows: padded with zero tokens that the attention sees as keys, so unlike global attention."""
+    sam = load_teacher("sam", None, "tiny", grid=16)
+    mean, std = torch.tensor(pretrained.IMAGENET_MEAN), torch.tensor(pretrained.IMAGENET_STD)
+    x = torch.full((1, 3, 256, 256), 2 * 0.5019 - 1)  # (x + 1) / 2 = 0.5019: 127.98 -> uint8 127
+    torch.testing.assert_close(sam.preprocess(x)[0, :, 0, 0], (127 / 255 - mean) / std)
+    wide = sam.preprocess(torch.zeros(1, 3, 128, 192))  # -> 171 x 256, then 85 rows of padding
+    assert wide.shape == (1, 3, 256, 256) and torch.all(wide[:, :, 171:] == 0)
+    torch.testing.assert_close(wide[0, :, 170, 0], (127 / 255 - mean) / std, atol=1 / 255 / 0.224, rtol=0)
+    sam.release_input, sam.grid = False, 4
+    direct = ((x[..., :64, :64] + 1) / 2 - mean.view(3, 1, 1)) / std.view(3, 1, 1)  # no uint8 step
+    torch.testing.assert_close(sam.preprocess(x), direct)
+    assert sam.preprocess(torch.zeros(1, 3, 128, 128)).shape == (1, 3, 64, 64)
+    torch.manual_seed(0)
+    layer = pretrained.SamBlock(8, 2, 16, window=14)
+    tokens = torch.randn(1, 4, 4, 8)
+    windowed = layer(tokens)
+    layer.window = 0
+    assert windowed.shape == (1, 4, 4, 8) and not torch.allclose(windowed, layer(tokens), atol=1e-3)
+    layer.window = 2  # four 2 x 2 windows: each window's tokens alone
+    local = layer(tokens)
+    layer.window = 0
+    torch.testing.assert_close(local[:, :2, :2], layer(tokens[:, :2, :2].contiguous()))
+
+
+# recorded from SamTeacher / RadioTeacher as written (issue 30) (torch 2.14.1 CPU); a change meant to change
+# them rerecords
+GOLDEN_SAM_RADIO = {
+    "sam release": [-0.6879881620407104, -0.009110996499657631, -0.16492702066898346, 0.8706825971603394,
+                    0.3472053110599518, -1.453679084777832, -0.1809450387954712, 1.024857997894287,
+                    203.95901489257812],
+    "sam direct": [0.4584052860736847, -0.8366636633872986, -1.5445926189422607, -0.4308440685272217,
+                   0.10081303119659424, -0.2566167712211609, -1.3742079734802246, 2.741122245788574,
+                   281.7550048828125],
+    "radio": [0.8138160109519958, -0.09192202985286713, 0.876921534538269, 0.2990722060203552,
+              -0.21143431961536407, 0.0935911238193512, 0.023797377943992615, -1.1032155752182007,
+              -9.555408477783203]}
+
+
+def sam_radio_golden_values():
+    """Tiny random SAM (both input paths) and RADIO (48 px: a 3 x 3 grid, its 128 x 128 positions resized),
+    seeded, norms and biases off their init: a few numbers of each."""
+    out = {}
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, 48, 48, generator=g) * 2 - 1
+    for name, grid in (("sam", 4), ("radio", 3)):
+        torch.manual_seed(0)
+        teacher = load_teacher(name, None, "tiny", grid=grid)
+        with torch.no_grad():
+            for p in teacher.parameters():
+                if p.ndim == 1:
+                    p.add_(0.1 * torch.randn(p.shape, generator=g))
+        paths = [("release", True), ("direct", False)] if name == "sam" else [("", True)]
+        for path, release in paths:
+            teacher.release_input = release
+            v = teacher(x)
+            assert v.shape == (2, grid * grid, teacher.dim)
+            w = torch.arange(float(teacher.dim)).cos()
+            out[f"{name} {path}".strip()] = v[0, 0, :4].tolist() + v[1, -1, -4:].tolist() + [(v @ w).sum().item()]
+    return out
+
+
+def test_sam_and_radio_golden_forward():
+    got = sam_radio_golden_values()
+    assert set(got) == set(GOLDEN_SAM_RADIO)
+    for k, want in GOLDEN_SAM_RADIO.items():
+        assert got[k] == pytest.approx(want, rel=1e-5, abs=1e-6), f"{k}: {got[k]} != golden {want}"
+
+
+def test_teacher_flag_takes_the_releases_names():
+    """--teacher dinov3 / dinov3b / dinov2 (the release's names, its checkpoints' sem_decoders.<name>) are
+    our dinov3_vitl16 / dinov3_vitb16 / dinov2_vitl14; sam, radio and siglip are the same in both."""
+    names = train_tokenizer_script.teacher_names
+    assert names("dinov3,siglip") == "dinov3_vitl16,siglip" and names("dinov3b") == "dinov3_vitb16"
+    assert names("dinov2") == "dinov2_vitl14" and names("sam,radio") == "sam,radio"
+    for bad in ("dinov3,dinov3_vitl16", "sam2", "judge,sam"):
+        with pytest.raises(Exception, match="comma-separated and each once"):
+            names(bad)
+
 def test_semantic_loss_trains_encoder_never_teacher():
     import train_tokenizer as tt
     torch.manual_seed(0)
@@ -1774,6 +1976,20 @@ def test_a_stage1_step_with_each_new_teacher(name, tmp_path):
     assert sd["sem_decoder.out.weight"].shape[0] == pretrained.TEACHER_SIZES["tiny"][0]
 
 
+def test_a_stage1_step_with_sam_radio_and_dinov3b_at_once(tmp_path):
+    """`train_tokenizer.py --teacher sam,radio,dinov3b` (paper Tab. 6; dinov3b: the release's name of DINOv3
+    ViT-B/16) runs a stage-1 step (random tiny weights here): a decoder per teacher under the release's names,
+    SAM's as wide as its 256-channel neck."""
+    main_of(train_tokenizer_script, ["--demo", "--demo_images", "8", "--batch_size", "8", "--global_batch", "8",
+                                     "--epochs", "1", "--log_every", "1", "--teacher", "sam,radio,dinov3b",
+                                     "--teacher_size", "tiny", "--out_dir", str(tmp_path)])
+    row = json.loads(open(tmp_path / "metrics.jsonl").readline())
+    assert row["step"] == 1 and 0 < row["sem"] < 2 * 0.7
+    ckpt = models.read_checkpoint(str(tmp_path / "tokenizer.pt"))
+    assert ckpt["model_args"]["teachers"] == {"sam": 256, "radio": 64, "dinov3b": 64}
+    assert ckpt["model"]["sem_decoders.sam.out.weight"].shape[0] == 256
+    assert ckpt["args"]["teacher"] == "sam,radio,dinov3_vitb16"
+
 def test_two_teachers_at_once_train_a_decoder_each_and_average_their_losses(tmp_path):
     """`--teacher dinov3_vitl16,siglip` (paper Tab. 6): one semantic decoder per teacher under the release's
     key names (sem_decoders.dinov3, sem_decoders.siglip), and the semantic loss the mean of the teachers'
@@ -1833,7 +2049,7 @@ def test_dino_sizes_are_read_from_the_weight_file():
             assert pretrained.dino_size(sd, "tiny") == shape
             assert load_teacher(name, size=size).dim == shape[0]
     assert sorted(pretrained.TEACHERS) == ["dinov2_vitb14", "dinov2_vitl14", "dinov2_vits14", "dinov3_vitb16",
-                                           "dinov3_vitl16", "siglip"]
+                                           "dinov3_vitl16", "radio", "sam", "siglip"]
     assert pretrained.TEACHERS["dinov2_vits14"].url.endswith("/dinov2_vits14/dinov2_vits14_pretrain.pth")
     assert pretrained.TEACHERS["dinov3_vitl16"].url is None and "gated" in pretrained.TEACHERS["dinov3_vitl16"].gated
 

@@ -381,14 +381,15 @@ DEMO = dict(DEMO_BOTH_STAGES, epochs=24, blr=1.6e-2, img_size=32, dim=16, patch_
             enc_size="demo", dec_size="tiny", sem_size="demo", teacher="judge", sem_weight=0.7)
 
 def teacher_names(value):
-    """--teacher: one name of pretrained.TEACHERS, several comma-separated, or judge (alone)."""
-    names = value.split(",")
+    """--teacher: one name of pretrained.TEACHERS or the release's (dinov3, ...), several
+    comma-separated, or judge (alone). Returns our names."""
+    names = [pretrained.RELEASE_NAMES.get(n, n) for n in value.split(",")]
     known = [n for n in names if n in pretrained.TEACHERS or n == "judge" and len(names) == 1]
     if len(known) < len(names) or len(set(names)) < len(names):
-        choices = ", ".join(sorted(pretrained.TEACHERS))
+        choices = ", ".join(sorted(pretrained.TEACHERS) + sorted(pretrained.RELEASE_NAMES))
         raise argparse.ArgumentTypeError(f"{value}: give names of {choices}, comma-separated and "
                                          "each once, or judge")
-    return value
+    return ",".join(names)
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
@@ -404,7 +405,8 @@ def main(argv=None):
     p("--sem_type", default="transformer", choices=["transformer", "mlp"])
     p("--teacher", type=teacher_names, help="default: DINOv2 ViT-L below dim 64, DINOv3 ViT-L "
       "from 64; several, comma-separated (Tab. 6); judge: the demo's teacher judge (demo.py); of: "
-      + ", ".join(sorted(pretrained.TEACHERS)))
+      + ", ".join(sorted(pretrained.TEACHERS)) + " (or the release's names: "
+      + ", ".join(sorted(pretrained.RELEASE_NAMES)) + ")")
     p("--teacher_ckpt", help="the teacher's weight file (default: downloaded; DINOv3's is gated); "
       "several teachers: comma-separated, in --teacher's order, empty: downloaded")
     p("--teacher_size", default="large", choices=sorted(pretrained.TEACHER_SIZES),
