@@ -1,7 +1,7 @@
 """Networks made by others, and the authors' files: the frozen teachers of FSD behind one registry
-(DINOv2, DINOv3, SigLIP 2, SAM, RADIO), the networks of the tokenizer's losses (LPIPS-VGG, ConvNeXt-S, PatchGAN), the FID
-Inception-v3, and the readers of the authors' released checkpoints (their key names, hf:// names).
-models.py holds the paper's own networks."""
+(DINOv2, DINOv3, SigLIP 2, SAM, RADIO), the networks of the tokenizer's losses (LPIPS-VGG,
+ConvNeXt-S, PatchGAN), the FID Inception-v3, and the readers of the authors' released checkpoints
+(their key names, hf:// names). models.py holds the paper's own networks."""
 import functools
 import json
 import logging
