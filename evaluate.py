@@ -313,9 +313,10 @@ def latent_maps(tokenizer, x, ts=VIZ_TS, seed=0):
     return pca, cos
 
 def save_maps(tokenizer, x, out_dir, seed=0):
+    labels = ["image"] + [f"z_t, t = {t:g}" for t in VIZ_TS]
     for name, cols in zip(("pca", "cos"), latent_maps(tokenizer, x, seed=seed)):
-        # a row per image
-        save_grid(os.path.join(out_dir, f"latent_{name}.png"), list(torch.stack(cols, 1)))
+        # a row per image, a column per t
+        save_grid(os.path.join(out_dir, f"latent_{name}.png"), list(torch.stack(cols, 1)), labels)
 
 # ---- Command line
 def demo_outputs(args, device):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import data
 import models
@@ -547,14 +547,25 @@ def wandb_summary(results):
     if wandb is not None:
         wandb.run.summary.update(results)
 
-def save_grid(path, rows):
+LABEL_HEIGHT = 16  # px of the strip of column labels above a grid
+
+def save_grid(path, rows, labels=()):
     """Save rows of [-1, 1] image batches as one PNG (one batch per row); small images are
-    enlarged."""
+    enlarged; `labels`, one per column, are written in a white strip above the columns."""
     grid = np.concatenate([np.concatenate(list(data.to_uint8(r).permute(0, 2, 3, 1).cpu().numpy()),
                                           axis=1)
                            for r in rows], axis=0)
     scale = max(1, 128 // rows[0].shape[-1])
-    Image.fromarray(grid.repeat(scale, 0).repeat(scale, 1)).save(path)
+    image = Image.fromarray(grid.repeat(scale, 0).repeat(scale, 1))
+    if labels:
+        framed = Image.new("RGB", (image.width, image.height + LABEL_HEIGHT), "white")
+        framed.paste(image, (0, LABEL_HEIGHT))
+        draw = ImageDraw.Draw(framed)
+        column = image.width // len(labels)
+        for i, label in enumerate(labels):
+            draw.text((i * column + 4, 3), label, fill="black")
+        image = framed
+    image.save(path)
     log.info(f"wrote {path}")
     if wandb is not None:  # attached to the next metrics record's step
         wandb.log({os.path.splitext(os.path.basename(path))[0]: wandb.Image(path)}, commit=False)

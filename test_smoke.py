@@ -1762,9 +1762,14 @@ def test_viz_mode_writes_pca_and_cosine_grids(tmp_path):
     main_of(ev, ["--viz", "--tokenizer", tok, "--data", val, "--workers", "0", "--out_dir", str(tmp_path)])
     for name in ("pca", "cos"):  # rows: images; columns: the image, then t = 0, 0.25, 0.5, 0.75
         img = Image.open(tmp_path / f"latent_{name}.png")
-        assert img.size == (5 * 128, 6 * 128)  # 32 px images, shown x4
-        tile = np.asarray(img)[:128, 128:256]  # the t = 0 map of the first image: 4 x 4 tokens, 32 px each
+        assert img.size == (5 * 128, 16 + 6 * 128)  # 32 px images, shown x4, under a 16 px strip of labels
+        pixels = np.asarray(img)
+        tile = pixels[16:16 + 128, 128:256]  # the t = 0 map of the first image: 4 x 4 tokens, 32 px each
         assert (tile == np.repeat(np.repeat(tile[::32, ::32], 32, 0), 32, 1)).all()
+        # a label per column, black on white, written at its left: "image", "z_t, t = 0", ..., "z_t, t = 0.75"
+        dark = (pixels[:16].min(-1) < 128).any(0).reshape(5, 128)  # per column: which x of its strip are inked
+        ends = [int(np.nonzero(d)[0].max()) for d in dark]  # where each label ends: by its length
+        assert ends[0] < ends[1] < ends[3] < ends[2] == ends[4] < 108  # image, t = 0, 0.5 < 0.25 = 0.75
 
 
 def test_demo_judges_learn_the_demo_classes_differ_and_are_cached(tmp_path, monkeypatch):
