@@ -2395,3 +2395,71 @@ GOLDEN = {'dit_checkpoint': {'epoch': 1,
                               'skipped': 0,
                               'step': 2},
                              {'epoch': 1, 'held_out_psnr_ema': 13.687196, 'step': 2}]}
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's math, one behaviour at a time: each test against a closed form or a value computed by hand, on
+# tiny inputs, with stand-in networks whose outputs are known
+
+class Stub(torch.nn.Module):
+    """A stand-in network: records the inputs of every call in `seen` and returns out(*inputs); `attrs` are
+    the attributes its caller reads (e.g. num_classes)."""
+
+    def __init__(self, out, **attrs):
+        super().__init__()
+        self.out = out
+        self.seen = []
+        for k, v in attrs.items():
+            setattr(self, k, v)
+
+    def forward(self, *inputs):
+        self.seen.append(inputs)
+        return self.out(*inputs)
+
+
+def test_flow_loss_shifted_time_path_and_velocity_target():
+    """models.flow_loss on a 128 x 8 x 8 latent, where s = sqrt(8192 / 4096) = sqrt 2 > 1 and the shift runs
+    (SPEC 4, the release's transport/): the DiT^DH sees t = 1 - s u / (1 + (s - 1) u) and x_t = t x + (1 - t) eps
+    (t = 1 data), and the loss is the MSE to x - eps = d x_t / d t (paper Eq. 2). Below s = 1, t = u."""
+    x = torch.randn(2, 128, 8, 8)
+    y = torch.tensor([3, 5])
+    dit = Stub(lambda x_t, t, y: x_t)  # v = x_t: the loss then sees the target's sign
+    torch.manual_seed(0)
+    loss = models.flow_loss(dit, x, y)
+    torch.manual_seed(0)  # flow_loss's two draws, in its order: u, then eps
+    u = torch.rand(2)
+    eps = torch.randn_like(x)
+    s = math.sqrt(2)
+    t = 1 - s * u / (1 + (s - 1) * u)
+    t4 = t.view(-1, 1, 1, 1)
+    x_t, t_seen, y_seen = dit.seen[0]
+    torch.testing.assert_close(t_seen, t)
+    torch.testing.assert_close(x_t, t4 * x + (1 - t4) * eps)
+    assert torch.equal(y_seen, y)
+    # the target is the time derivative of the path as built (forward-mode autograd through models.dit_flow)
+    _, dxdt = torch.func.jvp(lambda tau: models.dit_flow(x, tau, eps), (t4,), (torch.ones_like(t4),))
+    torch.testing.assert_close(dxdt, x - eps)
+    torch.testing.assert_close(loss, ((x_t - dxdt) ** 2).mean())
+    # 16 x 4 x 4: s = 1/4, no shift
+    dit = Stub(lambda x_t, t, y: x_t)
+    torch.manual_seed(0)
+    models.flow_loss(dit, x[:, :16, :4, :4], y)
+    torch.manual_seed(0)
+    torch.testing.assert_close(dit.seen[0][1], torch.rand(2))
+
+
+def test_euler_sample_of_a_constant_velocity_lands_on_noise_plus_it():
+    """dx/dt = c has the exact flow x(1) = x(0) + c, on which Euler is exact whatever the grid: from noise eps
+    with c = x - eps (flow_loss's target, t = 1 data) models.euler_sample lands on x, feeding the DiT^DH the
+    rising times of the release's grid (t = 0 noise): with s = sqrt 2 (128 x 8 x 8) and 5 points,
+    1 - reversed(s g / (1 + (s - 1) g)), g = linspace(0, 1, 5), all but the last point (SPEC 5)."""
+    x = torch.randn(2, 128, 8, 8)
+    eps = torch.randn(2, 128, 8, 8)
+    dit = Stub(lambda x_t, t, y: x - eps, num_classes=10)
+    out = euler_sample(dit, eps, torch.tensor([0, 1]), steps=5)
+    torch.testing.assert_close(out, x, atol=1e-5, rtol=1e-5)
+    s = math.sqrt(2)
+    g = torch.linspace(0, 1, 5)
+    grid = 1 - (s * g / (1 + (s - 1) * g)).flip(0)
+    torch.testing.assert_close(torch.stack([t[0] for _, t, _ in dit.seen]), grid[:-1])
+    assert all(len(set(t.tolist())) == 1 for _, t, _ in dit.seen)  # one t for the whole batch
