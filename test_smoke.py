@@ -2463,3 +2463,55 @@ def test_euler_sample_of_a_constant_velocity_lands_on_noise_plus_it():
     grid = 1 - (s * g / (1 + (s - 1) * g)).flip(0)
     torch.testing.assert_close(torch.stack([t[0] for _, t, _ in dit.seen]), grid[:-1])
     assert all(len(set(t.tolist())) == 1 for _, t, _ in dit.seen)  # one t for the whole batch
+
+
+LATENT_STATS = {"mean": torch.tensor([1.0, -2.0, 0.5, 3.0]), "std": torch.tensor([2.0, 0.5, 4.0, 1.0])}
+
+
+def test_train_dit_feeds_latents_normalised_by_the_statistics_it_saves(tmp_path, monkeypatch):
+    """train_dit.train: the DiT^DH learns (z - mean) / std per channel, z the tokenizer's posterior sample and
+    (mean, std) the statistics saved in dit.pt (SPEC 4). A stub tokenizer records its images and returns
+    z[b, c] = (c + 1) x[b].mean() + c; the step (DiTStep) records its batches."""
+    def encode(x, sample, check_range):
+        assert sample and not check_range  # a posterior sample; the loop's own [-1, 1] images
+        z = x.mean((1, 2, 3))[:, None, None, None] * torch.arange(1.0, 5.0).view(1, 4, 1, 1)
+        z = z + torch.arange(4.0).view(1, 4, 1, 1) + torch.zeros(len(x), 4, 2, 2)
+        encoded.append(z)
+        return z
+    encoded, batches = [], []
+    tokenizer = SimpleNamespace(dim=4, grid=2, encode=encode, decode=lambda z: z[:, :3].tanh())
+    images = [(torch.full((3, 4, 4), v), i % 2) for i, v in enumerate([-0.5, 0.1, 0.3, 0.9])]
+    dataset = type("Four", (list,), {"num_classes": 2})(images)  # a list with the classes' count
+
+    def step(self, batch, lr):
+        batches.extend(batch)
+        return torch.tensor(0.0), torch.tensor(0.0), torch.tensor(True)
+    monkeypatch.setattr(train_dit_script.DiTStep, "__call__", step)
+    args = SimpleNamespace(model="tiny", label_drop=0.1, seed=0, global_batch=2, batch_size=2, workers=0,
+                           out_dir=str(tmp_path), eval_every=0, epochs=1, reshuffle=False, lr=1e-3, min_lr=1e-3,
+                           decay_start_epoch=1, decay_end_epoch=2, log_every=1, vis_every=1, sample_steps=2,
+                           cfg=1.0, save_every=0, ema=0.9, grad_clip=1.0, grad_ckpt=False, compile=False,
+                           img_size=4)
+    train_dit_script.train(args, tokenizer, dataset, LATENT_STATS, 0, 1, torch.device("cpu"))
+    saved = models.read_checkpoint(str(tmp_path / "dit.pt"))["latent_stats"]
+    assert len(batches) == len(encoded) == 2
+    for (z_in, y), z in zip(batches, encoded):
+        want = (z - saved["mean"].view(1, 4, 1, 1)) / saved["std"].view(1, 4, 1, 1)
+        torch.testing.assert_close(z_in, want)
+    for k in ("mean", "std"):
+        assert torch.equal(saved[k], LATENT_STATS[k])
+
+
+def test_generate_maps_samples_back_with_the_statistics():
+    """models.generate (sample.py's sampler): the DiT^DH's sample x is decoded as z = x std + mean per channel
+    (the inverse of train_dit's normalisation). The stub DiT^DH is PointMass's exact velocity towards m[y], so
+    Euler lands on m[y] (test_euler_reaches_point_mass_and_guidance); the stub tokenizer's decode is z."""
+    m = torch.stack([torch.full((4, 2, 2), 0.5), torch.full((4, 2, 2), -1.0), torch.zeros(4, 2, 2)])
+    dit = PointMass(m)
+    dit.dim, dit.grid = 4, 2
+    decoded = []
+    tokenizer = SimpleNamespace(decode=lambda z: decoded.append(z) or z)
+    images = models.generate(dit, tokenizer, LATENT_STATS, [0, 1, 2], steps=4)
+    want = m[[0, 1, 0]] * LATENT_STATS["std"].view(1, 4, 1, 1) + LATENT_STATS["mean"].view(1, 4, 1, 1)
+    torch.testing.assert_close(images, want, atol=1e-5, rtol=1e-5)
+    assert len(decoded) == 1
