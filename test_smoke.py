@@ -2515,3 +2515,32 @@ def test_generate_maps_samples_back_with_the_statistics():
     want = m[[0, 1, 0]] * LATENT_STATS["std"].view(1, 4, 1, 1) + LATENT_STATS["mean"].view(1, 4, 1, 1)
     torch.testing.assert_close(images, want, atol=1e-5, rtol=1e-5)
     assert len(decoded) == 1
+
+
+def test_fsd_semantic_decoder_reads_z_t_unless_no_fsd(tmp_path, monkeypatch):
+    """Tokenizer.forward (paper Sec. 3.2, Eq. 1; FSD): z = mean + exp(logvar / 2) n, z_t = (1 - t) z + t gamma eps;
+    the pixel decoder reads z_t, and so does the semantic decoder, which reads z with --no_fsd (sem_noisy False,
+    Tab. 4). Stubs: the encoder returns known (mean, logvar), sample_t a fixed t, randn_like n and then eps."""
+    m = tiny_tokenizer(dim=4, img=32, mask_ratio=0.0, gamma=0.5)  # 2 x 2 tokens, no mask
+    mean = torch.randn(2, 4, 4)
+    logvar = torch.full((2, 4, 4), math.log(0.25))  # std 0.5
+    m.encoder = Stub(lambda x, ids_keep: torch.cat([mean, logvar], -1))
+    m.decoder = Stub(lambda z, ids_keep: torch.zeros(2, 3, 32, 32))
+    m.sem_decoder = Stub(lambda z, ids_keep: z)
+    t = torch.tensor([0.25, 0.75]).view(2, 1, 1)
+    monkeypatch.setattr(m, "sample_t", lambda B, device: t)
+    n, eps = torch.randn(2, 4, 4), torch.randn(2, 4, 4)
+    z = mean + 0.5 * n
+    z_t = (1 - t) * z + t * 0.5 * eps
+    for sem_noisy, sem_in in ((True, z_t), (False, z)):
+        m.sem_noisy = sem_noisy
+        noises = iter([n, eps])
+        monkeypatch.setattr(torch, "randn_like", lambda like: next(noises))
+        m(torch.zeros(2, 3, 32, 32))
+        torch.testing.assert_close(m.decoder.seen[-1][0], z_t)
+        torch.testing.assert_close(m.sem_decoder.seen[-1][0], sem_in)
+    # the flag: train_tokenizer's --no_fsd builds the tokenizer with sem_noisy False
+    built = []
+    monkeypatch.setattr(train_tokenizer_script, "train", lambda args, stage, model, *rest: built.append(model))
+    main_of(train_tokenizer_script, TINY_TRAIN + ["--out_dir", str(tmp_path), "--no_fsd"])
+    assert not built[0].sem_noisy
