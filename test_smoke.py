@@ -2544,3 +2544,83 @@ def test_fsd_semantic_decoder_reads_z_t_unless_no_fsd(tmp_path, monkeypatch):
     monkeypatch.setattr(train_tokenizer_script, "train", lambda args, stage, model, *rest: built.append(model))
     main_of(train_tokenizer_script, TINY_TRAIN + ["--out_dir", str(tmp_path), "--no_fsd"])
     assert not built[0].sem_noisy
+
+
+def loss_weights(**kw):
+    """generator_losses' flags: each weight distinct, so a term can only match its own."""
+    return SimpleNamespace(**dict(dict(rec_weight=1.0, perceptual_weight=0.5, kl_weight=0.25, sem_weight=2.0,
+                                       disc_weight=0.1, sem_target="all"), **kw))
+
+
+def test_generator_losses_ranges_and_each_weight_scales_its_term():
+    """train_tokenizer.generator_losses (paper Eq. 4, the release's utils/losses.py): rec = MSE on [0, 1] images,
+    the GAN term -w D((x_hat + 1) / 2), every term times its own weight. x = 0 and x_hat = 0.4 are 0.5 and 0.7 on
+    [0, 1], so rec = 0.2^2 = 0.04 (0.16 on [-1, 1]); the stub D is the identity, gan = -0.1 * 0.7; the stub
+    perceptual net returns 0.3; kl = 2; sem = 1 - cos((1, 0), (1, 1)) = 1 - 1/sqrt 2, times 2."""
+    x = torch.zeros(1, 3, 2, 2)
+    x_hat = torch.full((1, 3, 2, 2), 0.4)
+    perceptual = Stub(lambda x, x_hat: torch.tensor(0.3))
+    disc = Stub(lambda img: img)
+    inputs = (x, x_hat, torch.tensor(2.0), torch.tensor([[[1.0, 0.0]]]), torch.tensor([[[1.0, 1.0]]]), None,
+              perceptual, disc, True)
+    terms = train_tokenizer_script.generator_losses(loss_weights(), *inputs)
+    want = {"rec": 0.04, "perceptual": 0.5 * 0.3, "kl": 0.25 * 2.0, "sem": 2.0 * (1 - 2 ** -0.5), "gan": -0.1 * 0.7}
+    assert {k: v.item() for k, v in terms.items()} == pytest.approx(want, rel=1e-6)
+    assert torch.equal(perceptual.seen[0][0], x) and torch.equal(perceptual.seen[0][1], x_hat)  # [-1, 1]
+    names = {"rec": "rec_weight", "perceptual": "perceptual_weight", "kl": "kl_weight", "sem": "sem_weight",
+             "gan": "disc_weight"}
+    for term, flag in names.items():
+        doubled = train_tokenizer_script.generator_losses(loss_weights(**{flag: 2 * getattr(loss_weights(), flag)}),
+                                                          *inputs)
+        assert {k: v.item() for k, v in doubled.items()} == pytest.approx(dict(want, **{term: 2 * want[term]}))
+
+
+def tokenizer_step(monkeypatch, **kw):
+    """A TokenizerStep of a tiny tokenizer (32 px, 2 x 2 tokens, no teacher) and its EMA, with a stand-in for the
+    perceptual nets (weight 0: never called)."""
+    monkeypatch.setattr(pretrained, "Perceptual", lambda *a: torch.nn.Identity())
+    args = SimpleNamespace(**dict(dict(compile=False, grad_ckpt=False, blr=1e-3, global_batch=256, ema=0.9,
+                                       random_frozen_nets=True, weight_decay=0.05, grad_clip=1e9, bf16_losses=False,
+                                       convnext_weight=0.0), **vars(loss_weights(perceptual_weight=0.0, **kw))))
+    torch.manual_seed(0)
+    model = tiny_tokenizer(dim=4, img=32, teacher_dim=0, enc_size="demo", dec_size="demo")
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    return train_tokenizer_script.TokenizerStep(args, model, ema, None, torch.device("cpu"), 1)
+
+
+def test_discriminator_hinge_loss_on_images_in_0_1(monkeypatch):
+    """TokenizerStep's discriminator loss (the release's hinge): 0.5 (mean relu(1 - D(real)) + mean relu(1 + D(fake)))
+    with real = (x + 1) / 2 and fake = (x_hat + 1) / 2, x_hat the generator's (its GAN term's D input). The stub D
+    returns fixed maps by call (G term, real, fake): real r = (2, 0.5, -1, 0) gives relu(1 - r) = (0, 0.5, 2, 1),
+    mean 0.875; fake f = (-2, 0.5, 0, -0.5) gives relu(1 + f) = (0, 1.5, 1, 0.5), mean 0.75; loss 0.8125."""
+    step = tokenizer_step(monkeypatch)
+    maps = iter([torch.zeros(1, 1, 2, 2), torch.tensor([2.0, 0.5, -1.0, 0.0]).view(1, 1, 2, 2),
+                 torch.tensor([-2.0, 0.5, 0.0, -0.5]).view(1, 1, 2, 2)])
+    scale = torch.nn.Parameter(torch.tensor(1.0))
+    step.disc = step.ddp_disc = Stub(lambda img: scale * next(maps))
+    step.disc.scale = scale  # a parameter, so the loss has gradients
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    terms = step([x], 1e-4, use_gan=True)[0]
+    assert terms["disc"].item() == pytest.approx(0.8125, rel=1e-6)
+    (gen,), (real,), (fake,) = step.disc.seen
+    assert torch.equal(real, (x + 1) / 2)
+    assert torch.equal(fake, gen) and 0 < gen.min() and gen.max() < 1  # x_hat of a near-zero output, on [0, 1]
+
+
+def test_lr_schedules_by_hand():
+    """The tokenizer's lr (train_tokenizer.cosine_lr, the release's utils/train_utils.py): linear warm-up from 0
+    to base over warmup epochs, then half-cycle cosine to min_lr; DiT^DH's (train_dit.dit_lr, SPEC 4): constant to
+    decay_start, linear to min_lr at decay_end, then flat. Values by hand: base 1, warm-up 2 of 10 epochs,
+    cos(pi / 4) = 0.70710678 at a quarter of the cosine; lr 2e-4 to 2e-5 over epochs 40 to 800, mid-way 420."""
+    cosine = train_tokenizer_script.cosine_lr
+    assert [cosine(e, 1.0, 2, 10) for e in (0, 1, 2)] == pytest.approx([0.0, 0.5, 1.0])
+    assert cosine(4, 1.0, 2, 10) == pytest.approx(0.5 * (1 + 0.70710678))  # progress 2 / 8
+    assert cosine(6, 1.0, 2, 10) == pytest.approx(0.5)  # mid-way
+    assert cosine(10, 1.0, 2, 10) == pytest.approx(0.0, abs=1e-12)
+    assert cosine(6, 1.0, 2, 10, min_lr=0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert cosine(10, 1.0, 2, 10, min_lr=0.1) == pytest.approx(0.1)
+    dit_lr = train_dit_script.dit_lr
+    assert [dit_lr(e, 2e-4, 2e-5, 40, 800) for e in (0, 20, 40)] == pytest.approx([2e-4] * 3)
+    assert dit_lr(420, 2e-4, 2e-5, 40, 800) == pytest.approx(1.1e-4)  # (2e-4 + 2e-5) / 2
+    assert dit_lr(599, 2e-4, 2e-5, 40, 800) == pytest.approx(2e-4 - 1.8e-4 * 559 / 760)  # the 600-epoch model
+    assert [dit_lr(e, 2e-4, 2e-5, 40, 800) for e in (800, 900)] == pytest.approx([2e-5] * 2)
