@@ -2624,3 +2624,72 @@ def test_lr_schedules_by_hand():
     assert dit_lr(420, 2e-4, 2e-5, 40, 800) == pytest.approx(1.1e-4)  # (2e-4 + 2e-5) / 2
     assert dit_lr(599, 2e-4, 2e-5, 40, 800) == pytest.approx(2e-4 - 1.8e-4 * 559 / 760)  # the 600-epoch model
     assert [dit_lr(e, 2e-4, 2e-5, 40, 800) for e in (800, 900)] == pytest.approx([2e-5] * 2)
+
+
+def stage2_setup(tmp_path, monkeypatch):
+    """finetune_decoder.main up to its train() call, from a stage-1 file (2 x 2 tokens, dim 4, a semantic decoder)
+    whose raw and EMA weights differ. Returns the stage-1 raw and EMA models and what train() was given."""
+    torch.manual_seed(0)
+    raw = models.Tokenizer(img_size=32, patch_size=16, dim=4, enc_size="demo", dec_size="demo", sem_size="demo",
+                           teacher_dim=8)
+    ema = randomise(copy.deepcopy(raw))
+    path = tmp_path / "tokenizer.pt"
+    torch.save({"model": raw.state_dict(), "model_ema": ema.state_dict(), "model_args": raw.model_args}, path)
+    given = {}
+    names = ("args", "stage", "model", "ema", "teacher", "rank", "world", "device")
+    monkeypatch.setattr(finetune_decoder_script, "train", lambda *a: given.update(zip(names, a)))
+    main_of(finetune_decoder_script, ["--tokenizer", str(path), "--data", str(tmp_path),
+                                      "--out_dir", str(tmp_path / "ft")])
+    return raw, ema, SimpleNamespace(**given)
+
+
+def test_stage2_starts_from_stage1_weights_without_noise_mask_kl_or_teacher(tmp_path, monkeypatch):
+    """finetune_decoder.py (paper Sec. 3.2, "Decoder Finetuning"; SPEC 3): the model is stage 1's raw weights and
+    its EMA copy starts from stage 1's EMA pixel decoder (the released code), with the raw (frozen) encoder in
+    both; gamma 0 and mask ratio 0 (no flow noise, no mask), KL and semantic weights 0, no teacher or semantic
+    decoder; only the pixel decoder trains (its mask token, unused without a mask, is frozen); the release's
+    stage-2 recipe: 100 epochs, blr 5e-5, warm-up 5%, GAN from epoch 0."""
+    raw, ema, given = stage2_setup(tmp_path, monkeypatch)
+    model, args = given.model, given.args
+    for got, want in ((model.encoder, raw.encoder), (model.decoder, raw.decoder), (given.ema.encoder, raw.encoder),
+                      (given.ema.decoder, ema.decoder)):
+        for (k, a), b in zip(got.state_dict().items(), want.state_dict().values()):
+            assert torch.equal(a, b), k
+    for net in (model, given.ema):
+        assert net.gamma == 0 and net.mask_ratio == 0 and net.random_keep(2, "cpu") is None
+        assert net.sem_decoder is None and net.sem_decoders is None
+    assert args.kl_weight == 0 and args.sem_weight == 0 and given.teacher is None
+    assert given.stage == "tokenizer_ft"
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {k for k, _ in model.named_parameters() if k.startswith("decoder.")} - {"decoder.mask_token"}
+    assert (args.epochs, args.blr, args.warmup_rate, args.disc_start_epoch) == (100, 5e-5, 0.05, 0)
+
+
+def test_perceptual_is_lpips_plus_a_tenth_convnext_over_1_1(monkeypatch):
+    """pretrained.Perceptual with the default --convnext_weight 0.1 (the release; SPEC 3): (LPIPS + 0.1 ConvNeXt)
+    / 1.1, LPIPS on the [-1, 1] images, ConvNeXt-S's logit MSE on them at 224 px on [0, 1], ImageNet-normalised.
+    Stand-ins through the same constructor (random weights, as in tests): LPIPS = per-image mean squared
+    difference, ConvNeXt = per-channel mean. On images constant per channel the resize changes nothing, so the
+    logits are ((v + 1) / 2 - mean_c) / std_c and their MSE is the mean of ((x_hat - x) / (2 std_c))^2."""
+    import lpips
+    import torchvision
+    nets = {}
+
+    def lpips_stub(net, pnet_rand, verbose):
+        nets["lpips"] = Stub(lambda a, b: ((a - b) ** 2).mean((1, 2, 3), keepdim=True), random=pnet_rand)
+        return nets["lpips"]
+
+    def convnext_stub(weights):
+        nets["convnext"] = Stub(lambda img: img.mean((2, 3)), weights=weights)
+        return nets["convnext"]
+    monkeypatch.setattr(lpips, "LPIPS", lpips_stub)
+    monkeypatch.setattr(torchvision.models, "convnext_small", convnext_stub)
+    perceptual = pretrained.Perceptual(0.1, True)
+    x = torch.tensor([[0.2, -0.4, 0.6], [-1.0, 0.0, 1.0]]).view(2, 3, 1, 1).expand(2, 3, 8, 8)
+    x_hat = torch.tensor([[0.0, 0.1, 0.6], [-0.5, 0.5, 0.2]]).view(2, 3, 1, 1).expand(2, 3, 8, 8)
+    lp = ((x_hat - x) ** 2).mean()
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    conv = (((x_hat - x) / (2 * std)) ** 2).mean()
+    assert perceptual(x, x_hat).item() == pytest.approx(((lp + 0.1 * conv) / 1.1).item(), rel=1e-5)
+    assert nets["lpips"].random and nets["convnext"].weights is None
+    assert [tuple(img.shape) for img, in nets["convnext"].seen] == [(2, 3, 224, 224)] * 2
