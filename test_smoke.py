@@ -2693,3 +2693,40 @@ def test_perceptual_is_lpips_plus_a_tenth_convnext_over_1_1(monkeypatch):
     assert perceptual(x, x_hat).item() == pytest.approx(((lp + 0.1 * conv) / 1.1).item(), rel=1e-5)
     assert nets["lpips"].random and nets["convnext"].weights is None
     assert [tuple(img.shape) for img, in nets["convnext"].seen] == [(2, 3, 224, 224)] * 2
+
+
+def test_masked_encoder_keeps_each_tokens_position_and_rope_row():
+    """Encoder.forward with ids_keep (RAD, SPEC 2: "a masked encoder gathers the RoPE rows of the kept tokens"):
+    keeping every token in a shuffled order gives the unmasked encoding in that order (attention is
+    permutation-equivariant once each token carries its own position embedding and RoPE row), and a kept subset
+    equals the trunk on those tokens picked by index, with their own rows of the position and RoPE tables."""
+    torch.manual_seed(0)
+    enc = tiny_tokenizer(dim=4, img=64, teacher_dim=0, enc_size="demo").encoder  # 4 x 4 tokens
+    randomise(enc)  # sharper attention than the init's, so positions weigh
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    perm = torch.stack([torch.randperm(16), torch.randperm(16)])
+    keep = perm[:, :7]
+    with torch.no_grad():
+        full = enc(x)
+        shuffled = enc(x, perm)
+        subset = enc(x, keep)
+        tokens = enc.patch_embed(x).flatten(2).transpose(1, 2)  # (2, 16, width), row-major
+        for b in range(2):
+            torch.testing.assert_close(shuffled[b], full[b, perm[b]], atol=1e-5, rtol=1e-5)
+            h = tokens[b, keep[b]] + enc.positional_embedding[0, keep[b]]
+            by_index = enc.latent_head(enc.trunk(h[None], enc.rope_tensor[:, keep[b]]))
+            torch.testing.assert_close(subset[b], by_index[0], atol=1e-5, rtol=1e-5)
+
+
+def test_random_flip_mirrors_the_width_of_the_drawn_items():
+    """data.random_flip: each item flipped with probability 1/2 (one uniform draw per item, < 0.5), along the width
+    only: out[b, c, i, j] = x[b, c, i, W - 1 - j] for a flipped item, x[b] otherwise."""
+    x = torch.arange(6 * 3 * 2 * 3, dtype=torch.float32).view(6, 3, 2, 3)
+    torch.manual_seed(0)
+    out = data.random_flip(x)
+    torch.manual_seed(0)
+    flipped = (torch.rand(6) < 0.5).tolist()
+    assert 0 < sum(flipped) < 6  # this seed draws both kinds
+    for b in range(6):
+        want = x[b][:, :, [2, 1, 0]] if flipped[b] else x[b]
+        assert torch.equal(out[b], want)
