@@ -2399,7 +2399,8 @@ GOLDEN = {'dit_checkpoint': {'epoch': 1,
 
 # ---------------------------------------------------------------------------------------------
 # The paper's math, one behaviour at a time: each test against a closed form or a value computed by hand, on
-# tiny inputs, with stand-in networks whose outputs are known
+# tiny inputs, with stand-in networks whose outputs are known. Those that run networks take one_thread: tensors
+# this small gain nothing from a second core, and lose seconds when the cores are shared.
 
 class Stub(torch.nn.Module):
     """A stand-in network: records the inputs of every call in `seen` and returns out(*inputs); `attrs` are
@@ -2417,7 +2418,7 @@ class Stub(torch.nn.Module):
         return self.out(*inputs)
 
 
-def test_flow_loss_shifted_time_path_and_velocity_target():
+def test_flow_loss_shifted_time_path_and_velocity_target(one_thread):
     """models.flow_loss on a 128 x 8 x 8 latent, where s = sqrt(8192 / 4096) = sqrt 2 > 1 and the shift runs
     (SPEC 4, the release's transport/): the DiT^DH sees t = 1 - s u / (1 + (s - 1) u) and x_t = t x + (1 - t) eps
     (t = 1 data), and the loss is the MSE to x - eps = d x_t / d t (paper Eq. 2). Below s = 1, t = u."""
@@ -2448,7 +2449,7 @@ def test_flow_loss_shifted_time_path_and_velocity_target():
     torch.testing.assert_close(dit.seen[0][1], torch.rand(2))
 
 
-def test_euler_sample_of_a_constant_velocity_lands_on_noise_plus_it():
+def test_euler_sample_of_a_constant_velocity_lands_on_noise_plus_it(one_thread):
     """dx/dt = c has the exact flow x(1) = x(0) + c, on which Euler is exact whatever the grid: from noise eps
     with c = x - eps (flow_loss's target, t = 1 data) models.euler_sample lands on x, feeding the DiT^DH the
     rising times of the release's grid (t = 0 noise): with s = sqrt 2 (128 x 8 x 8) and 5 points,
@@ -2468,7 +2469,7 @@ def test_euler_sample_of_a_constant_velocity_lands_on_noise_plus_it():
 LATENT_STATS = {"mean": torch.tensor([1.0, -2.0, 0.5, 3.0]), "std": torch.tensor([2.0, 0.5, 4.0, 1.0])}
 
 
-def test_train_dit_feeds_latents_normalised_by_the_statistics_it_saves(tmp_path, monkeypatch):
+def test_train_dit_feeds_latents_normalised_by_the_statistics_it_saves(tmp_path, monkeypatch, one_thread):
     """train_dit.train: the DiT^DH learns (z - mean) / std per channel, z the tokenizer's posterior sample and
     (mean, std) the statistics saved in dit.pt (SPEC 4). A stub tokenizer records its images and returns
     z[b, c] = (c + 1) x[b].mean() + c; the step (DiTStep) records its batches."""
@@ -2517,7 +2518,7 @@ def test_generate_maps_samples_back_with_the_statistics():
     assert len(decoded) == 1
 
 
-def test_fsd_semantic_decoder_reads_z_t_unless_no_fsd(tmp_path, monkeypatch):
+def test_fsd_semantic_decoder_reads_z_t_unless_no_fsd(tmp_path, monkeypatch, one_thread):
     """Tokenizer.forward (paper Sec. 3.2, Eq. 1; FSD): z = mean + exp(logvar / 2) n, z_t = (1 - t) z + t gamma eps;
     the pixel decoder reads z_t, and so does the semantic decoder, which reads z with --no_fsd (sem_noisy False,
     Tab. 4). Stubs: the encoder returns known (mean, logvar), sample_t a fixed t, randn_like n and then eps."""
@@ -2588,7 +2589,7 @@ def tokenizer_step(monkeypatch, **kw):
     return train_tokenizer_script.TokenizerStep(args, model, ema, None, torch.device("cpu"), 1)
 
 
-def test_discriminator_hinge_loss_on_images_in_0_1(monkeypatch):
+def test_discriminator_hinge_loss_on_images_in_0_1(monkeypatch, one_thread):
     """TokenizerStep's discriminator loss (the release's hinge): 0.5 (mean relu(1 - D(real)) + mean relu(1 + D(fake)))
     with real = (x + 1) / 2 and fake = (x_hat + 1) / 2, x_hat the generator's (its GAN term's D input). The stub D
     returns fixed maps by call (G term, real, fake): real r = (2, 0.5, -1, 0) gives relu(1 - r) = (0, 0.5, 2, 1),
@@ -2643,7 +2644,7 @@ def stage2_setup(tmp_path, monkeypatch):
     return raw, ema, SimpleNamespace(**given)
 
 
-def test_stage2_starts_from_stage1_weights_without_noise_mask_kl_or_teacher(tmp_path, monkeypatch):
+def test_stage2_set_up_from_stage1_without_noise_mask_kl_or_teacher(tmp_path, monkeypatch, one_thread):
     """finetune_decoder.py (paper Sec. 3.2, "Decoder Finetuning"; SPEC 3): the model is stage 1's raw weights and
     its EMA copy starts from stage 1's EMA pixel decoder (the released code), with the raw (frozen) encoder in
     both; gamma 0 and mask ratio 0 (no flow noise, no mask), KL and semantic weights 0, no teacher or semantic
@@ -2695,7 +2696,7 @@ def test_perceptual_is_lpips_plus_a_tenth_convnext_over_1_1(monkeypatch):
     assert [tuple(img.shape) for img, in nets["convnext"].seen] == [(2, 3, 224, 224)] * 2
 
 
-def test_masked_encoder_keeps_each_tokens_position_and_rope_row():
+def test_masked_encoder_keeps_each_tokens_position_and_rope_row(one_thread):
     """Encoder.forward with ids_keep (RAD, SPEC 2: "a masked encoder gathers the RoPE rows of the kept tokens"):
     keeping every token in a shuffled order gives the unmasked encoding in that order (attention is
     permutation-equivariant once each token carries its own position embedding and RoPE row), and a kept subset
@@ -2730,3 +2731,68 @@ def test_random_flip_mirrors_the_width_of_the_drawn_items():
     for b in range(6):
         want = x[b][:, :, [2, 1, 0]] if flipped[b] else x[b]
         assert torch.equal(out[b], want)
+
+
+def adamw_groups(opt, model):
+    """(weight decay, betas, the parameters' names) of each of an optimiser's groups."""
+    name = {id(p): k for k, p in model.named_parameters()}
+    return [(g["weight_decay"], g["betas"], {name[id(p)] for p in g["params"]}) for g in opt.param_groups]
+
+
+def test_adamw_groups_and_betas_of_each_stage(tmp_path, monkeypatch, one_thread):
+    """AdamW in each stage (SPEC 3, 4; the release's utils/train_utils.py): betas (0.9, 0.95); the tokenizer's
+    weight decay (--weight_decay) on the matrices only, none on biases, norms, embeddings and tokens (the
+    authors' name rule: it also spares the patch and decoder embeddings' weights), nor on the discriminator's
+    BatchNorm; stage 2 the same over the pixel decoder's trainable parameters; DiT^DH none at all."""
+    step = tokenizer_step(monkeypatch)
+    (wd0, betas0, spared), (wd1, betas1, decayed) = adamw_groups(step.opt, step.model)
+    assert (wd0, betas0, wd1, betas1) == (0.0, (0.9, 0.95), 0.05, (0.9, 0.95))
+    assert spared | decayed == {k for k, _ in step.model.named_parameters()} and not spared & decayed
+    assert {"encoder.patch_embed.weight", "encoder.patch_embed.bias", "encoder.positional_embedding",
+            "encoder.ln_pre.weight", "encoder.transformer.0.norm1.weight", "encoder.transformer.0.attn.qkv.bias",
+            "encoder.transformer.1.mlp.w3.bias", "decoder.decoder_embed.weight", "decoder.mask_token",
+            "decoder.ln_post.weight", "decoder.conv_out.bias"} <= spared
+    assert {"encoder.transformer.0.attn.qkv.weight", "encoder.transformer.1.attn.proj.weight",
+            "encoder.transformer.0.mlp.w12.weight", "encoder.latent_head.weight", "decoder.to_pixels.weight",
+            "decoder.conv_out.weight", "decoder.transformer.1.mlp.w3.weight"} <= decayed
+    # PatchGAN: convs 0, 2, 5, 8, 11 (a bias on the first and last only), BatchNorms 3, 6, 9
+    (wd0, betas0, spared), (wd1, betas1, decayed) = adamw_groups(step.opt_d, step.disc)
+    assert (wd0, betas0, wd1, betas1) == (0.0, (0.9, 0.95), 0.05, (0.9, 0.95))
+    assert decayed == {"0.weight", "2.weight", "5.weight", "8.weight", "11.weight"}
+    assert spared == {"0.bias", "11.bias"} | {f"{i}.{k}" for i in (3, 6, 9) for k in ("weight", "bias")}
+    # stage 2
+    model = stage2_setup(tmp_path, monkeypatch)[2].model
+    step = train_tokenizer_script.TokenizerStep(step.args, model, copy.deepcopy(model), None, torch.device("cpu"), 1)
+    (_, betas0, spared), (_, betas1, decayed) = adamw_groups(step.opt, model)
+    assert betas0 == betas1 == (0.9, 0.95)
+    assert spared | decayed == {k for k, p in model.named_parameters() if p.requires_grad}
+    assert {"decoder.decoder_embed.weight", "decoder.conv_out.bias"} <= spared
+    assert {"decoder.to_pixels.weight", "decoder.conv_out.weight"} <= decayed
+    # DiT^DH: one group, no decay, every trainable parameter (the fixed position embedding and Fourier W are not)
+    args = SimpleNamespace(lr=1e-3, ema=0.9, grad_clip=1.0, grad_ckpt=False, compile=False)
+    dit = tiny_dit()
+    step = train_dit_script.DiTStep(args, dit, torch.device("cpu"), 1)
+    (wd, betas, names), = adamw_groups(step.opt, dit)
+    assert (wd, betas) == (0.0, (0.9, 0.95))
+    assert names == {k for k, _ in dit.named_parameters()} - {"pos_embed", "t_embedder.W"}
+
+
+def test_ema_step_is_a_lerp_by_one_minus_the_flag(monkeypatch, one_thread):
+    """The EMA after each optimiser step, in both training loops (TokenizerStep, DiTStep; the release's
+    update_ema): ema <- ema + (1 - decay) (p - ema), decay = --ema (0.9 here), p the weights just stepped; frozen
+    parameters and buffers are left alone."""
+    def check(step, model, ema, batches):
+        before = [e.clone() for e in ema.parameters()]
+        step(*batches)
+        for (k, p), e, e0 in zip(model.named_parameters(), ema.parameters(), before):
+            want = e0 + (1 - 0.9) * (p.detach() - e0) if p.requires_grad else e0
+            torch.testing.assert_close(e, want, atol=1e-6, rtol=0, msg=k)
+        assert any(not torch.equal(e, e0) for e, e0 in zip(ema.parameters(), before))
+    step = tokenizer_step(monkeypatch, disc_weight=0.0)
+    randomise(step.ema)  # an EMA that differs from the weights
+    check(step, step.model, step.ema, ([torch.rand(2, 3, 32, 32) * 2 - 1], 1e-3, False))
+    args = SimpleNamespace(lr=1e-3, ema=0.9, grad_clip=1.0, grad_ckpt=False, compile=False)
+    step = train_dit_script.DiTStep(args, tiny_dit(), torch.device("cpu"), 1)
+    randomise(step.ema)
+    batch = [(torch.randn(2, 4, 4, 4), torch.tensor([1, 2]))]
+    check(step, step.dit, step.ema, (batch, 1e-3))
