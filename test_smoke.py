@@ -2616,3 +2616,421 @@ GOLDEN = {'dit_checkpoint': {'epoch': 1,
                               'skipped': 0,
                               'step': 2},
                              {'epoch': 1, 'held_out_psnr_ema': 13.687196, 'step': 2}]}
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's math, one behaviour at a time: each test against a closed form or a value computed by hand, on
+# tiny inputs, with stand-in networks whose outputs are known. Those that run networks take one_thread:
+# tensors this small gain nothing from a second core, and lose seconds when the cores are shared.
+
+class Stub(torch.nn.Module):
+    """A stand-in network: records the inputs of every call in `seen` and returns out(*inputs); `attrs` are
+    the attributes its caller reads (e.g. num_classes)."""
+
+    def __init__(self, out, **attrs):
+        super().__init__()
+        self.out = out
+        self.seen = []
+        for k, v in attrs.items():
+            setattr(self, k, v)
+
+    def forward(self, *inputs):
+        self.seen.append(inputs)
+        return self.out(*inputs)
+
+
+def test_flow_loss_shifted_time_path_and_velocity_target(one_thread):
+    """models.flow_loss on a 128 x 8 x 8 latent, where s = sqrt(8192 / 4096) = sqrt 2 > 1 and the shift runs
+    (SPEC 4, the release's transport/): the DiT^DH sees t = 1 - s u / (1 + (s - 1) u) and
+    x_t = t x + (1 - t) eps (t = 1 data), and the loss is the MSE to x - eps = d x_t / d t (paper Eq. 2).
+    Below s = 1, t = u."""
+    x = torch.randn(2, 128, 8, 8)
+    y = torch.tensor([3, 5])
+    dit = Stub(lambda x_t, t, y: x_t)  # v = x_t: the loss then sees the target's sign
+    torch.manual_seed(0)
+    loss = models.flow_loss(dit, x, y)
+    torch.manual_seed(0)  # flow_loss's two draws, in its order: u, then eps
+    u = torch.rand(2)
+    eps = torch.randn_like(x)
+    s = math.sqrt(2)
+    t = 1 - s * u / (1 + (s - 1) * u)
+    t4 = t.view(-1, 1, 1, 1)
+    x_t, t_seen, y_seen = dit.seen[0]
+    torch.testing.assert_close(t_seen, t)
+    torch.testing.assert_close(x_t, t4 * x + (1 - t4) * eps)
+    assert torch.equal(y_seen, y)
+    # the target is the time derivative of the path as built (forward-mode autograd through models.dit_flow)
+    _, dxdt = torch.func.jvp(lambda tau: models.dit_flow(x, tau, eps), (t4,), (torch.ones_like(t4),))
+    torch.testing.assert_close(dxdt, x - eps)
+    torch.testing.assert_close(loss, ((x_t - dxdt) ** 2).mean())
+    # 16 x 4 x 4: s = 1/4, no shift
+    dit = Stub(lambda x_t, t, y: x_t)
+    torch.manual_seed(0)
+    models.flow_loss(dit, x[:, :16, :4, :4], y)
+    torch.manual_seed(0)
+    torch.testing.assert_close(dit.seen[0][1], torch.rand(2))
+
+
+def test_euler_sample_of_a_constant_velocity_lands_on_noise_plus_it(one_thread):
+    """dx/dt = c has the exact flow x(1) = x(0) + c, on which Euler is exact whatever the grid: from noise
+    eps with c = x - eps (flow_loss's target, t = 1 data) models.euler_sample lands on x, feeding the DiT^DH
+    the rising times of the release's grid (t = 0 noise): with s = sqrt 2 (128 x 8 x 8) and 5 points,
+    1 - reversed(s g / (1 + (s - 1) g)), g = linspace(0, 1, 5), all but the last point (SPEC 5)."""
+    x = torch.randn(2, 128, 8, 8)
+    eps = torch.randn(2, 128, 8, 8)
+    dit = Stub(lambda x_t, t, y: x - eps, num_classes=10)
+    out = euler_sample(dit, eps, torch.tensor([0, 1]), steps=5)
+    torch.testing.assert_close(out, x, atol=1e-5, rtol=1e-5)
+    s = math.sqrt(2)
+    g = torch.linspace(0, 1, 5)
+    grid = 1 - (s * g / (1 + (s - 1) * g)).flip(0)
+    torch.testing.assert_close(torch.stack([t[0] for _, t, _ in dit.seen]), grid[:-1])
+    assert all(len(set(t.tolist())) == 1 for _, t, _ in dit.seen)  # one t for the whole batch
+
+
+LATENT_STATS = {"mean": torch.tensor([1.0, -2.0, 0.5, 3.0]), "std": torch.tensor([2.0, 0.5, 4.0, 1.0])}
+
+
+def test_train_dit_feeds_latents_normalised_by_the_statistics_it_saves(tmp_path, monkeypatch, one_thread):
+    """train_dit.train: the DiT^DH learns (z - mean) / std per channel, z the tokenizer's posterior sample
+    and (mean, std) the statistics saved in dit.pt (SPEC 4). A stub tokenizer records its images and returns
+    z[b, c] = (c + 1) x[b].mean() + c; the step (DiTStep) records its batches."""
+    def encode(x, sample, check_range):
+        assert sample and not check_range  # a posterior sample; the loop's own [-1, 1] images
+        z = x.mean((1, 2, 3))[:, None, None, None] * torch.arange(1.0, 5.0).view(1, 4, 1, 1)
+        z = z + torch.arange(4.0).view(1, 4, 1, 1) + torch.zeros(len(x), 4, 2, 2)
+        encoded.append(z)
+        return z
+    encoded, batches = [], []
+    tokenizer = SimpleNamespace(dim=4, grid=2, encode=encode, decode=lambda z: z[:, :3].tanh())
+    images = [(torch.full((3, 4, 4), v), i % 2) for i, v in enumerate([-0.5, 0.1, 0.3, 0.9])]
+    dataset = type("Four", (list,), {"num_classes": 2})(images)  # a list with the classes' count
+
+    def step(self, batch, lr):
+        batches.extend(batch)
+        return torch.tensor(0.0), torch.tensor(0.0), torch.tensor(True)
+    monkeypatch.setattr(train_dit_script.DiTStep, "__call__", step)
+    args = SimpleNamespace(model="tiny", label_drop=0.1, seed=0, global_batch=2, batch_size=2, workers=0,
+                           out_dir=str(tmp_path), eval_every=0, epochs=1, reshuffle=False, lr=1e-3,
+                           min_lr=1e-3, decay_start_epoch=1, decay_end_epoch=2, log_every=1, vis_every=1,
+                           sample_steps=2, cfg=1.0, save_every=0, ema=0.9, grad_clip=1.0, grad_ckpt=False,
+                           compile=False, img_size=4)
+    train_dit_script.train(args, tokenizer, dataset, LATENT_STATS, 0, 1, torch.device("cpu"))
+    saved = models.read_checkpoint(str(tmp_path / "dit.pt"))["latent_stats"]
+    assert len(batches) == len(encoded) == 2
+    for (z_in, _), z in zip(batches, encoded):
+        want = (z - saved["mean"].view(1, 4, 1, 1)) / saved["std"].view(1, 4, 1, 1)
+        torch.testing.assert_close(z_in, want)
+    for k in ("mean", "std"):
+        assert torch.equal(saved[k], LATENT_STATS[k])
+
+
+def test_generate_maps_samples_back_with_the_statistics():
+    """models.generate (sample.py's sampler): the DiT^DH's sample x is decoded as z = x std + mean per
+    channel (the inverse of train_dit's normalisation). The stub DiT^DH is PointMass's exact velocity
+    towards m[y], so Euler lands on m[y] (test_euler_reaches_point_mass_and_guidance); the stub tokenizer's
+    decode is z."""
+    m = torch.stack([torch.full((4, 2, 2), 0.5), torch.full((4, 2, 2), -1.0), torch.zeros(4, 2, 2)])
+    dit = PointMass(m)
+    dit.dim, dit.grid = 4, 2
+    tokenizer = SimpleNamespace(decode=lambda z: z)
+    images = models.generate(dit, tokenizer, LATENT_STATS, [0, 1, 2], steps=4)
+    want = m[[0, 1, 0]] * LATENT_STATS["std"].view(1, 4, 1, 1) + LATENT_STATS["mean"].view(1, 4, 1, 1)
+    torch.testing.assert_close(images, want, atol=1e-5, rtol=1e-5)
+
+
+def test_fsd_semantic_decoder_reads_z_t_unless_no_fsd(tmp_path, monkeypatch, one_thread):
+    """Tokenizer.forward (paper Sec. 3.2, Eq. 1; FSD): z = mean + exp(logvar / 2) n and
+    z_t = (1 - t) z + t gamma eps; the pixel decoder reads z_t, and so does the semantic decoder, which reads
+    z with --no_fsd (sem_noisy False, Tab. 4). Stubs: the encoder returns known (mean, logvar), sample_t a
+    fixed t, randn_like n and then eps."""
+    m = tiny_tokenizer(dim=4, img=32, mask_ratio=0.0, gamma=0.5)  # 2 x 2 tokens, no mask
+    mean = torch.randn(2, 4, 4)
+    logvar = torch.full((2, 4, 4), math.log(0.25))  # std 0.5
+    m.encoder = Stub(lambda x, ids_keep: torch.cat([mean, logvar], -1))
+    m.decoder = Stub(lambda z, ids_keep: torch.zeros(2, 3, 32, 32))
+    m.sem_decoder = Stub(lambda z, ids_keep: z)
+    t = torch.tensor([0.25, 0.75]).view(2, 1, 1)
+    monkeypatch.setattr(m, "sample_t", lambda B, device: t)
+    n, eps = torch.randn(2, 4, 4), torch.randn(2, 4, 4)
+    z = mean + 0.5 * n
+    z_t = (1 - t) * z + t * 0.5 * eps
+    for sem_noisy, sem_in in ((True, z_t), (False, z)):
+        m.sem_noisy = sem_noisy
+        noises = iter([n, eps])
+        monkeypatch.setattr(torch, "randn_like", lambda like: next(noises))
+        m(torch.zeros(2, 3, 32, 32))
+        torch.testing.assert_close(m.decoder.seen[-1][0], z_t)
+        torch.testing.assert_close(m.sem_decoder.seen[-1][0], sem_in)
+    # the flag: train_tokenizer's --no_fsd builds the tokenizer with sem_noisy False
+    built = []
+    monkeypatch.setattr(train_tokenizer_script, "train", lambda args, stage, model, *_: built.append(model))
+    main_of(train_tokenizer_script, TINY_TRAIN + ["--out_dir", str(tmp_path), "--no_fsd"])
+    assert not built[0].sem_noisy
+
+
+def loss_weights(**kw):
+    """generator_losses' flags: each weight distinct, so a term can only match its own."""
+    return SimpleNamespace(**dict(dict(rec_weight=1.0, perceptual_weight=0.5, kl_weight=0.25, sem_weight=2.0,
+                                       disc_weight=0.1, sem_target="all"), **kw))
+
+
+def test_generator_losses_ranges_and_each_weight_scales_its_term():
+    """train_tokenizer.generator_losses (paper Eq. 4, the release's utils/losses.py): rec = MSE on [0, 1]
+    images, the GAN term -w D((x_hat + 1) / 2), every term times its own weight. x = 0 and x_hat = 0.4 are
+    0.5 and 0.7 on [0, 1], so rec = 0.2^2 = 0.04 (0.16 on [-1, 1]); the stub D is the identity, so
+    gan = -0.1 * 0.7; the stub perceptual net returns 0.3; kl = 2; sem = 2 (1 - cos((1, 0), (1, 1))) =
+    2 (1 - 1/sqrt 2)."""
+    x = torch.zeros(1, 3, 2, 2)
+    x_hat = torch.full((1, 3, 2, 2), 0.4)
+    perceptual = Stub(lambda x, x_hat: torch.tensor(0.3))
+    disc = Stub(lambda img: img)
+    inputs = (x, x_hat, torch.tensor(2.0), torch.tensor([[[1.0, 0.0]]]), torch.tensor([[[1.0, 1.0]]]), None,
+              perceptual, disc, True)
+    terms = train_tokenizer_script.generator_losses(loss_weights(), *inputs)
+    want = {"rec": 0.04, "perceptual": 0.5 * 0.3, "kl": 0.25 * 2.0, "sem": 2.0 * (1 - 2 ** -0.5),
+            "gan": -0.1 * 0.7}
+    assert {k: v.item() for k, v in terms.items()} == pytest.approx(want, rel=1e-6)
+    assert torch.equal(perceptual.seen[0][0], x) and torch.equal(perceptual.seen[0][1], x_hat)  # [-1, 1]
+    names = {"rec": "rec_weight", "perceptual": "perceptual_weight", "kl": "kl_weight", "sem": "sem_weight",
+             "gan": "disc_weight"}
+    for term, flag in names.items():
+        args = loss_weights(**{flag: 2 * getattr(loss_weights(), flag)})
+        doubled = train_tokenizer_script.generator_losses(args, *inputs)
+        twice = dict(want, **{term: 2 * want[term]})
+        assert {k: v.item() for k, v in doubled.items()} == pytest.approx(twice)
+
+
+def tokenizer_step(monkeypatch, **kw):
+    """A TokenizerStep of a tiny tokenizer (32 px, 2 x 2 tokens, no teacher) and its EMA, with a stand-in
+    for the perceptual nets (weight 0: never called)."""
+    monkeypatch.setattr(pretrained, "Perceptual", lambda *a: torch.nn.Identity())
+    step_flags = dict(compile=False, grad_ckpt=False, blr=1e-3, global_batch=256, ema=0.9,
+                      random_frozen_nets=True, weight_decay=0.05, grad_clip=1e9, bf16_losses=False,
+                      convnext_weight=0.0)
+    args = SimpleNamespace(**step_flags, **vars(loss_weights(perceptual_weight=0.0, **kw)))
+    torch.manual_seed(0)
+    model = tiny_tokenizer(dim=4, img=32, teacher_dim=0, enc_size="demo", dec_size="demo")
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    return train_tokenizer_script.TokenizerStep(args, model, ema, None, torch.device("cpu"), 1)
+
+
+def test_discriminator_hinge_loss_on_images_in_0_1(monkeypatch, one_thread):
+    """TokenizerStep's discriminator loss (the release's hinge):
+    0.5 (mean relu(1 - D(real)) + mean relu(1 + D(fake))) with real = (x + 1) / 2 and fake = (x_hat + 1) / 2,
+    x_hat the generator's (its GAN term's D input). The stub D returns fixed maps by call (G term, real,
+    fake): real r = (2, 0.5, -1, 0) gives relu(1 - r) = (0, 0.5, 2, 1), mean 0.875; fake
+    f = (-2, 0.5, 0, -0.5) gives relu(1 + f) = (0, 1.5, 1, 0.5), mean 0.75; loss 0.5 (0.875 + 0.75) =
+    0.8125."""
+    step = tokenizer_step(monkeypatch)
+    maps = iter([torch.zeros(1, 1, 2, 2), torch.tensor([2.0, 0.5, -1.0, 0.0]).view(1, 1, 2, 2),
+                 torch.tensor([-2.0, 0.5, 0.0, -0.5]).view(1, 1, 2, 2)])
+    scale = torch.nn.Parameter(torch.tensor(1.0))
+    step.disc = step.ddp_disc = Stub(lambda img: scale * next(maps))
+    step.disc.scale = scale  # a parameter, so the loss has gradients
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    terms = step([x], 1e-4, use_gan=True)[0]
+    assert terms["disc"].item() == pytest.approx(0.8125, rel=1e-6)
+    (gen,), (real,), (fake,) = step.disc.seen
+    assert torch.equal(real, (x + 1) / 2)
+    assert torch.equal(fake, gen)
+    assert 0 < gen.min() and gen.max() < 1  # x_hat, a near-zero output, on [0, 1]
+
+
+def test_lr_schedules_by_hand():
+    """The tokenizer's lr (train_tokenizer.cosine_lr, the release's utils/train_utils.py): linear warm-up
+    from 0 to base over warmup epochs, then half-cycle cosine to min_lr; DiT^DH's (train_dit.dit_lr,
+    SPEC 4): constant to decay_start, linear to min_lr at decay_end, then flat. Values by hand: base 1,
+    warm-up 2 of 10 epochs, cos(pi / 4) = 0.70710678 at a quarter of the cosine; lr 2e-4 to 2e-5 over
+    epochs 40 to 800, mid-way 420."""
+    cosine = train_tokenizer_script.cosine_lr
+    assert [cosine(e, 1.0, 2, 10) for e in (0, 1, 2)] == pytest.approx([0.0, 0.5, 1.0])
+    assert cosine(4, 1.0, 2, 10) == pytest.approx(0.5 * (1 + 0.70710678))  # progress 2 / 8
+    assert cosine(6, 1.0, 2, 10) == pytest.approx(0.5)  # mid-way
+    assert cosine(10, 1.0, 2, 10) == pytest.approx(0.0, abs=1e-12)
+    assert cosine(6, 1.0, 2, 10, min_lr=0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert cosine(10, 1.0, 2, 10, min_lr=0.1) == pytest.approx(0.1)
+    dit_lr = train_dit_script.dit_lr
+    assert [dit_lr(e, 2e-4, 2e-5, 40, 800) for e in (0, 20, 40)] == pytest.approx([2e-4] * 3)
+    assert dit_lr(420, 2e-4, 2e-5, 40, 800) == pytest.approx(1.1e-4)  # (2e-4 + 2e-5) / 2
+    assert dit_lr(599, 2e-4, 2e-5, 40, 800) == pytest.approx(2e-4 - 1.8e-4 * 559 / 760)  # the 600-epoch model
+    assert [dit_lr(e, 2e-4, 2e-5, 40, 800) for e in (800, 900)] == pytest.approx([2e-5] * 2)
+
+
+def stage2_setup(tmp_path, monkeypatch):
+    """finetune_decoder.main up to its train() call, from a stage-1 file (2 x 2 tokens, dim 4, a semantic
+    decoder) whose raw and EMA weights differ. Returns the stage-1 raw and EMA models and what train() was
+    given."""
+    torch.manual_seed(0)
+    raw = models.Tokenizer(img_size=32, patch_size=16, dim=4, enc_size="demo", dec_size="demo",
+                           sem_size="demo", teacher_dim=8)
+    ema = randomise(copy.deepcopy(raw))
+    path = tmp_path / "tokenizer.pt"
+    torch.save({"model": raw.state_dict(), "model_ema": ema.state_dict(), "model_args": raw.model_args}, path)
+    given = {}
+    names = ("args", "stage", "model", "ema", "teacher", "rank", "world", "device")
+    monkeypatch.setattr(finetune_decoder_script, "train", lambda *a: given.update(zip(names, a)))
+    main_of(finetune_decoder_script, ["--tokenizer", str(path), "--data", str(tmp_path),
+                                      "--out_dir", str(tmp_path / "ft")])
+    return raw, ema, SimpleNamespace(**given)
+
+
+def test_stage2_set_up_from_stage1_without_noise_mask_kl_or_teacher(tmp_path, monkeypatch, one_thread):
+    """finetune_decoder.py (paper Sec. 3.2, "Decoder Finetuning"; SPEC 3): the model is stage 1's raw
+    weights and its EMA copy starts from stage 1's EMA pixel decoder (the released code), with the raw
+    (frozen) encoder in both; gamma 0 and mask ratio 0 (no flow noise, no mask), KL and semantic weights 0,
+    no teacher or semantic decoder; only the pixel decoder trains (its mask token, unused without a mask, is
+    frozen); the release's stage-2 recipe: 100 epochs, blr 5e-5, warm-up 5%, GAN from epoch 0."""
+    raw, ema, given = stage2_setup(tmp_path, monkeypatch)
+    model, args = given.model, given.args
+    pairs = ((model.encoder, raw.encoder), (model.decoder, raw.decoder), (given.ema.encoder, raw.encoder),
+             (given.ema.decoder, ema.decoder))
+    for got, want in pairs:
+        for (k, a), b in zip(got.state_dict().items(), want.state_dict().values()):
+            assert torch.equal(a, b), k
+    for net in (model, given.ema):
+        assert net.gamma == 0 and net.mask_ratio == 0 and net.random_keep(2, "cpu") is None
+        assert net.sem_decoder is None and net.sem_decoders is None
+    assert args.kl_weight == 0 and args.sem_weight == 0 and given.teacher is None
+    assert given.stage == "tokenizer_ft"
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    decoder = {k for k, _ in model.named_parameters() if k.startswith("decoder.")}
+    assert trainable == decoder - {"decoder.mask_token"}
+    assert (args.epochs, args.blr, args.warmup_rate, args.disc_start_epoch) == (100, 5e-5, 0.05, 0)
+
+
+def test_perceptual_is_lpips_plus_a_tenth_convnext_over_1_1(monkeypatch):
+    """pretrained.Perceptual with the default --convnext_weight 0.1 (the release; SPEC 3):
+    (LPIPS + 0.1 ConvNeXt) / 1.1, LPIPS on the [-1, 1] images, ConvNeXt-S's logit MSE on them at 224 px on
+    [0, 1], ImageNet-normalised. Stand-ins through the same constructor (random weights, as in tests): LPIPS
+    is the per-image mean squared difference, ConvNeXt the per-channel mean. On images constant per channel
+    the resize changes nothing, so the logits are ((v + 1) / 2 - mean_c) / std_c and their MSE is the mean of
+    ((x_hat - x) / (2 std_c))^2."""
+    import lpips
+    import torchvision
+    nets = {}
+
+    def lpips_stub(net, pnet_rand, verbose):
+        nets["lpips"] = Stub(lambda a, b: ((a - b) ** 2).mean((1, 2, 3), keepdim=True), random=pnet_rand)
+        return nets["lpips"]
+
+    def convnext_stub(weights):
+        nets["convnext"] = Stub(lambda img: img.mean((2, 3)), weights=weights)
+        return nets["convnext"]
+    monkeypatch.setattr(lpips, "LPIPS", lpips_stub)
+    monkeypatch.setattr(torchvision.models, "convnext_small", convnext_stub)
+    perceptual = pretrained.Perceptual(0.1, True)
+    x = torch.tensor([[0.2, -0.4, 0.6], [-1.0, 0.0, 1.0]]).view(2, 3, 1, 1).expand(2, 3, 8, 8)
+    x_hat = torch.tensor([[0.0, 0.1, 0.6], [-0.5, 0.5, 0.2]]).view(2, 3, 1, 1).expand(2, 3, 8, 8)
+    lp = ((x_hat - x) ** 2).mean()
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    conv = (((x_hat - x) / (2 * std)) ** 2).mean()
+    assert perceptual(x, x_hat).item() == pytest.approx(((lp + 0.1 * conv) / 1.1).item(), rel=1e-5)
+    assert nets["lpips"].random and nets["convnext"].weights is None
+    assert [tuple(img.shape) for img, in nets["convnext"].seen] == [(2, 3, 224, 224)] * 2
+
+
+def test_masked_encoder_keeps_each_tokens_position_and_rope_row(one_thread):
+    """Encoder.forward with ids_keep (RAD, SPEC 2: "a masked encoder gathers the RoPE rows of the kept
+    tokens"): keeping every token in a shuffled order gives the unmasked encoding in that order (attention
+    is permutation-equivariant once each token carries its own position embedding and RoPE row), and a kept
+    subset equals the trunk on those tokens picked by index, with their own rows of the position and RoPE
+    tables."""
+    torch.manual_seed(0)
+    enc = tiny_tokenizer(dim=4, img=64, teacher_dim=0, enc_size="demo").encoder  # 4 x 4 tokens
+    randomise(enc)  # sharper attention than the init's, so positions weigh
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    perm = torch.stack([torch.randperm(16), torch.randperm(16)])
+    keep = perm[:, :7]
+    with torch.no_grad():
+        full = enc(x)
+        shuffled = enc(x, perm)
+        subset = enc(x, keep)
+        tokens = enc.patch_embed(x).flatten(2).transpose(1, 2)  # (2, 16, width), row-major
+        for b in range(2):
+            torch.testing.assert_close(shuffled[b], full[b, perm[b]], atol=1e-5, rtol=1e-5)
+            h = tokens[b, keep[b]] + enc.positional_embedding[0, keep[b]]
+            by_index = enc.latent_head(enc.trunk(h[None], enc.rope_tensor[:, keep[b]]))
+            torch.testing.assert_close(subset[b], by_index[0], atol=1e-5, rtol=1e-5)
+
+
+def test_random_flip_mirrors_the_width_of_the_drawn_items():
+    """data.random_flip: each item flipped with probability 1/2 (one uniform draw per item, < 0.5), along
+    the width only: out[b, c, i, j] = x[b, c, i, W - 1 - j] for a flipped item, x[b] otherwise."""
+    x = torch.arange(6 * 3 * 2 * 3, dtype=torch.float32).view(6, 3, 2, 3)
+    torch.manual_seed(0)
+    out = data.random_flip(x)
+    torch.manual_seed(0)
+    flipped = (torch.rand(6) < 0.5).tolist()
+    assert 0 < sum(flipped) < 6  # this seed draws both kinds
+    for b in range(6):
+        want = x[b][:, :, [2, 1, 0]] if flipped[b] else x[b]
+        assert torch.equal(out[b], want)
+
+
+def adamw_groups(opt, model):
+    """(weight decay, betas, the parameters' names) of each of an optimiser's groups."""
+    name = {id(p): k for k, p in model.named_parameters()}
+    return [(g["weight_decay"], g["betas"], {name[id(p)] for p in g["params"]}) for g in opt.param_groups]
+
+
+def test_adamw_groups_and_betas_of_each_stage(tmp_path, monkeypatch, one_thread):
+    """AdamW in each stage (SPEC 3, 4; the release's utils/train_utils.py): betas (0.9, 0.95); the
+    tokenizer's weight decay (--weight_decay) on the matrices only, none on biases, norms, embeddings and
+    tokens (the authors' name rule: it also spares the patch and decoder embeddings' weights), nor on the
+    discriminator's BatchNorm; stage 2 the same over the pixel decoder's trainable parameters; DiT^DH none
+    at all."""
+    step = tokenizer_step(monkeypatch)
+    (wd0, betas0, spared), (wd1, betas1, decayed) = adamw_groups(step.opt, step.model)
+    assert (wd0, betas0, wd1, betas1) == (0.0, (0.9, 0.95), 0.05, (0.9, 0.95))
+    assert spared | decayed == {k for k, _ in step.model.named_parameters()} and not spared & decayed
+    assert {"encoder.patch_embed.weight", "encoder.patch_embed.bias", "encoder.positional_embedding",
+            "encoder.ln_pre.weight", "encoder.transformer.0.norm1.weight",
+            "encoder.transformer.0.attn.qkv.bias", "encoder.transformer.1.mlp.w3.bias",
+            "decoder.decoder_embed.weight", "decoder.mask_token",
+            "decoder.ln_post.weight", "decoder.conv_out.bias"} <= spared
+    assert {"encoder.transformer.0.attn.qkv.weight", "encoder.transformer.1.attn.proj.weight",
+            "encoder.transformer.0.mlp.w12.weight", "encoder.latent_head.weight", "decoder.to_pixels.weight",
+            "decoder.conv_out.weight", "decoder.transformer.1.mlp.w3.weight"} <= decayed
+    # PatchGAN: convs 0, 2, 5, 8, 11 (a bias on the first and last only), BatchNorms 3, 6, 9
+    (wd0, betas0, spared), (wd1, betas1, decayed) = adamw_groups(step.opt_d, step.disc)
+    assert (wd0, betas0, wd1, betas1) == (0.0, (0.9, 0.95), 0.05, (0.9, 0.95))
+    assert decayed == {"0.weight", "2.weight", "5.weight", "8.weight", "11.weight"}
+    assert spared == {"0.bias", "11.bias"} | {f"{i}.{k}" for i in (3, 6, 9) for k in ("weight", "bias")}
+    # stage 2
+    model = stage2_setup(tmp_path, monkeypatch)[2].model
+    ema = copy.deepcopy(model)
+    step = train_tokenizer_script.TokenizerStep(step.args, model, ema, None, torch.device("cpu"), 1)
+    (_, betas0, spared), (_, betas1, decayed) = adamw_groups(step.opt, model)
+    assert betas0 == betas1 == (0.9, 0.95)
+    assert spared | decayed == {k for k, p in model.named_parameters() if p.requires_grad}
+    assert {"decoder.decoder_embed.weight", "decoder.conv_out.bias"} <= spared
+    assert {"decoder.to_pixels.weight", "decoder.conv_out.weight"} <= decayed
+    # DiT^DH: one group, no decay, every trainable parameter (not the fixed position embedding and Fourier W)
+    args = SimpleNamespace(lr=1e-3, ema=0.9, grad_clip=1.0, grad_ckpt=False, compile=False)
+    dit = tiny_dit()
+    step = train_dit_script.DiTStep(args, dit, torch.device("cpu"), 1)
+    (wd, betas, names), = adamw_groups(step.opt, dit)
+    assert (wd, betas) == (0.0, (0.9, 0.95))
+    assert names == {k for k, _ in dit.named_parameters()} - {"pos_embed", "t_embedder.W"}
+
+
+def test_ema_step_is_a_lerp_by_one_minus_the_flag(monkeypatch, one_thread):
+    """The EMA after each optimiser step, in both training loops (TokenizerStep, DiTStep; the release's
+    update_ema): ema <- ema + (1 - decay) (p - ema), decay = --ema (0.9 here), p the weights just stepped;
+    frozen parameters are left alone."""
+    def check(step, model, ema, batches):
+        before = [e.clone() for e in ema.parameters()]
+        step(*batches)
+        for (k, p), e, e0 in zip(model.named_parameters(), ema.parameters(), before):
+            want = e0 + (1 - 0.9) * (p.detach() - e0) if p.requires_grad else e0
+            torch.testing.assert_close(e, want, atol=1e-6, rtol=0, msg=k)
+        assert any(not torch.equal(e, e0) for e, e0 in zip(ema.parameters(), before))
+    step = tokenizer_step(monkeypatch, disc_weight=0.0)
+    randomise(step.ema)  # an EMA that differs from the weights
+    check(step, step.model, step.ema, ([torch.rand(2, 3, 32, 32) * 2 - 1], 1e-3, False))
+    args = SimpleNamespace(lr=1e-3, ema=0.9, grad_clip=1.0, grad_ckpt=False, compile=False)
+    step = train_dit_script.DiTStep(args, tiny_dit(), torch.device("cpu"), 1)
+    randomise(step.ema)
+    batch = [(torch.randn(2, 4, 4, 4), torch.tensor([1, 2]))]
+    check(step, step.dit, step.ema, (batch, 1e-3))
