@@ -291,9 +291,11 @@ def train_probe(train_x, train_y, val_x, val_y, num_classes, epochs=10, lr=1e-3,
 
 @torch.no_grad()
 def latent_maps(tokenizer, x, ts=VIZ_TS, seed=0):
-    """Paper Fig. 4, 8, 9, per t: z_t's first three PCA components (fitted over the batch's tokens)
-    as RGB, and each token's cosine similarity to the image's mean z_t. Two lists
-    [x, map at ts[0], ...] of (B, 3, H, W) in [-1, 1]."""
+    """Paper Fig. 4, 8, 9, per t: z_t's first three PCA components (fitted over the batch's tokens,
+    as the release's utils/vis_utils.py fits them per image) as RGB, each component's sign that of
+    the t = 0 one (so a colour means the same direction in every column), and each token's cosine
+    similarity to the image's mean z_t. Two lists [x, map at ts[0], ...] of (B, 3, H, W) in
+    [-1, 1]."""
     z = tokenizer.posterior(x)[0]
     eps = torch.randn(z.shape, generator=torch.Generator(z.device).manual_seed(seed),
                       device=z.device)
@@ -304,9 +306,13 @@ def latent_maps(tokenizer, x, ts=VIZ_TS, seed=0):
                          / (v.amax(d, keepdim=True) - v.amin(d, keepdim=True) + 1e-8))
     pca = [x]
     cos = [x]
+    first = None
     for z_t in (models.tokenizer_flow(z, t, eps) for t in ts):
         flat = z_t.flatten(0, 1) - z_t.flatten(0, 1).mean(0)
         components = torch.linalg.svd(flat, full_matrices=False).Vh[:3].T
+        if first is None:
+            first = components
+        components = torch.where((components * first).sum(0) < 0, -components, components)
         pca.append(image(unit(flat @ components, 0).view(B, N, 3)))
         sim = F.cosine_similarity(z_t, z_t.mean(1, keepdim=True), dim=-1)
         cos.append(image(unit(sim, 1)[..., None].expand(-1, -1, 3)))

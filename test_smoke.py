@@ -1772,6 +1772,25 @@ def test_viz_mode_writes_pca_and_cosine_grids(tmp_path):
         assert ends[0] < ends[1] < ends[3] < ends[2] == ends[4] < 108  # image, t = 0, 0.5 < 0.25 = 0.75
 
 
+def test_latent_map_colours_keep_their_direction_across_t(monkeypatch):
+    """latent_maps gives each t's PCA component the sign of t = 0's, so that a colour means one direction in
+    every column: with SVD's signs flipped at every other call, the same z_t twice maps to one picture."""
+    torch.manual_seed(0)
+    z = torch.randn(2, 16, 8) * torch.linspace(3, 0.5, 8)
+    tokenizer = SimpleNamespace(posterior=lambda x: (z,))
+    svd, calls = torch.linalg.svd, []
+
+    def flipping_svd(a, full_matrices=True):
+        usv = svd(a, full_matrices=full_matrices)
+        calls.append(1)
+        return SimpleNamespace(U=usv.U, S=usv.S, Vh=usv.Vh * (-1) ** len(calls))
+
+    monkeypatch.setattr(torch.linalg, "svd", flipping_svd)
+    pca, _ = ev.latent_maps(tokenizer, torch.zeros(2, 3, 32, 32), ts=(0.0, 0.0, 0.5))
+    assert len(calls) == 3 and len(pca) == 4
+    torch.testing.assert_close(pca[2], pca[1], rtol=0, atol=1e-6)
+    assert (pca[1] - pca[3]).abs().max() > 0.1  # the noise at t = 0.5 does change it
+
 def test_demo_judges_learn_the_demo_classes_differ_and_are_cached(tmp_path, monkeypatch):
     seeds, init = [], demo.Shapes.__init__
 
