@@ -64,6 +64,7 @@ def ranks(fn, args, nprocs=2):
 def forking_workers(rank, fn, args):
     import multiprocessing
     multiprocessing.set_start_method("fork", force=True)
+    torch.set_num_threads(1)  # a thread per rank on 2 cores, as torchrun's OMP_NUM_THREADS=1 gives
     pretrained.Perceptual = perceptual_memo(pretrained.Perceptual)  # a fresh process: its own memo
     fn(rank, *args)
 
