@@ -168,12 +168,9 @@ def file_kinds(path):
     if path.endswith(".npz"):
         return ["an .npz"]
     try:
-        if path.endswith(".safetensors"):  # RADIO's
-            ckpt = pretrained.read_safetensors(path)
-        else:
-            # zip-format files are memory-mapped, so a multi-GB checkpoint is not read twice
-            with open(path, "rb") as f:
-                ckpt = models.read_checkpoint(path, mmap=f.read(2) == b"PK")
+        # zip-format files are memory-mapped, so a multi-GB checkpoint is not read twice
+        with open(path, "rb") as f:
+            ckpt = pretrained.read_file(path, mmap=f.read(2) == b"PK")
     except SystemExit:
         return ["no PyTorch checkpoint, or a corrupt or truncated one (then delete it to start its "
                 "stage again, or point at the previous milestone)"]

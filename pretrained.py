@@ -174,17 +174,19 @@ def load_teacher(name, grid, args, ckpt=None):
         log.warning(f"!!! teacher {name} ({args.teacher_size}) has RANDOM weights: its features "
                     "are meaningless (tests/demos only) !!!")
     else:
-        sd = read_teacher_file(path)
+        sd = read_file(path)
     entry = TEACHERS[name]
     teacher = entry.build(sd, grid, args)
     if sd is not None:
         models.load_state(teacher, entry.to_ours(sd) if entry.to_ours else sd, path)
     return teacher.requires_grad_(False).eval()
 
-def read_teacher_file(path):
-    """A teacher's weight file as a state dict: a .safetensors file (RADIO's) with torch alone,
-    any other with torch.load."""
-    return read_safetensors(path) if path.endswith(".safetensors") else models.read_checkpoint(path)
+def read_file(path, mmap=False):
+    """A weight file: a .safetensors file (RADIO's) with torch alone, any other with torch.load
+    (models.read_checkpoint; `mmap`: memory-mapped, for zip-format files)."""
+    if path.endswith(".safetensors"):
+        return read_safetensors(path)
+    return models.read_checkpoint(path, mmap=mmap)
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
@@ -379,9 +381,10 @@ class DinoTeacher(nn.Module):
 
 SIGLIP_MEAN = SIGLIP_STD = 0.5  # timm's SigLIP cfgs: IMAGENET_INCEPTION_MEAN / _STD
 SIGLIP_CROP_PCT = 0.9  # timm's default _cfg crop_pct, which the SigLIP cfgs do not override
-# width -> heads: timm's SigLIP ViTs (B 768 / 12, L 1024 / 16 as TEACHER_SIZES; So400m 1152 / 16)
-# and the random-weight sizes (tiny 64 / 2); others 64 channels a head
-SIGLIP_HEADS = {**{w: h for w, _, h in TEACHER_SIZES.values()}, 1152: 16}
+# width -> heads of the timm-style ViTs of SigLIP, SAM and RADIO (B 768 / 12, L 1024 / 16 as
+# TEACHER_SIZES; SigLIP So400m 1152 / 16; SAM and RADIO ViT-H 1280 / 16) and the random-weight sizes
+# (tiny 64 / 2); others 64 channels a head (not DINO's: DINOv3 ViT-H+ is 1280 / 20)
+VIT_HEADS = {**{w: h for w, _, h in TEACHER_SIZES.values()}, 1152: 16, 1280: 16}
 
 def siglip_size(sd, size):
     """SiglipTeacher's size arguments read off a timm SigLIP file, or TEACHER_SIZES[size] for random
@@ -398,7 +401,7 @@ def siglip_size(sd, size):
     width = sd["pos_embed"].shape[-1]
     return dict(width=width,
                 depth=len({k.split(".")[1] for k in sd if k.startswith("blocks.")}),
-                heads=SIGLIP_HEADS.get(width, width // 64),
+                heads=VIT_HEADS.get(width, width // 64),
                 hidden=sd["blocks.0.mlp.fc1.weight"].shape[0],
                 patch=sd["patch_embed.proj.weight"].shape[-1],
                 pos_grid=math.isqrt(sd["pos_embed"].shape[1]),
@@ -523,8 +526,6 @@ class SiglipTeacher(nn.Module):
 
 SAM_SIDE = 256  # the release's image_size: the processor's longest edge and padded size
 SAM_WINDOW = 14  # the window of every released SAM
-# width -> heads: SAM ViT-B 768 / 12, ViT-L 1024 / 16 (as TEACHER_SIZES), ViT-H 1280 / 16
-SAM_HEADS = {**{w: h for w, _, h in TEACHER_SIZES.values()}, 1280: 16}
 
 def sam_global_blocks(depth):
     """SAM's global-attention blocks, the last of each quarter (L: 5, 11, 17, 23; the last block
@@ -551,7 +552,7 @@ def sam_size(sd, size):
     proj = sd[pre + "patch_embed.projection.weight"]
     width = proj.shape[0]
     depth = len({k.split(".")[2] for k in sd if k.startswith(pre + "layers.")})
-    kw = dict(width=width, depth=depth, heads=SAM_HEADS.get(width, width // 64),
+    kw = dict(width=width, depth=depth, heads=VIT_HEADS.get(width, width // 64),
               hidden=sd[pre + "layers.0.mlp.lin1.weight"].shape[0], patch=proj.shape[-1],
               out=sd[pre + "neck.conv1.weight"].shape[0])
     rows = [sd.get(f"{pre}layers.{i}.attn.rel_pos_h") for i in range(depth)]
@@ -694,7 +695,7 @@ def radio_size(sd, size):
     width = embedder.shape[0]
     blocks = "radio_model.model.blocks."
     return dict(width=width, depth=len({k.split(".")[3] for k in sd if k.startswith(blocks)}),
-                heads=SIGLIP_HEADS.get(width, width // 64),
+                heads=VIT_HEADS.get(width, width // 64),
                 hidden=sd[blocks + "0.mlp.fc1.weight"].shape[0],
                 patch=math.isqrt(embedder.shape[1] // 3),
                 pos_grid=math.isqrt(sd[RADIO_PREFIX + "pos_embed"].shape[1]),

@@ -547,10 +547,7 @@ def siglip_golden_values():
 
 
 def test_siglip_golden_forward():
-    got = siglip_golden_values()
-    assert set(got) == set(GOLDEN30)
-    for k, want in GOLDEN30.items():
-        assert got[k] == pytest.approx(want, rel=1e-5, abs=1e-6), f"{k}: {got[k]} != golden {want}"
+    assert_close(siglip_golden_values(), GOLDEN30, "siglip", rel=1e-5, abs_=1e-6)
 
 
 # SAM ViT-L and RADIOv2.5-L (paper Tab. 6): transformers' and NVIDIA's key names; the release builds both
@@ -629,6 +626,14 @@ def test_sam_and_radio_key_names_and_sizes_are_the_published_files():
     assert pretrained.radio_to_ours(radio_file).keys() == rd.keys()
     assert radio_from_file.dim == 1024 and len(radio_from_file.blocks) == 24
     assert radio_from_file.blocks[0].heads == 16
+    # ViT-H files (SAM's, RADIO's): 1280 wide, 16 heads of 80 channels (not 64)
+    with torch.device("meta"):
+        huge = {k: torch.empty(v.shape[:-1] + (1280,)) if k.endswith("pos_embed") else v for k, v in rd.items()}
+        huge[pretrained.RADIO_PREFIX + "embedder.weight"] = torch.empty(1280, 768)
+    assert pretrained.radio_size(huge, "tiny")["heads"] == 16
+    assert pretrained.sam_size({f"vision_encoder.{k}": torch.empty(1280, *v.shape[1:])
+                                if k == "patch_embed.projection.weight" else v for k, v in sd.items()},
+                               "tiny")["heads"] == 16
 
 
 def test_sam_and_radio_reject_other_files_in_one_line():
@@ -739,10 +744,7 @@ def sam_radio_golden_values():
 
 
 def test_sam_and_radio_golden_forward():
-    got = sam_radio_golden_values()
-    assert set(got) == set(GOLDEN_SAM_RADIO)
-    for k, want in GOLDEN_SAM_RADIO.items():
-        assert got[k] == pytest.approx(want, rel=1e-5, abs=1e-6), f"{k}: {got[k]} != golden {want}"
+    assert_close(sam_radio_golden_values(), GOLDEN_SAM_RADIO, "sam / radio", rel=1e-5, abs_=1e-6)
 
 
 def test_teacher_flag_takes_the_releases_names():
