@@ -1,4 +1,5 @@
 """Smoke tests on tiny shapes, CPU only, no network: `python -m pytest -q test_smoke.py`."""
+import atexit
 import copy
 import importlib
 import json
@@ -55,18 +56,66 @@ def free_port():
         return s.getsockname()[1]
 
 
-def ranks(fn, args, nprocs=2):
-    """fn(rank, *args) in `nprocs` spawned processes (forked ones can deadlock in torch); each, as a torchrun rank
-    does, forks its loader workers (a spawned process would spawn them: ~10 s of imports each on 2 cores)."""
-    torch.multiprocessing.spawn(forking_workers, (fn, args), nprocs=nprocs)
+class Ranks:
+    """Two spawned processes (forked ones can deadlock in torch), kept for the whole session: ranks(fn, args) runs
+    fn(rank, *args) in both, as two torchrun ranks would (spawning them and importing torch takes ~5 s on 2
+    cores). Each, as a torchrun rank does, forks its loader workers and runs one thread."""
+
+    def __init__(self):
+        self.procs, self.conns = [], []
+
+    def __call__(self, fn, args):
+        from multiprocessing.connection import wait
+        if not self.procs:
+            atexit.register(self.close)  # also when pytest stops early
+            ctx = torch.multiprocessing.get_context("spawn")
+            for rank in range(2):
+                mine, theirs = ctx.Pipe()
+                self.procs.append(ctx.Process(target=rank_process, args=(rank, theirs)))  # may fork loaders
+                self.procs[-1].start()
+                self.conns.append(mine)
+        for conn in self.conns:
+            conn.send((fn, args))
+        waiting = list(self.conns)
+        while waiting:
+            answered = wait(waiting, timeout=300)
+            error = "" if answered else "a rank gave no answer in 300 s"
+            for conn in answered:
+                waiting.remove(conn)
+                try:
+                    error = error or conn.recv()
+                except EOFError:
+                    error = "a rank died"
+            if error:  # the other rank may be waiting in a collective: start both afresh next time
+                self.close()
+                raise AssertionError(error)
+
+    def close(self):
+        for proc in self.procs:
+            proc.kill()
+        self.procs, self.conns = [], []
 
 
-def forking_workers(rank, fn, args):
+def rank_process(rank, conn):
     import multiprocessing
+    import traceback
     multiprocessing.set_start_method("fork", force=True)
     torch.set_num_threads(1)  # a thread per rank on 2 cores, as torchrun's OMP_NUM_THREADS=1 gives
-    pretrained.Perceptual = perceptual_memo(pretrained.Perceptual)  # a fresh process: its own memo
-    fn(rank, *args)
+    pretrained.Perceptual = perceptual_memo(pretrained.Perceptual)  # a process of its own: its own memo
+    while True:
+        fn, args = conn.recv()
+        try:
+            fn(rank, *args)
+            conn.send(None)
+        except BaseException:
+            conn.send(f"rank {rank}: {traceback.format_exc()}")
+
+
+@pytest.fixture(scope="session")
+def ranks():
+    pool = Ranks()
+    yield pool
+    pool.close()
 
 
 def run(script, *args, timeout=300, nproc=None):
@@ -133,23 +182,24 @@ def shapes_folder(root, per_class, classes, seed=0, size=32):
     return str(root)
 
 
-PERCEPTUAL_BUILT = {}  # (convnext_weight, global RNG state before) -> (the built net, RNG state after)
+PERCEPTUAL_BUILT = {}  # convnext_weight -> the built net
 
 
 def perceptual_memo(build):
-    """pretrained.Perceptual with random weights, built once per global RNG state: drawing its VGG-16 (the
-    classifier too, 120M numbers that LPIPS then drops) takes ~3 s on 2 cores, in every tokenizer run of the
-    tests. The memo is exact: the same RNG state in gives a copy of the same weights and the same RNG state out."""
+    """pretrained.Perceptual with random weights, drawn once per convnext_weight (from seed 0, the caller's RNG
+    stream left as it was): drawing its VGG-16 (the classifier too, 120M numbers that LPIPS then drops) takes ~1 s
+    on 2 cores, in every tokenizer run of the tests. So the tests' in-process runs draw their later weights from
+    another point of the RNG stream than the command line does: no test compares the two (the golden runs at the
+    end build the real thing)."""
 
     def memo(convnext_weight, random_weights):
         if not random_weights:
             return build(convnext_weight, random_weights)
-        key = (convnext_weight, torch.get_rng_state().numpy().tobytes())
-        if key not in PERCEPTUAL_BUILT:
-            PERCEPTUAL_BUILT[key] = (build(convnext_weight, random_weights), torch.get_rng_state())
-        net, rng_after = PERCEPTUAL_BUILT[key]
-        torch.set_rng_state(rng_after)
-        return copy.deepcopy(net)
+        if convnext_weight not in PERCEPTUAL_BUILT:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                PERCEPTUAL_BUILT[convnext_weight] = build(convnext_weight, random_weights)
+        return copy.deepcopy(PERCEPTUAL_BUILT[convnext_weight])
     return memo
 
 
@@ -800,7 +850,7 @@ def test_tokenizer_loss_falls_on_a_fixed_batch():
 
 
 def train_rank(rank, world, argv, crash, port=None):
-    """One rank of a tokenizer run (two forked by ranks()); crash: die at the start of the second
+    """One rank of a tokenizer run (two run by ranks()); crash: die at the start of the second
     step of epoch 2, after the epoch-1 checkpoint and the log row of the step past it."""
     import train_tokenizer as tt
     if world > 1:
@@ -834,7 +884,7 @@ def train_ranks(rank, world, runs, port):
 
 
 @pytest.mark.parametrize("workers,world,order", [(0, 1, []), (2, 1, ["--reshuffle"]), (2, 2, [])])
-def test_resume_follows_the_same_trajectory(workers, world, order, tmp_path):
+def test_resume_follows_the_same_trajectory(workers, world, order, tmp_path, ranks):
     argv = TINY_TRAIN + ["--epochs", "2", "--disc_start_epoch", "1", "--workers", str(workers)] + order  # 2 x 2 steps
 
     # with 2 ranks, one launch: the run, the crashed run (its files copied as the crash left them), the resumed run
@@ -842,7 +892,7 @@ def test_resume_follows_the_same_trajectory(workers, world, order, tmp_path):
             (argv + ["--out_dir", str(tmp_path / "b")], True, str(tmp_path / "b_crashed")),
             (argv + ["--out_dir", str(tmp_path / "b")], False, None)]
     if world > 1:
-        ranks(train_ranks, (world, runs, free_port()), nprocs=world)
+        ranks(train_ranks, (world, runs, free_port()))
     else:
         train_ranks(0, 1, runs, None)
     assert models.read_checkpoint(str(tmp_path / "b_crashed" / "tokenizer.pt"))["step"] == 2
@@ -877,15 +927,17 @@ def test_per_process_batch_is_derived_from_the_global_batch_and_world_size(monke
 
 
 def test_every_demo_stage_runs_under_torchrun_with_two_processes(tmp_path):
-    """The README's demo commands under `torchrun --nproc_per_node=2` (no --batch_size: derived), made tiny."""
+    """The README's demo commands under `torchrun --nproc_per_node=2` (no --batch_size: derived), made tiny; one
+    launch runs the four in turn (stages_in_one_launch, at the end of this file)."""
     out = ["--out_dir", str(tmp_path), "--demo_images", "32", "--epochs", "1", "--log_every", "1"]
     tiny_teacher = ["--teacher", "dinov2_vitl14", "--teacher_size", "tiny"]  # the judge would take minutes here
-    for script, argv in (("train_tokenizer.py", out + tiny_teacher), ("finetune_decoder.py", out),
-                         ("train_dit.py", out + ["--global_batch", "16", "--sample_steps", "3"]),
-                         ("sample.py", ["--out_dir", str(tmp_path), "--num_images", "6", "--steps", "3"])):
-        r = run(script, "--demo", *argv, nproc=2)
-        assert r.returncode == 0, (script, r.stderr[-3000:])
-        assert "2 process(es)" in r.stderr, script
+    stages = [("train_tokenizer", ["--demo", *out, *tiny_teacher]), ("finetune_decoder", ["--demo", *out]),
+              ("train_dit", ["--demo", *out, "--global_batch", "16", "--sample_steps", "3"]),
+              ("sample", ["--demo", "--out_dir", str(tmp_path), "--num_images", "6", "--steps", "3"])]
+    r = run("test_smoke.py", json.dumps([(script, argv, free_port()) for script, argv in stages]), nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for stage in ("tokenizer", "tokenizer_ft", "dit", "sample"):
+        assert re.search(rf"\[{stage}\] 2 process\(es\) on cpu", r.stderr), stage
     assert "global batch 16 = 8/GPU x 2 x 1 accumulation" in (tmp_path / "tokenizer_ft.log").read_text()
     assert "global batch 16 = 8/GPU x 2 x 1 accumulation" in (tmp_path / "dit.log").read_text()
     assert np.load(tmp_path / "samples.npz")["arr_0"].shape == (6, 32, 32, 3)
@@ -1017,7 +1069,7 @@ def test_sigterm_stops_inside_the_epoch_and_the_resumed_run_is_the_same(tmp_path
     assert records["a"] == records["b"] and len(records["a"]) == 5  # 4 steps, the held-out row
 
 
-def test_resume_on_another_number_of_ranks(tmp_path):
+def test_resume_on_another_number_of_ranks(tmp_path, ranks):
     import train_tokenizer as tt
     argv = TINY_TRAIN + ["--disc_start_epoch", "1", "--out_dir", str(tmp_path), "--epochs"]
     ranks(train_rank, (2, argv + ["1"], False, free_port()))  # 8 = 4/GPU x 2 ranks
@@ -2049,7 +2101,7 @@ def two_rank_worker(rank, init_file, out):
     torch.distributed.destroy_process_group()
 
 
-def test_online_metrics_over_two_ranks_match_one_process(tmp_path):
+def test_online_metrics_over_two_ranks_match_one_process(tmp_path, ranks):
     ranks(two_rank_worker, (str(tmp_path / "init"), str(tmp_path / "out.pt")))
     res, labels, gen = torch.load(tmp_path / "out.pt", weights_only=False)
     assert labels.tolist() == [0, 1, 2, 3, 4]  # dataset order, the sampler's padding dropped
@@ -3226,3 +3278,16 @@ def test_ema_step_is_a_lerp_by_one_minus_the_flag(monkeypatch, one_thread):
     randomise(step.ema)
     batch = [(torch.randn(2, 4, 4, 4), torch.tensor([1, 2]))]
     check(step, step.dit, step.ema, (batch, 1e-3))
+
+
+def stages_in_one_launch(stages):
+    """Run by torchrun with this file as its script: each (script, argv, port) of the JSON list `stages` in turn,
+    in this process, each stage on its own rendezvous port with rank 0 holding the store (a second process group
+    on the launcher's store would meet the first one's keys there)."""
+    for script, argv, port in json.loads(stages):
+        os.environ.update(TORCHELASTIC_USE_AGENT_STORE="False", MASTER_PORT=str(port))
+        main_of(importlib.import_module(script), argv)
+
+
+if __name__ == "__main__":
+    stages_in_one_launch(sys.argv[1])
