@@ -479,8 +479,7 @@ class DiTDH(nn.Module):
         for block in self.blocks[: self.depth]:
             s = run_block(block, self.grad_ckpt, s, c, self.enc_rope)
         s = self.s_projector(F.silu(t_emb[:, None] + s))  # per-token condition of the head
-        # the head sees the same noisy x; contiguous: every head block gets one layout (one graph)
-        h = self.x_embedder.proj(x).flatten(2).transpose(1, 2).contiguous()
+        h = self.x_embedder.proj(x).flatten(2).transpose(1, 2)  # the head sees the same noisy x
         for block in self.blocks[self.depth:]:
             h = run_block(block, self.grad_ckpt, h, s, self.dec_rope)
         return self.final_layer(h, s).transpose(1, 2).reshape(B, -1, H, W)
