@@ -33,8 +33,8 @@ torch.set_num_threads(2)
 
 
 # ---------------------------------------------------------------------------------------------
-# Shared fakes and helpers: tiny models and files, and the two ways a test runs a script (main_of in-process,
-# run in a subprocess for torchrun and signals)
+# Shared fakes and helpers: tiny models and files, and the three ways a test runs a script (main_of in-process,
+# ranks() on the session's two spawned ranks, run in a subprocess for torchrun and the command line)
 
 def load_teacher(name, path=None, size="large", grid=16, release_input=True, rope_rescale=1.0):
     """pretrained.load_teacher with the stage-1 flags it reads."""
