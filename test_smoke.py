@@ -884,11 +884,12 @@ def train_rank(rank, world, argv, crash, port=None):
         tt.cosine_lr = lr
 
 
-def train_ranks(rank, world, runs, port):
+def train_ranks(rank, world, runs, ports):
     """Rank `rank` of `world`: the tokenizer runs (argv, crash, folder to copy the run's files to after it or
-    None) one after another in this process."""
+    None) one after another in this process, each on its own rendezvous port (on the last one's, a rank can
+    reach the store of the run before as rank 0 takes it down)."""
     import shutil
-    for argv, crash, copy_to in runs:
+    for (argv, crash, copy_to), port in zip(runs, ports):
         train_rank(rank, world, argv, crash, port)
         if copy_to and rank == 0:
             shutil.copytree(argv[argv.index("--out_dir") + 1], copy_to)
@@ -903,9 +904,9 @@ def test_resume_follows_the_same_trajectory(workers, world, order, tmp_path, ran
             (argv + ["--out_dir", str(tmp_path / "b")], True, str(tmp_path / "b_crashed")),
             (argv + ["--out_dir", str(tmp_path / "b")], False, None)]
     if world > 1:
-        ranks(train_ranks, (world, runs, free_port()))
+        ranks(train_ranks, (world, runs, [free_port() for _ in runs]))
     else:
-        train_ranks(0, 1, runs, None)
+        train_ranks(0, 1, runs, [None] * len(runs))
     assert models.read_checkpoint(str(tmp_path / "b_crashed" / "tokenizer.pt"))["step"] == 2
     assert '"step": 3' in (tmp_path / "b_crashed" / "metrics.jsonl").read_text()  # logged, then lost in the crash
     a, b = (models.read_checkpoint(str(tmp_path / d / "tokenizer.pt")) for d in "ab")
