@@ -63,11 +63,11 @@ class Ranks:
 
     def __init__(self):
         self.procs, self.conns = [], []
+        atexit.register(self.close)  # also when pytest stops early
 
     def __call__(self, fn, args):
         from multiprocessing.connection import wait
         if not self.procs:
-            atexit.register(self.close)  # also when pytest stops early
             ctx = torch.multiprocessing.get_context("spawn")
             for rank in range(2):
                 mine, theirs = ctx.Pipe()
@@ -2133,10 +2133,10 @@ def test_online_metrics_refuse_an_unsharded_loader(monkeypatch):
 def test_online_eval_in_the_training_scripts(tmp_path, monkeypatch, demo_judges):
     """--eval_every: stage 1 logs PSNR and rFID of the EMA model on --eval_images; train_dit.py logs gFID and the
     Inception Score of --eval_images samples: the IS of those samples' logits, whose closed form is tested above."""
-    import shutil
     import train_dit
     import train_tokenizer as tt
-    shutil.copy(demo_judges[0] / "judge_evaluator.pt", tmp_path)  # the demo evaluator, read, not trained again
+    # the demo evaluator, read, not trained again
+    (tmp_path / "judge_evaluator.pt").write_bytes((demo_judges[0] / "judge_evaluator.pt").read_bytes())
     monkeypatch.setattr(pretrained, "load_inception", lambda path: StandInInception(dim=8))
     scored, inception_score = [], ev.inception_score
     monkeypatch.setattr(ev, "inception_score", lambda logits: scored.append(logits) or inception_score(logits))
