@@ -118,11 +118,16 @@ def ranks():
     pool.close()
 
 
-def run(script, *args, timeout=300, nproc=None):
+def command(script, *args, nproc=None):
+    """The command line of one of this folder's scripts: plain python, or torchrun with nproc processes."""
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                 f"--master_port={free_port()}"] if nproc else [sys.executable]
-    return subprocess.run(launcher + [os.path.join(HERE, script), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=HERE)
+    return launcher + [os.path.join(HERE, script), *args]
+
+
+def run(script, *args, timeout=300, nproc=None):
+    return subprocess.run(command(script, *args, nproc=nproc), capture_output=True, text=True, timeout=timeout,
+                          cwd=HERE)
 
 
 TINY_FT = ["--demo", "--demo_images", "16", "--batch_size", "4", "--global_batch", "8", "--log_every", "1",
@@ -1252,8 +1257,8 @@ def test_bad_input_is_a_one_line_error():
     no traceback, and the flag named on the last line."""
     cases = [(["--data", "/no/such/folder"], "--data"), (["--noise_schedule", "cosine"], "--noise_schedule"),
              (["--demo", "--global_batch", "10", "--batch_size", "4"], "--global_batch")]
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "train_tokenizer.py"), *argv], cwd=HERE, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for argv, _ in cases]
+    procs = [subprocess.Popen(command("train_tokenizer.py", *argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=HERE) for argv, _ in cases]
     for (argv, needle), proc in zip(cases, procs):
         stderr = proc.communicate(timeout=120)[1]
         assert proc.returncode != 0 and "Traceback" not in stderr, (argv, stderr)
