@@ -216,15 +216,14 @@ def perceptual_built_once(monkeypatch):
     monkeypatch.setattr(pretrained, "Perceptual", perceptual_memo(pretrained.Perceptual))
 
 
-COMPILED = ("test_compiled_tokenizer_step_matches_eager", "test_dit_compile_and_bf16_stay_within_tolerance")
-
-
 @pytest.fixture(scope="session", autouse=True)
 def compile_aside(request):
     """The compile tests' cold inductor build (~2 minutes of one core: codegen and a g++ run per kernel, the suite's
-    longest) starts with the suite, in a side process that runs those two tests (pytest) on the second core; at
-    the end of this file they run here on its kernels, read from inductor's on-disk cache (~12 s)."""
-    selected = [item.nodeid for item in request.session.items if getattr(item, "originalname", "") in COMPILED]
+    longest) starts with the suite, in a side process that runs those tests (the ones that take
+    inductor_cache_built; pytest) on the second core; at the end of this file they run here on its kernels, read
+    from inductor's on-disk cache (~12 s)."""
+    selected = [item.nodeid for item in request.session.items
+                if "inductor_cache_built" in getattr(item, "fixturenames", ())]
     alone = len(selected) == len(request.session.items)  # nothing to build beside
     if not selected or alone or os.environ.get("RECTOK_COMPILE_ASIDE"):
         yield None
@@ -2204,7 +2203,7 @@ def test_gated_dinov3_needs_its_file():
 
 
 # ---------------------------------------------------------------------------------------------
-# Fast paths: torch.compile and bf16 autocast must not change the function
+# Fast paths: torch.compile and bf16 autocast must not change the function (the compile tests: the file's last)
 
 @torch._inductor.config.patch(fallback_random=True)  # eager's RNG inside compiled code
 def test_a_toy_teacher_through_the_registry_trains_a_step(tmp_path, monkeypatch):
