@@ -15,7 +15,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import torch._inductor.config
 from PIL import Image
 
 import data
@@ -247,9 +246,10 @@ def ran_aside(compile_aside, request):
     """A call that tells whether compile_aside's side process ran this test and it passed there (its failure
     there fails it here, with pytest's report from there); False where it has no outcome from there (not
     started, crashed, or hung for 10 minutes): the test then runs here."""
-    # inductor's C++ wrapper, wherever the test runs: one g++ run per graph, not one per kernel (a fifth to a
-    # third less compile time); the same graphs and kernels, called from C++ rather than Python
-    with torch._inductor.config.patch(cpp_wrapper=True):
+    # wherever the test runs: eager's RNG inside compiled code; inductor's C++ wrapper, one g++ run per graph, not
+    # one per kernel (a fifth to a third less compile time), the same graphs and kernels, called from C++
+    import torch._inductor.config  # here: importing inductor takes ~1.5 s, in every process that imports this file
+    with torch._inductor.config.patch(fallback_random=True, cpp_wrapper=True):
         yield lambda: compile_aside is not None and passed_aside(*compile_aside, request.node.name)
 
 
@@ -2230,7 +2230,6 @@ def test_gated_dinov3_needs_its_file():
 # ---------------------------------------------------------------------------------------------
 # Fast paths: torch.compile and bf16 autocast must not change the function (the compile tests: the file's last)
 
-@torch._inductor.config.patch(fallback_random=True)  # eager's RNG inside compiled code
 def test_a_toy_teacher_through_the_registry_trains_a_step(tmp_path, monkeypatch):
     """README, Fork it: another teacher is its class and one TEACHERS entry; --teacher NAME then trains with it
     (its .dim sizes the semantic decoder, its forward(x in [-1, 1]) gives the FSD targets)."""
