@@ -1,5 +1,6 @@
 """Smoke tests on tiny shapes, CPU only, no network: `python -m pytest -q test_smoke.py`."""
 import atexit
+import contextlib
 import copy
 import importlib
 import json
@@ -62,13 +63,19 @@ def free_port():
 class Ranks:
     """Two spawned processes (forked ones can deadlock in torch), kept for the whole session: ranks(fn, args) runs
     fn(rank, *args) in both, as two torchrun ranks would (spawning them and importing torch takes ~5 s on 2
-    cores). Each, as a torchrun rank does, forks its loader workers and runs one thread."""
+    cores). Each, as a torchrun rank does, forks its loader workers and runs one thread; the side process (`aside`,
+    compile_aside's) stops meanwhile (both_cores)."""
 
-    def __init__(self):
+    def __init__(self, aside):
         self.procs, self.conns = [], []
+        self.aside = aside
         atexit.register(self.close)  # also when pytest stops early
 
     def __call__(self, fn, args):
+        with both_cores(self.aside):
+            self.run(fn, args)
+
+    def run(self, fn, args):
         from multiprocessing.connection import wait
         if not self.procs:
             ctx = torch.multiprocessing.get_context("spawn")
@@ -114,10 +121,24 @@ def rank_process(rank, conn):
 
 
 @pytest.fixture(scope="session")
-def ranks():
-    pool = Ranks()
+def ranks(compile_aside):
+    pool = Ranks(compile_aside)
     yield pool
     pool.close()
+
+
+@contextlib.contextmanager
+def both_cores(aside):
+    """Two DDP ranks of this suite at once: the side process (compile_aside's `aside`) stops meanwhile (SIGSTOP),
+    as the ranks run in lockstep, at the pace of the one that waits for a core."""
+    if aside is None or aside[0].poll() is not None:
+        yield
+        return
+    os.killpg(aside[0].pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.killpg(aside[0].pid, signal.SIGCONT)
 
 
 def command(script, *args, nproc=None):
@@ -1001,7 +1022,7 @@ def test_per_process_batch_is_derived_from_the_global_batch_and_world_size(monke
         main_of(importlib.import_module("train_dit"), ["--demo", "--global_batch", "20", "--batch_size", "4"])
 
 
-def test_every_demo_stage_runs_under_torchrun_with_two_processes(tmp_path):
+def test_every_demo_stage_runs_under_torchrun_with_two_processes(tmp_path, compile_aside):
     """The README's demo commands under `torchrun --nproc_per_node=2` (no --batch_size: derived), made tiny; one
     launch runs the four in turn (stages_in_one_launch, at the end of this file)."""
     out = ["--out_dir", str(tmp_path), "--demo_images", "32", "--epochs", "1", "--log_every", "1"]
@@ -1009,7 +1030,8 @@ def test_every_demo_stage_runs_under_torchrun_with_two_processes(tmp_path):
     stages = [("train_tokenizer", ["--demo", *out, *tiny_teacher]), ("finetune_decoder", ["--demo", *out]),
               ("train_dit", ["--demo", *out, "--global_batch", "16", "--sample_steps", "3"]),
               ("sample", ["--demo", "--out_dir", str(tmp_path), "--num_images", "6", "--steps", "3"])]
-    r = run("test_smoke.py", json.dumps([(script, argv, free_port()) for script, argv in stages]), nproc=2)
+    with both_cores(compile_aside):
+        r = run("test_smoke.py", json.dumps([(script, argv, free_port()) for script, argv in stages]), nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     for stage in ("tokenizer", "tokenizer_ft", "dit", "sample"):
         assert re.search(rf"\[{stage}\] 2 process\(es\) on cpu", r.stderr), stage
