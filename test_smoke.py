@@ -63,8 +63,8 @@ def free_port():
 class Ranks:
     """Two spawned processes (forked ones can deadlock in torch), kept for the whole session: ranks(fn, args) runs
     fn(rank, *args) in both, as two torchrun ranks would (spawning them and importing torch takes ~5 s on 2
-    cores). Each, as a torchrun rank does, forks its loader workers and runs one thread; the side process (`aside`,
-    compile_aside's) stops meanwhile (both_cores)."""
+    cores). Each, as a torchrun rank does, forks its loader workers and runs one thread; while they run, the side
+    process `aside` (compile_aside's) stops (both_cores)."""
 
     def __init__(self, aside):
         self.procs, self.conns = [], []
@@ -240,10 +240,10 @@ def perceptual_built_once(monkeypatch):
 
 @pytest.fixture(scope="session", autouse=True)
 def compile_aside(request, tmp_path_factory):
-    """The compile tests (the ones that take ran_aside; ~2 minutes of one core on a fresh machine, mostly
+    """The compile tests (the ones that take ran_aside; ~2.5 minutes of one core on a fresh machine, mostly
     inductor's codegen and g++, the suite's longest) run from the suite's start in a side process (pytest, one
     compile thread) on the second core, writing a JUnit report; at the end of this file each test reports its
-    outcome from there."""
+    outcome from there. The side process stops while two DDP ranks of the suite run (both_cores)."""
     selected = [item.nodeid for item in request.session.items
                 if "ran_aside" in getattr(item, "fixturenames", ())]
     alone = len(selected) == len(request.session.items)  # nothing to run beside
