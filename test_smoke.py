@@ -131,14 +131,14 @@ def ranks(compile_aside):
 def both_cores(aside):
     """Two DDP ranks of this suite at once: the side process (compile_aside's `aside`) stops meanwhile (SIGSTOP),
     as the ranks run in lockstep, at the pace of the one that waits for a core."""
-    if aside is None or aside[0].poll() is not None:
+    if aside is None or aside.process.poll() is not None:
         yield
         return
-    os.killpg(aside[0].pid, signal.SIGSTOP)
+    os.killpg(aside.process.pid, signal.SIGSTOP)
     try:
         yield
     finally:
-        os.killpg(aside[0].pid, signal.SIGCONT)
+        os.killpg(aside.process.pid, signal.SIGCONT)
 
 
 def command(script, *args, nproc=None):
@@ -256,7 +256,7 @@ def compile_aside(request, tmp_path_factory):
                             cwd=request.config.rootpath,
                             env=dict(os.environ, RECTOK_COMPILE_ASIDE="1", TORCHINDUCTOR_COMPILE_THREADS="1"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    yield side, report
+    yield SimpleNamespace(process=side, report=report)
     if side.poll() is None:  # the suite stopped first: the side process goes, with its g++ runs
         os.killpg(side.pid, signal.SIGKILL)
         side.wait()
@@ -271,21 +271,21 @@ def ran_aside(compile_aside, request):
     # one per kernel (a fifth to a third less compile time), the same graphs and kernels, called from C++
     import torch._inductor.config  # here: importing inductor takes ~1.5 s, in every process that imports this file
     with torch._inductor.config.patch(fallback_random=True, cpp_wrapper=True):
-        yield lambda: compile_aside is not None and passed_aside(*compile_aside, request.node.name)
+        yield lambda: compile_aside is not None and passed_aside(compile_aside, request.node.name)
 
 
-def passed_aside(side, report, name):
-    """Whether test `name` passed in the side process (after waiting for it); pytest.fail with its report if it
-    failed there; False if it has no outcome there."""
+def passed_aside(aside, name):
+    """Whether test `name` passed in the side process `aside` (after waiting for it); pytest.fail with its report
+    if it failed there; False if it has no outcome there."""
     try:
-        side.wait(timeout=600)
+        aside.process.wait(timeout=600)
     except subprocess.TimeoutExpired:
-        os.killpg(side.pid, signal.SIGKILL)
-        side.wait()
+        os.killpg(aside.process.pid, signal.SIGKILL)
+        aside.process.wait()
         return False
-    if not report.exists():
+    if not aside.report.exists():
         return False
-    for case in ET.parse(report).iter("testcase"):
+    for case in ET.parse(aside.report).iter("testcase"):
         if case.get("name") == name:
             problems = [e for e in case if e.tag in ("failure", "error", "skipped")]
             if problems:
