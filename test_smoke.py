@@ -10,7 +10,7 @@ import re
 import signal
 import subprocess
 import sys
-import xml.etree.ElementTree as ET
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -238,60 +238,143 @@ def perceptual_built_once(monkeypatch):
     monkeypatch.setattr(pretrained, "Perceptual", perceptual_memo(pretrained.Perceptual))
 
 
+# The side process: from the suite's start, a second pytest process on the second core takes tests from the end
+# of the suite's order (the compile tests first, the longest), while this one runs them from the start; they meet
+# where their work does on this machine. Each test runs once, in the process that claims it first (a file per
+# unit: tests that share a costly module fixture are one unit); this process reports the side's tests from the
+# reports the side process writes as it goes. Tests of two DDP ranks (the ones that take `ranks`) stay here: the
+# side process stops (SIGSTOP) while they run (both_cores).
+SHARED_FIXTURES = ("demo_judges", "stage1", "dit_tokenizer")  # each built once, in one process
+
+
+def unit_of(item):
+    """The name under which `item` is claimed: its costly module fixture's, or its own."""
+    return next((name for name in SHARED_FIXTURES if name in item.fixturenames), item.nodeid)
+
+
+def claim(folder, unit, me):
+    """Whether `me` ("here" or "aside") runs `unit`: it claimed it before or claims it now."""
+    path = os.path.join(folder, re.sub(r"[^\w.-]", "_", unit))
+    try:
+        with open(path, "x") as f:
+            f.write(me)
+        return True
+    except FileExistsError:
+        with open(path) as f:
+            return f.read() == me
+
+
+class Foreground:
+    """This process's pytest plugin: a test the side process claimed is reported from its reports (waiting for
+    them); a test it has no reports of when it ended (crashed, or killed after 10 minutes) runs here."""
+
+    def __init__(self, process, folder, movable):
+        self.process, self.folder, self.movable = process, folder, movable
+        self.reports, self.read = {}, 0  # nodeid -> its serialised reports; bytes of the reports file read
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_protocol(self, item, nextitem):
+        if item.nodeid not in self.movable or claim(self.folder, unit_of(item), "here"):
+            return None  # pytest runs it here
+        reports = self.wait_for(item.nodeid)
+        if reports is None:
+            return None
+        item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+        for data in reports:
+            report = item.config.hook.pytest_report_from_serializable(config=item.config, data=data)
+            item.ihook.pytest_runtest_logreport(report=report)
+        item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+        return True
+
+    def wait_for(self, nodeid, timeout=600):
+        """The side process's setup, call and teardown reports of `nodeid`, or None if it ends without them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ended = self.process.poll() is not None
+            with open(os.path.join(self.folder, "reports.jsonl"), "rb") as f:
+                f.seek(self.read)
+                lines = f.read().split(b"\n")
+            self.read += sum(len(line) + 1 for line in lines[:-1])  # whole lines only
+            for line in lines[:-1]:
+                data = json.loads(line)
+                self.reports.setdefault(data["nodeid"], []).append(data)
+            done = self.reports.get(nodeid, [])
+            if done and done[-1]["when"] == "teardown":
+                return done
+            if ended:
+                return None
+            if time.monotonic() > deadline:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+                return None
+            time.sleep(0.1)
+
+
+class SideProcess:
+    """The side process's pytest plugin: it runs the tests it claims and writes each report as it comes."""
+
+    def __init__(self, config, folder):
+        self.config, self.folder = config, folder
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_protocol(self, item, nextitem):
+        if not claim(self.folder, unit_of(item), "aside"):
+            return True  # the foreground runs it
+
+    def pytest_runtest_logreport(self, report):
+        data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
+        with open(os.path.join(self.folder, "reports.jsonl"), "a") as f:
+            f.write(json.dumps(data) + "\n")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compile_aside(request, tmp_path_factory):
-    """The compile tests (the ones that take ran_aside; ~2.5 minutes of one core on a fresh machine, mostly
-    inductor's codegen and g++, the suite's longest) run from the suite's start in a side process (pytest, one
-    compile thread) on the second core, writing a JUnit report; at the end of this file each test reports its
-    outcome from there. The side process stops while two DDP ranks of the suite run (both_cores)."""
-    selected = [item.nodeid for item in request.session.items
-                if "ran_aside" in getattr(item, "fixturenames", ())]
-    alone = len(selected) == len(request.session.items)  # nothing to run beside
-    if not selected or alone or os.environ.get("RECTOK_COMPILE_ASIDE"):
+    """The side process (None where there is none: inside it, or where no compile test is selected, or nothing
+    but those), started before the first test; the tests it may take go in its order: the compile tests first
+    (~2.5 minutes of one core on a fresh machine, mostly inductor's codegen and g++), then the others from the
+    end, the tests of a unit one after another. The first of them is the side's from the start."""
+    config = request.config
+    if os.environ.get("RECTOK_ASIDE"):  # this is the side process
+        plugin = SideProcess(config, os.environ["RECTOK_ASIDE"])
+        config.pluginmanager.register(plugin, "rectok-side-process")
+        yield None
+        config.pluginmanager.unregister(plugin)
+        return
+    items = request.session.items
+    movable = [item for item in items if "ranks" not in item.fixturenames]
+    compiled = [item for item in movable if "inductor_as_tested" in item.fixturenames]
+    if not compiled or len(compiled) == len(items):
         yield None
         return
-    report = tmp_path_factory.mktemp("aside") / "report.xml"
+    units = {}  # unit -> its tests in the suite's order, the units from the end
+    for item in reversed([item for item in movable if item not in compiled]):
+        units.setdefault(unit_of(item), []).insert(0, item)
+    order = compiled + [item for tests in units.values() for item in tests]
+    folder = str(tmp_path_factory.mktemp("aside"))
+    open(os.path.join(folder, "reports.jsonl"), "w").close()
+    claim(folder, unit_of(order[0]), "aside")
     side = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                             f"--junitxml={report}", *selected],
-                            cwd=request.config.rootpath,
-                            env=dict(os.environ, RECTOK_COMPILE_ASIDE="1", TORCHINDUCTOR_COMPILE_THREADS="1"),
+                             *[item.nodeid for item in order]],
+                            cwd=config.rootpath,
+                            env=dict(os.environ, RECTOK_ASIDE=folder, TORCHINDUCTOR_COMPILE_THREADS="1"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    yield SimpleNamespace(process=side, report=report)
+    plugin = Foreground(side, folder, {item.nodeid for item in movable})
+    claim(folder, unit_of(items[0]), "here")  # the test being set up now: the plugin comes after its start
+    config.pluginmanager.register(plugin, "rectok-foreground")
+    yield SimpleNamespace(process=side)
+    config.pluginmanager.unregister(plugin)
     if side.poll() is None:  # the suite stopped first: the side process goes, with its g++ runs
         os.killpg(side.pid, signal.SIGKILL)
         side.wait()
 
 
 @pytest.fixture
-def ran_aside(compile_aside, request):
-    """A call that tells whether compile_aside's side process ran this test and it passed there (its failure
-    there fails it here, with pytest's report from there); False where it has no outcome from there (not
-    started, crashed, or hung for 10 minutes): the test then runs here."""
-    # wherever the test runs: eager's RNG inside compiled code; inductor's C++ wrapper, one g++ run per graph, not
-    # one per kernel (a fifth to a third less compile time), the same graphs and kernels, called from C++
+def inductor_as_tested():
+    """The compile tests' inductor: eager's RNG inside compiled code; the C++ wrapper, one g++ run per graph, not
+    one per kernel (a fifth to a third less compile time), the same graphs and kernels, called from C++."""
     import torch._inductor.config  # here: importing inductor takes ~1.5 s, in every process that imports this file
     with torch._inductor.config.patch(fallback_random=True, cpp_wrapper=True):
-        yield lambda: compile_aside is not None and passed_aside(compile_aside, request.node.name)
-
-
-def passed_aside(aside, name):
-    """Whether test `name` passed in the side process `aside` (after waiting for it); pytest.fail with its report
-    if it failed there; False if it has no outcome there."""
-    try:
-        aside.process.wait(timeout=600)
-    except subprocess.TimeoutExpired:
-        os.killpg(aside.process.pid, signal.SIGKILL)
-        aside.process.wait()
-        return False
-    if not aside.report.exists():
-        return False
-    for case in ET.parse(aside.report).iter("testcase"):
-        if case.get("name") == name:
-            problems = [e for e in case if e.tag in ("failure", "error", "skipped")]
-            if problems:
-                pytest.fail(f"in the side process (compile_aside): {problems[0].text}", pytrace=False)
-            return True
-    return False
+        yield
 
 
 class StandInInception(torch.nn.Module):
@@ -1022,7 +1105,7 @@ def test_per_process_batch_is_derived_from_the_global_batch_and_world_size(monke
         main_of(importlib.import_module("train_dit"), ["--demo", "--global_batch", "20", "--batch_size", "4"])
 
 
-def test_every_demo_stage_runs_under_torchrun_with_two_processes(tmp_path, compile_aside):
+def test_every_demo_stage_runs_under_torchrun_with_two_processes(tmp_path, ranks):
     """The README's demo commands under `torchrun --nproc_per_node=2` (no --batch_size: derived), made tiny; one
     launch runs the four in turn (stages_in_one_launch, at the end of this file)."""
     out = ["--out_dir", str(tmp_path), "--demo_images", "32", "--epochs", "1", "--log_every", "1"]
@@ -1030,7 +1113,7 @@ def test_every_demo_stage_runs_under_torchrun_with_two_processes(tmp_path, compi
     stages = [("train_tokenizer", ["--demo", *out, *tiny_teacher]), ("finetune_decoder", ["--demo", *out]),
               ("train_dit", ["--demo", *out, "--global_batch", "16", "--sample_steps", "3"]),
               ("sample", ["--demo", "--out_dir", str(tmp_path), "--num_images", "6", "--steps", "3"])]
-    with both_cores(compile_aside):
+    with both_cores(ranks.aside):  # two ranks of its own: the side process stops as for ranks()
         r = run("test_smoke.py", json.dumps([(script, argv, free_port()) for script, argv in stages]), nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     for stage in ("tokenizer", "tokenizer_ft", "dit", "sample"):
@@ -3330,13 +3413,11 @@ def test_ema_step_is_a_lerp_by_one_minus_the_flag(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.compile, last: run in the side process (compile_aside) since the suite began; here, its outcome
+# torch.compile, last: the side process (compile_aside) runs these first, from the suite's start
 
-def test_compiled_tokenizer_step_matches_eager(ran_aside):
+def test_compiled_tokenizer_step_matches_eager(inductor_as_tested):
     """Three stage-1 steps (GAN on) compiled give the eager steps' losses and, but for weights whose gradient is
     ~0, the eager weights."""
-    if ran_aside():  # asserted in the side process, and passed there
-        return
     import train_tokenizer as tt
     from types import SimpleNamespace
     x = torch.stack([demo.Shapes(4, 32)[i][0] for i in range(4)])
@@ -3365,9 +3446,7 @@ def test_compiled_tokenizer_step_matches_eager(ran_aside):
     assert (diff > 2e-4).double().mean() < 1e-3, (diff > 2e-4).double().mean()
 
 
-def test_dit_compile_and_bf16_stay_within_tolerance(ran_aside):
-    if ran_aside():  # asserted in the side process, and passed there
-        return
+def test_dit_compile_and_bf16_stay_within_tolerance(inductor_as_tested):
     import bench
     cpu, fp32 = torch.device("cpu"), torch.autocast("cpu", enabled=False)
     assert bench.check_precision("tiny", cpu, fp32, False) == [0.0, 0.0, 0.0]  # the comparison itself is exact
