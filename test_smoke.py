@@ -131,14 +131,14 @@ def ranks(compile_aside):
 def both_cores(aside):
     """Two DDP ranks of this suite at once: the side process (compile_aside's `aside`) stops meanwhile (SIGSTOP),
     as the ranks run in lockstep, at the pace of the one that waits for a core."""
-    if aside is None or aside.process.poll() is not None:
+    if aside is None or aside.poll() is not None:
         yield
         return
-    os.killpg(aside.process.pid, signal.SIGSTOP)
+    os.killpg(aside.pid, signal.SIGSTOP)
     try:
         yield
     finally:
-        os.killpg(aside.process.pid, signal.SIGCONT)
+        os.killpg(aside.pid, signal.SIGCONT)
 
 
 def command(script, *args, nproc=None):
@@ -352,6 +352,7 @@ def compile_aside(request, tmp_path_factory):
     order = compiled + [item for tests in units.values() for item in tests]
     folder = str(tmp_path_factory.mktemp("aside"))
     open(os.path.join(folder, "reports.jsonl"), "w").close()
+    claim(folder, unit_of(items[0]), "here")  # the test being set up now: the plugin comes after its start
     claim(folder, unit_of(order[0]), "aside")
     side = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                              *[item.nodeid for item in order]],
@@ -359,9 +360,8 @@ def compile_aside(request, tmp_path_factory):
                             env=dict(os.environ, RECTOK_ASIDE=folder, TORCHINDUCTOR_COMPILE_THREADS="1"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     plugin = Foreground(side, folder, {item.nodeid for item in movable})
-    claim(folder, unit_of(items[0]), "here")  # the test being set up now: the plugin comes after its start
     config.pluginmanager.register(plugin, "rectok-foreground")
-    yield SimpleNamespace(process=side)
+    yield side
     config.pluginmanager.unregister(plugin)
     if side.poll() is None:  # the suite stopped first: the side process goes, with its g++ runs
         os.killpg(side.pid, signal.SIGKILL)
