@@ -331,7 +331,7 @@ class SideProcess:
 def compile_aside(request, tmp_path_factory):
     """The side process (None where there is none: inside it, or where no compile test is selected, or nothing
     but those), started before the first test; the tests it may take go in its order: the compile tests first
-    (~2.5 minutes of one core on a fresh machine, mostly inductor's codegen and g++), then the others from the
+    (~1.7 minutes of one core on a fresh machine, mostly inductor's codegen and g++), then the others from the
     end, the tests of a unit one after another. The first of them is the side's from the start."""
     config = request.config
     if os.environ.get("RECTOK_ASIDE"):  # this is the side process
@@ -371,9 +371,12 @@ def compile_aside(request, tmp_path_factory):
 @pytest.fixture
 def inductor_as_tested():
     """The compile tests' inductor: eager's RNG inside compiled code; the C++ wrapper, one g++ run per graph, not
-    one per kernel (a fifth to a third less compile time), the same graphs and kernels, called from C++."""
+    one per kernel (a fifth to a third less compile time); scalar C++ loops in inductor's debug build (-O0 -g): a
+    third less again (the two tests: ~150 -> ~100 CPU-s). The graphs are the ones `--compile` builds; on a GPU
+    their kernels are Triton's, so neither inductor's CPU vectoriser nor g++'s optimiser is what is tested."""
     import torch._inductor.config  # here: importing inductor takes ~1.5 s, in every process that imports this file
-    with torch._inductor.config.patch(fallback_random=True, cpp_wrapper=True):
+    with torch._inductor.config.patch({"fallback_random": True, "cpp_wrapper": True, "cpp.simdlen": 0,
+                                       "cpp.vec_isa_ok": False, "aot_inductor.debug_compile": True}):
         yield
 
 
